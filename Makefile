@@ -1,0 +1,42 @@
+# `make run` and `make test` install what LAP needs (idempotent, quick once done):
+# a virtualenv in .venv with the project and its test tools, and the npm
+# stand-ins (kinesalite, s3rver) in lap/local/node/node_modules.
+
+PYTHON ?= python3
+VENV := .venv
+NODE_DIR := lap/local/node
+PY_STAMP := $(VENV)/.lap-installed
+NODE_STAMP := $(NODE_DIR)/node_modules/.lap-installed
+
+.PHONY: install run test check-tools clean
+
+install: check-tools $(PY_STAMP) $(NODE_STAMP)
+
+check-tools:
+	@command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1 || { \
+	  echo "LAP's local stack needs Node.js 18 or newer with npm, and they are not on PATH."; \
+	  echo "Install them (for example: apt-get install nodejs npm, or from nodejs.org), then run make again."; \
+	  exit 1; }
+	@node -e 'process.exit(Number(process.versions.node.split(".")[0]) >= 18 ? 0 : 1)' || { \
+	  echo "LAP's local stack needs Node.js 18 or newer; found $$(node --version)."; exit 1; }
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)' 2>/dev/null || { \
+	  echo "LAP needs Python 3.11 or newer; '$(PYTHON)' is not. Run: make PYTHON=python3.11 ..."; exit 1; }
+
+$(PY_STAMP): pyproject.toml
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(VENV)/bin/python -m pip install --quiet -e '.[test]'
+	touch $@
+
+$(NODE_STAMP): $(NODE_DIR)/package.json $(NODE_DIR)/package-lock.json
+	npm ci --prefix $(NODE_DIR) --no-audit --no-fund --loglevel=error
+	touch $@
+
+run: install
+	$(VENV)/bin/lap up $(if $(CONFIG),--config $(CONFIG))
+
+test: install
+	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) $(NODE_DIR)/node_modules

@@ -1,0 +1,3 @@
+from lap.cli import main
+
+main()

@@ -1,0 +1,290 @@
+"""The `lap` command. Every failure ends in one clear line on stderr and a non-zero exit."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import sys
+import time
+import urllib.error
+import urllib.request
+from contextlib import AsyncExitStack
+from pathlib import Path
+from urllib.parse import urlparse
+
+import click
+
+from lap import __version__
+from lap.settings import ConfigError, Settings, load_settings
+
+config_option = click.option(
+    "--config", "config_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+    help="YAML settings file (also LAP_CONFIG). LAP_ environment variables override it.",
+)
+
+
+def _settings(config_file: Path | None) -> Settings:
+    try:
+        settings = load_settings(config_file)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    if config_file is not None:
+        # Ray workers and a detached `lap up` read the same file.
+        os.environ["LAP_CONFIG"] = str(Path(config_file).resolve())
+    return settings
+
+
+@click.group()
+@click.version_option(__version__, prog_name="lap")
+def main() -> None:
+    """LAP, the Learning Analytics Platform."""
+
+
+# --- up / down / status ----------------------------------------------------------
+
+
+@main.command()
+@config_option
+@click.option("--detach", is_flag=True, help="Run in the background; stop it with `lap down`.")
+def up(config_file: Path | None, detach: bool) -> None:
+    """Start the local stand-ins, Ray and the Serve applications."""
+    from lap.local.processes import StandInError
+    from lap.runner import RunError, run_detached, run_foreground
+    from lap.sinks.store import MigrationError
+
+    settings = _settings(config_file)
+    _configure_logging()
+    try:
+        if detach:
+            run_detached(settings, config_file)
+            return
+        code = run_foreground(settings)
+    except (RunError, StandInError, MigrationError) as exc:
+        raise click.ClickException(str(exc)) from None
+    sys.exit(code)
+
+
+@main.command()
+@config_option
+@click.option("--timeout", default=90.0, show_default=True, help="Seconds to wait before killing it.")
+def down(config_file: Path | None, timeout: float) -> None:
+    """Stop a running `lap up` (detached or not) and everything it started."""
+    from lap.runner import running_pid, stop_pid
+
+    settings = _settings(config_file)
+    pid = running_pid(settings)
+    if pid is None:
+        click.echo(f"LAP is not running for {settings.data_dir}.", err=True)
+        return
+    click.echo(f"stopping LAP (pid {pid})...", err=True)
+    if stop_pid(pid, timeout):
+        click.echo("LAP stopped.", err=True)
+    else:
+        click.echo(f"LAP did not stop within {timeout:.0f} s and was killed.", err=True)
+
+
+@main.command()
+@config_option
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of tables.")
+def status(config_file: Path | None, as_json: bool) -> None:
+    """Health of each component, the Serve applications and the stream's shards."""
+    from lap.runner import running_pid
+
+    settings = _settings(config_file)
+    report = asyncio.run(_status(settings))
+    report["supervisor_pid"] = running_pid(settings)
+    if as_json:
+        click.echo(json.dumps(report, indent=2, default=str))
+    else:
+        _print_status(settings, report)
+    healthy = all(c["ok"] for c in report["components"].values()) and all(
+        a["status"] == "RUNNING" for a in report["serve"].get("applications", {}).values()
+    ) and not report["serve"].get("error")
+    sys.exit(0 if healthy else 1)
+
+
+async def _status(settings: Settings) -> dict:
+    from lap.aws import open_client
+    from lap.health import HealthChecker
+    from lap.stream.kinesis import list_shards
+
+    checker = HealthChecker(settings)
+    try:
+        health = await checker.check()
+    finally:
+        await checker.close()
+    shards: list[dict] = []
+    shards_error = None
+    try:
+        async with AsyncExitStack() as stack:
+            kinesis = await open_client(stack, settings, "kinesis")
+            for shard in await asyncio.wait_for(list_shards(kinesis, settings), 5):
+                seq = shard["SequenceNumberRange"]
+                shards.append({
+                    "shard": shard["ShardId"],
+                    "state": "closed" if seq.get("EndingSequenceNumber") else "open",
+                    "parent": shard.get("ParentShardId"),
+                    "hash_range": f"{shard['HashKeyRange']['StartingHashKey'][:6]}..",
+                })
+    except Exception as exc:
+        shards_error = f"{type(exc).__name__}: {str(exc)[:200]}"
+    return {
+        "components": {name: comp.model_dump() for name, comp in health.components.items()},
+        "serve": _serve_status(settings),
+        "shards": shards,
+        "shards_error": shards_error,
+    }
+
+
+def _ray_token() -> str | None:
+    token = os.environ.get("RAY_AUTH_TOKEN")
+    if token:
+        return token.strip()
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", "~/.ray/auth_token")).expanduser()
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return None
+
+
+def _serve_status(settings: Settings) -> dict:
+    """Serve's own view, from the Ray dashboard's REST API (what `serve status` reads)."""
+    request = urllib.request.Request(f"{settings.dashboard_url}/api/serve/applications/")
+    token = _ray_token()
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=5) as reply:
+            body = json.loads(reply.read())
+    except urllib.error.HTTPError as err:
+        return {"error": f"Ray dashboard answered {err.code}"}
+    except (OSError, ValueError):
+        return {"error": f"Ray dashboard not reachable at {settings.dashboard_url}"}
+    apps = {}
+    for name, app in (body.get("applications") or {}).items():
+        deployments = {d: info.get("status") for d, info in (app.get("deployments") or {}).items()}
+        apps[name] = {"status": app.get("status"), "route_prefix": app.get("route_prefix"), "deployments": deployments}
+    return {"applications": apps}
+
+
+def _print_status(settings: Settings, report: dict) -> None:
+    pid = report["supervisor_pid"]
+    click.echo(f"LAP for {settings.data_dir}: " + (f"supervisor pid {pid}" if pid else "no local `lap up` running"))
+    click.echo(f"API {settings.api_url}   Ray dashboard {settings.dashboard_url}\n")
+    click.echo(f"{'component':<12} {'status':<6} {'ms':>7}  detail")
+    for name, comp in report["components"].items():
+        click.echo(f"{name:<12} {'ok' if comp['ok'] else 'DOWN':<6} {comp['latency_ms']:>7.1f}  {comp['detail']}")
+    click.echo("")
+    serve = report["serve"]
+    if serve.get("error"):
+        click.echo(f"serve: {serve['error']}")
+    else:
+        click.echo(f"{'application':<12} {'status':<14} {'route':<8} deployments")
+        for name, app in serve["applications"].items():
+            deps = ", ".join(f"{d}={s}" for d, s in app["deployments"].items())
+            click.echo(f"{name:<12} {app['status']:<14} {app['route_prefix'] or '-':<8} {deps}")
+    click.echo("")
+    if report["shards_error"]:
+        click.echo(f"shards: {report['shards_error']}")
+    else:
+        click.echo(f"stream {settings.stream.name}: {len(report['shards'])} shards")
+        click.echo(f"  {'shard':<22} {'state':<7} {'parent':<22} hash range")
+        for s in report["shards"]:
+            click.echo(f"  {s['shard']:<22} {s['state']:<7} {s['parent'] or '-':<22} {s['hash_range']}")
+
+
+# --- keys ------------------------------------------------------------------------
+
+
+@main.group()
+def keys() -> None:
+    """Create, list and revoke API keys (bearer tokens)."""
+
+
+def _db_call(settings: Settings, fn):
+    """Run `fn(conn)` against Postgres with the schema up to date; clear errors, never the DSN."""
+    import asyncpg
+
+    from lap.sinks.store import MigrationError, apply_migrations, connect
+
+    async def run():
+        conn = await connect(settings)
+        try:
+            await apply_migrations(conn)
+            return await fn(conn)
+        finally:
+            await conn.close()
+
+    try:
+        return asyncio.run(run())
+    except MigrationError as exc:
+        raise click.ClickException(str(exc)) from None
+    except (OSError, asyncpg.PostgresError, asyncio.TimeoutError) as exc:
+        dsn = urlparse(settings.db.dsn.get_secret_value() if settings.db.dsn else "")
+        where = f"{dsn.hostname}:{dsn.port or 5432}/{dsn.path.lstrip('/')}"
+        hint = " Is `lap up` running?" if settings.mode == "local" else ""
+        raise click.ClickException(f"cannot use Postgres at {where}: {type(exc).__name__}: {exc}.{hint}") from None
+
+
+@keys.command("create")
+@config_option
+@click.option("--tenant", required=True, help="Tenant the key belongs to (created if new).")
+@click.option("--role", required=True, type=click.Choice(["sensor", "reader", "admin"]))
+@click.option("--sensor", default=None, help="Sensor IRI, for sensor keys.")
+def keys_create(config_file: Path | None, tenant: str, role: str, sensor: str | None) -> None:
+    """Print a new bearer token on stdout (shown once; only its hash is kept)."""
+    from lap.auth import KeyRequestError, create_key
+
+    settings = _settings(config_file)
+    try:
+        key_id, token = _db_call(settings, lambda conn: create_key(conn, tenant, role, sensor))
+    except KeyRequestError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"created key {key_id} (tenant {tenant}, role {role}); the token is shown once:", err=True)
+    click.echo(token)
+
+
+@keys.command("list")
+@config_option
+@click.option("--tenant", default=None, help="Only this tenant's keys.")
+@click.option("--all", "include_revoked", is_flag=True, help="Include revoked keys.")
+def keys_list(config_file: Path | None, tenant: str | None, include_revoked: bool) -> None:
+    """List keys (never their tokens)."""
+    from lap.auth import list_keys
+
+    settings = _settings(config_file)
+    rows = _db_call(settings, lambda conn: list_keys(conn, tenant, include_revoked))
+    click.echo(f"{'id':<14} {'tenant':<16} {'role':<7} {'created':<20} {'revoked':<20} sensor")
+    for k in rows:
+        revoked = k.revoked_at.strftime("%Y-%m-%d %H:%M:%S") if k.revoked_at else "-"
+        click.echo(f"{k.id:<14} {k.tenant:<16} {k.role:<7} {k.created_at:%Y-%m-%d %H:%M:%S}  {revoked:<20} {k.sensor or '-'}")
+
+
+@keys.command("revoke")
+@config_option
+@click.argument("key_id")
+def keys_revoke(config_file: Path | None, key_id: str) -> None:
+    """Revoke a key by its id; requests with its token fail from then on."""
+    from lap.auth import revoke_key
+
+    settings = _settings(config_file)
+    if not _db_call(settings, lambda conn: revoke_key(conn, key_id)):
+        raise click.ClickException(f"no active key with id {key_id!r} (see `lap keys list --all`)")
+    click.echo(f"revoked key {key_id}", err=True)
+
+
+def _configure_logging() -> None:
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+    for noisy in ("botocore", "aiobotocore", "opensearch", "urllib3", "asyncio"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+if __name__ == "__main__":
+    main()

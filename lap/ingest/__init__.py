@@ -1,0 +1,1 @@
+"""The front door: the IngestAPI Serve deployment, auth and the producer."""

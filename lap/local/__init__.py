@@ -1,0 +1,1 @@
+"""Local stand-ins for AWS, OpenSearch and Postgres, started by `lap up`."""

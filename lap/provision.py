@@ -1,0 +1,45 @@
+"""Creates what LAP needs before it serves: database schema, stream, bucket, index template.
+
+Every step is idempotent, so `lap up` runs it on each start. Against AWS it
+only creates what is missing and never changes what exists.
+"""
+
+from __future__ import annotations
+
+from contextlib import AsyncExitStack
+
+from lap.aws import open_client
+from lap.settings import Settings
+from lap.sinks.archive import ensure_bucket
+from lap.sinks.index import ensure_templates, open_opensearch
+from lap.sinks.store import apply_migrations, connect, ensure_database
+from lap.stream.kinesis import ensure_stream
+
+
+async def provision(settings: Settings) -> dict[str, str]:
+    """Returns one line per resource, for the start-up report."""
+    done: dict[str, str] = {}
+    if "postgres" in settings.local_services():
+        await ensure_database(settings)
+    conn = await connect(settings)
+    try:
+        applied = await apply_migrations(conn)
+    finally:
+        await conn.close()
+    done["postgres"] = f"migrations applied: {applied}" if applied else "schema up to date"
+
+    async with AsyncExitStack() as stack:
+        kinesis = await open_client(stack, settings, "kinesis")
+        await ensure_stream(kinesis, settings)
+        done["kinesis"] = f"stream {settings.stream.name} active"
+        s3 = await open_client(stack, settings, "s3")
+        await ensure_bucket(s3, settings)
+        done["s3"] = f"bucket {settings.archive.bucket} ready"
+
+    client = open_opensearch(settings)
+    try:
+        await ensure_templates(client, settings)
+    finally:
+        await client.close()
+    done["opensearch"] = f"index template {settings.index.index_prefix} ready"
+    return done

@@ -1,0 +1,350 @@
+"""`lap up` and `lap down`: run the stand-ins, Ray and the Serve applications as one unit.
+
+The `lap up` process is the supervisor. It starts the stand-ins, provisions
+them, starts a local Ray (or joins `ray.address`), deploys
+`serve_config.yaml`, then watches the stand-ins until SIGINT or SIGTERM, and
+stops everything in reverse order. `--detach` runs that same supervisor in the
+background and returns once `/healthz` answers 200.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lap.local.processes import StandInError
+from lap.local.stack import LocalStack
+from lap.provision import provision
+from lap.settings import Settings
+
+log = logging.getLogger("lap")
+
+_RAY_THROUGHPUT_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"}
+
+
+class StopRequested(Exception):
+    """SIGINT or SIGTERM arrived while LAP was starting."""
+
+
+class RunError(RuntimeError):
+    """`lap up` could not bring LAP up; the message says why."""
+
+
+# --- the pid file that `lap down` and `lap status` use --------------------------
+
+
+def pid_file(settings: Settings) -> Path:
+    return settings.run_dir / "lap.pid"
+
+
+def state_file(settings: Settings) -> Path:
+    """Written once LAP is up: pids and ports of what it runs, and the start-up report."""
+    return settings.run_dir / "state.json"
+
+
+def read_state(settings: Settings) -> dict[str, Any] | None:
+    try:
+        return json.loads(state_file(settings).read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def running_pid(settings: Settings) -> int | None:
+    """The pid of a live `lap up` for this data folder, or None."""
+    path = pid_file(settings)
+    try:
+        pid = int(path.read_text().split()[0])
+    except (FileNotFoundError, ValueError, IndexError):
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        path.unlink(missing_ok=True)  # stale: that process is gone
+        return None
+    except PermissionError:
+        pass
+    return pid
+
+
+# --- health -------------------------------------------------------------------
+
+
+def fetch_healthz(settings: Settings, timeout: float = 5.0) -> tuple[int, dict[str, Any] | None]:
+    """(HTTP status, body) of GET /healthz; status 0 when nothing answers."""
+    try:
+        with urllib.request.urlopen(f"{settings.api_url}/healthz", timeout=timeout) as reply:
+            return reply.status, json.loads(reply.read())
+    except urllib.error.HTTPError as err:
+        try:
+            return err.code, json.loads(err.read())
+        except ValueError:
+            return err.code, None
+    except (OSError, ValueError):
+        return 0, None
+
+
+def wait_healthy(settings: Settings, timeout: float, alive=lambda: True) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    body = None
+    while time.monotonic() < deadline:
+        if not alive():
+            raise RunError("LAP stopped while starting")
+        code, body = fetch_healthz(settings)
+        if code == 200 and body is not None:
+            return body
+        time.sleep(0.5)
+    raise RunError(f"{settings.api_url}/healthz did not answer 200 within {timeout:.0f} s; last answer: {body}")
+
+
+# --- Ray and Serve --------------------------------------------------------------
+
+
+def start_ray(settings: Settings) -> None:
+    import ray
+
+    if settings.ray.throughput_mode:
+        os.environ.update(_RAY_THROUGHPUT_ENV)
+    common: dict[str, Any] = {"log_to_driver": False, "logging_level": logging.WARNING, "namespace": "lap"}
+    if settings.ray.address:
+        ray.init(address=settings.ray.address, **common)
+        return
+    ray.init(
+        address="local",
+        num_cpus=settings.ray.num_cpus,
+        include_dashboard=True,
+        dashboard_host=settings.ray.dashboard_host,
+        dashboard_port=settings.ray.dashboard_port,
+        _node_ip_address="127.0.0.1",
+        **common,
+    )
+
+
+def serve_config(settings: Settings) -> dict[str, Any]:
+    """serve_config.yaml with the HTTP host and port taken from the settings."""
+    path = settings.ray.serve_config
+    try:
+        config = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise RunError(f"Serve config not found: {path} (setting ray.serve_config)") from None
+    config.setdefault("http_options", {})
+    config["http_options"]["host"] = settings.ray.http_host
+    config["http_options"]["port"] = settings.ray.http_port
+    return config
+
+
+def deploy_serve(settings: Settings) -> None:
+    """Apply serve_config.yaml the way `serve deploy` does, then wait for RUNNING."""
+    from ray import serve
+    from ray.serve._private.api import serve_start
+    from ray.serve.schema import ServeDeploySchema
+
+    config = ServeDeploySchema.model_validate(serve_config(settings))
+    client = serve_start(http_options=config.http_options.model_dump())
+    client.deploy_apps(config)
+    names = [app.name for app in config.applications]
+    deadline = time.monotonic() + settings.ray.ready_timeout_s
+    while time.monotonic() < deadline:
+        apps = serve.status().applications
+        states = {name: str(apps[name].status) if name in apps else "NOT_STARTED" for name in names}
+        failed = {n: apps[n].message for n, s in states.items() if s.endswith("DEPLOY_FAILED")}
+        if failed:
+            raise RunError(f"Serve applications failed to deploy: {failed}")
+        if all(s.endswith("RUNNING") for s in states.values()):
+            return
+        time.sleep(0.5)
+    raise RunError(f"Serve applications not RUNNING within {settings.ray.ready_timeout_s:.0f} s: {states}")
+
+
+def stop_ray(settings: Settings) -> None:
+    import ray
+
+    if not ray.is_initialized():
+        return
+    if not settings.ray.address:  # our own Ray: take Serve down gracefully, then everything
+        try:
+            from ray import serve
+
+            serve.shutdown()
+        except Exception as exc:
+            log.warning("serve shutdown: %s", exc)
+    ray.shutdown()
+
+
+# --- lap up (foreground) ---------------------------------------------------------
+
+
+def run_foreground(settings: Settings) -> int:
+    """The supervisor. Returns the process exit code."""
+    other = running_pid(settings)
+    if other is not None and other != os.getpid():
+        raise RunError(f"LAP is already running for {settings.data_dir} (pid {other}); run `lap down` first")
+    settings.run_dir.mkdir(parents=True, exist_ok=True)
+    pid_file(settings).write_text(f"{os.getpid()}\n")
+
+    starting = True
+    stop = {"signal": None}
+
+    def on_signal(signum, _frame):
+        stop["signal"] = signum
+        if starting:
+            raise StopRequested()
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    stack: LocalStack | None = None
+    code = 0
+    try:
+        t0 = time.monotonic()
+        stack = LocalStack(settings)
+        stack.start()
+        provisioned = asyncio.run(provision(settings))
+        start_ray(settings)
+        deploy_serve(settings)
+        health = wait_healthy(settings, settings.ray.ready_timeout_s)
+        starting = False
+        banner = startup_report(settings, stack, health, time.monotonic() - t0)
+        print(banner, flush=True)
+        for name, line in provisioned.items():
+            log.info("provisioned %s: %s", name, line)
+        state = {
+            "pid": os.getpid(),
+            "api_url": settings.api_url,
+            "dashboard_url": None if settings.ray.address else settings.dashboard_url,
+            "stand_ins": {name: {"pid": stack.pids()[name], "port": port} for name, port in stack.ports().items()},
+            "report": banner,
+        }
+        state_file(settings).write_text(json.dumps(state, indent=2))
+        needs_provision = False
+        while stop["signal"] is None:
+            time.sleep(1.0)
+            try:
+                restarted = stack.watch()
+            except StandInError as exc:
+                log.error("%s; stopping LAP", exc)
+                code = 1
+                break
+            if restarted:
+                log.info("restarted %s", ", ".join(restarted))
+                state["stand_ins"] = {n: {"pid": stack.pids()[n], "port": p} for n, p in stack.ports().items()}
+                state_file(settings).write_text(json.dumps(state, indent=2))
+                needs_provision = True  # osmem-server is in memory: a restart loses the templates
+            if needs_provision:
+                try:
+                    asyncio.run(provision(settings))
+                    needs_provision = False
+                except Exception as exc:
+                    log.warning("provisioning after a restart failed (%s); trying again", exc)
+    except StopRequested:
+        log.info("stop requested while starting")
+    finally:
+        starting = False
+        log.info("stopping LAP")
+        for step in (lambda: stop_ray(settings), stack.stop if stack else lambda: None):
+            try:
+                step()
+            except Exception as exc:  # keep going: everything must be stopped
+                log.error("while stopping: %s", exc)
+        state_file(settings).unlink(missing_ok=True)
+        pid_file(settings).unlink(missing_ok=True)
+        for s, handler in old.items():
+            signal.signal(s, handler)
+        log.info("LAP stopped")
+    return code
+
+
+def startup_report(settings: Settings, stack: LocalStack, health: dict, seconds: float) -> str:
+    lines = [
+        "",
+        f"LAP is up ({seconds:.0f} s). Data in {settings.data_dir}",
+        f"  API           {settings.api_url}   (health: {settings.api_url}/healthz)",
+        f"  API docs      {settings.api_url}/docs   and {settings.api_url}/v1/docs",
+    ]
+    if not settings.ray.address:
+        lines.append(f"  Ray dashboard {settings.dashboard_url}")
+    lines += ["", f"  {'component':<12} {'status':<6} detail"]
+    for name, comp in health.get("components", {}).items():
+        where = f" (pid {stack.pids()[name]}, port {stack.ports()[name]})" if name in stack.pids() else ""
+        lines.append(f"  {name:<12} {'ok' if comp['ok'] else 'DOWN':<6} {comp['detail']}{where}")
+    lines += ["", "Stop with Ctrl-C, or `lap down` from another shell.", ""]
+    return "\n".join(lines)
+
+
+# --- lap up --detach and lap down ------------------------------------------------
+
+
+def run_detached(settings: Settings, config_file: Path | None) -> None:
+    other = running_pid(settings)
+    if other is not None:
+        raise RunError(f"LAP is already running for {settings.data_dir} (pid {other}); run `lap down` first")
+    settings.log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = settings.log_dir / "lap.log"
+    argv = [sys.executable, "-m", "lap", "up"]
+    if config_file:
+        argv += ["--config", str(Path(config_file).resolve())]
+    with open(log_path, "ab") as out:
+        child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                 start_new_session=True)
+    try:
+        wait_healthy(settings, settings.ray.ready_timeout_s + 60, alive=lambda: child.poll() is None)
+        state = None
+        deadline = time.monotonic() + 30
+        while (state is None or state.get("pid") != child.pid) and time.monotonic() < deadline:
+            if child.poll() is not None:
+                raise RunError("LAP stopped while starting")
+            time.sleep(0.2)
+            state = read_state(settings)
+    except RunError as exc:
+        if child.poll() is None:
+            stop_pid(child.pid, timeout=60)
+        tail = log_path.read_text(errors="replace").splitlines()[-20:]
+        raise RunError(f"{exc}\nlast lines of {log_path}:\n  " + "\n  ".join(tail)) from None
+    report = state["report"] if state else ""
+    print(report.replace("Stop with Ctrl-C, or", "Stop it with"), flush=True)
+    print(f"Running in the background (pid {child.pid}); log: {log_path}", flush=True)
+
+
+def stop_pid(pid: int, timeout: float = 90.0) -> bool:
+    """SIGTERM, wait, then SIGKILL the whole group. True if it stopped by itself."""
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return True
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not _alive(pid):
+            return True
+        time.sleep(0.2)
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    return False
+
+
+def _alive(pid: int) -> bool:
+    try:
+        waited, _ = os.waitpid(pid, os.WNOHANG)  # reap it if it is our child
+        if waited == pid:
+            return False
+    except ChildProcessError:
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie is gone for our purposes
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False

@@ -1,0 +1,23 @@
+"""Ray Serve applications, named by `serve_config.yaml` (`serve deploy serve_config.yaml`).
+
+Each builder takes the `args` of its application in the config. Replicas read
+their settings from `LAP_` environment variables and the `LAP_CONFIG` file,
+the same way the `lap` command does.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray.serve import Application
+
+from lap.ingest.app import IngestAPI
+from lap.output.app import OutputAPI
+
+
+def build_ingest(args: dict[str, Any] | None = None) -> Application:
+    return IngestAPI.bind()
+
+
+def build_output(args: dict[str, Any] | None = None) -> Application:
+    return OutputAPI.bind()

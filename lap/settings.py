@@ -1,0 +1,247 @@
+"""The one settings model for LAP.
+
+Sources, strongest first: keyword arguments, `LAP_` environment variables
+(nested with `__`, e.g. `LAP_STREAM__SHARDS=8`), the YAML file named by
+`--config` or `LAP_CONFIG`, then the defaults below.
+
+`mode: local` (the default) runs against the local stand-ins that `lap up`
+starts on 127.0.0.1; every endpoint left unset points at its stand-in.
+`mode: aws` starts no stand-ins: Kinesis and S3 use the AWS defaults for the
+region unless an `endpoint_url` is given, and the Postgres DSN and the
+OpenSearch URL must be set.
+"""
+
+from __future__ import annotations
+
+import os
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+REPO_DIR = PACKAGE_DIR.parent
+
+# Credentials the S3 stand-in (s3rver) accepts; kinesalite accepts any.
+LOCAL_AWS_KEY = "S3RVER"
+LOCAL_DB_USER = "lap"
+LOCAL_DB_PASSWORD = "lap-local"  # the stand-in listens on 127.0.0.1 only
+LOCAL_DB_NAME = "lap"
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class AwsSettings(Section):
+    region: str = "us-east-1"
+    # Unset: the default AWS credential chain (instance profile, env, ~/.aws).
+    access_key_id: SecretStr | None = None
+    secret_access_key: SecretStr | None = None
+
+
+class StreamSettings(Section):
+    name: str = "lap-events"
+    shards: int = Field(4, ge=1, le=500, description="shard count when LAP creates the stream")
+    endpoint_url: str | None = None
+
+
+class ArchiveSettings(Section):
+    bucket: str = "lap-archive"
+    endpoint_url: str | None = None
+    prefix: str = "archive/v1"
+    quarantine_prefix: str = "quarantine/v1"
+
+
+class IndexSettings(Section):
+    url: str | None = None
+    username: str | None = None
+    password: SecretStr | None = None
+    index_prefix: str = "lap-events"
+    verify_certs: bool = True
+
+
+class DbSettings(Section):
+    dsn: SecretStr | None = None
+    pool_min: int = Field(1, ge=0)
+    pool_max: int = Field(10, ge=1)
+    connect_timeout_s: float = Field(10.0, gt=0)
+
+
+class AuthSettings(Section):
+    # Replicas cache verified keys this long; a revocation takes effect within it.
+    key_cache_ttl_s: float = Field(5.0, ge=0)
+
+
+class LimitsSettings(Section):
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    max_record_bytes: int = Field(1024 * 1024, ge=1024, le=1024 * 1024)
+
+
+class RaySettings(Section):
+    # Unset: `lap up` starts a local Ray. Set (e.g. "auto"): join that cluster.
+    address: str | None = None
+    num_cpus: int | None = Field(None, ge=1)
+    dashboard_host: str = "127.0.0.1"
+    dashboard_port: int = Field(8265, ge=1, le=65535)
+    http_host: str = "127.0.0.1"
+    http_port: int = Field(8000, ge=1, le=65535)
+    # HAProxy in front of the replicas: ~3x less CPU per request (DESIGN.md).
+    throughput_mode: bool = False
+    serve_config: Path = REPO_DIR / "serve_config.yaml"
+    ready_timeout_s: float = Field(180.0, gt=0)
+
+
+class LocalSettings(Section):
+    host: Literal["127.0.0.1"] = "127.0.0.1"
+    postgres_port: int = Field(5433, ge=1, le=65535)
+    kinesis_port: int = Field(4567, ge=1, le=65535)
+    s3_port: int = Field(4568, ge=1, le=65535)
+    opensearch_port: int = Field(9200, ge=1, le=65535)
+    # Where `make` installed kinesalite and s3rver (node_modules inside it).
+    node_dir: Path = PACKAGE_DIR / "local" / "node"
+    # Postgres refuses to run as root: as root, the stand-in runs as this user.
+    postgres_os_user: str = "nobody"
+    start_timeout_s: float = Field(60.0, gt=0)
+    # A stand-in that dies is restarted, at most this many times in 5 minutes.
+    max_restarts: int = Field(5, ge=0)
+
+
+_config_file: ContextVar[Path | None] = ContextVar("lap_config_file", default=None)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="LAP_", env_nested_delimiter="__", extra="forbid", validate_default=True
+    )
+
+    mode: Literal["local", "aws"] = "local"
+    data_dir: Path = Path(".lap")
+    aws: AwsSettings = AwsSettings()
+    stream: StreamSettings = StreamSettings()
+    archive: ArchiveSettings = ArchiveSettings()
+    index: IndexSettings = IndexSettings()
+    db: DbSettings = DbSettings()
+    auth: AuthSettings = AuthSettings()
+    limits: LimitsSettings = LimitsSettings()
+    ray: RaySettings = RaySettings()
+    local: LocalSettings = LocalSettings()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        config_file = _config_file.get()
+        if config_file is not None:
+            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=config_file))
+        return tuple(sources)
+
+    @model_validator(mode="after")
+    def _fill_endpoints(self) -> "Settings":
+        self.data_dir = self.data_dir.expanduser().resolve()
+        if self.mode == "aws":
+            missing = [name for name, value in (("LAP_DB__DSN", self.db.dsn), ("LAP_INDEX__URL", self.index.url)) if not value]
+            if missing:
+                raise ValueError(f"mode 'aws' needs {' and '.join(missing)} (or the same keys in the --config file)")
+            return self
+        local = self.local
+        self.stream.endpoint_url = self.stream.endpoint_url or local_url(local.kinesis_port)
+        self.archive.endpoint_url = self.archive.endpoint_url or local_url(local.s3_port)
+        self.index.url = self.index.url or local_url(local.opensearch_port)
+        if self.db.dsn is None:
+            self.db.dsn = SecretStr(
+                f"postgresql://{LOCAL_DB_USER}:{LOCAL_DB_PASSWORD}@{local.host}:{local.postgres_port}/{LOCAL_DB_NAME}"
+            )
+        if self.aws.access_key_id is None:
+            self.aws.access_key_id = SecretStr(LOCAL_AWS_KEY)
+            self.aws.secret_access_key = SecretStr(LOCAL_AWS_KEY)
+        return self
+
+    # --- derived values used in several places -------------------------------
+
+    @property
+    def run_dir(self) -> Path:
+        return self.data_dir / "run"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.data_dir / "logs"
+
+    @property
+    def api_url(self) -> str:
+        host = "127.0.0.1" if self.ray.http_host in ("0.0.0.0", "::") else self.ray.http_host
+        return f"http://{host}:{self.ray.http_port}"
+
+    @property
+    def dashboard_url(self) -> str:
+        return f"http://{self.ray.dashboard_host}:{self.ray.dashboard_port}"
+
+    def local_services(self) -> list[str]:
+        """The stand-ins `lap up` must start: those whose endpoint is the local default."""
+        if self.mode != "local":
+            return []
+        local = self.local
+        wanted = {
+            "postgres": self.db.dsn is not None
+            and f"@{local.host}:{local.postgres_port}/" in self.db.dsn.get_secret_value(),
+            "kinesis": self.stream.endpoint_url == local_url(local.kinesis_port),
+            "s3": self.archive.endpoint_url == local_url(local.s3_port),
+            "opensearch": self.index.url == local_url(local.opensearch_port),
+        }
+        return [name for name, start in wanted.items() if start]
+
+    def aws_client_kwargs(self, endpoint_url: str | None) -> dict[str, Any]:
+        """Keyword arguments for an aiobotocore client of this deployment."""
+        kwargs: dict[str, Any] = {"region_name": self.aws.region}
+        if endpoint_url:
+            kwargs["endpoint_url"] = endpoint_url
+        if self.aws.access_key_id is not None and self.aws.secret_access_key is not None:
+            kwargs["aws_access_key_id"] = self.aws.access_key_id.get_secret_value()
+            kwargs["aws_secret_access_key"] = self.aws.secret_access_key.get_secret_value()
+        return kwargs
+
+
+def local_url(port: int) -> str:
+    return f"http://127.0.0.1:{port}"
+
+
+class ConfigError(Exception):
+    """A settings problem, reported to the user as one clear message."""
+
+
+def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Settings:
+    """Settings from the environment, the YAML file (argument or LAP_CONFIG) and overrides."""
+    from pydantic import ValidationError
+
+    path = config_file or os.environ.get("LAP_CONFIG") or None
+    if path is not None:
+        path = Path(path).expanduser().resolve()
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+    token = _config_file.set(path)
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        where = f" (config file {path})" if path else ""
+        lines = [f"invalid settings{where}:"]
+        for err in exc.errors():
+            loc = ".".join(str(part) for part in err["loc"]) or "settings"
+            lines.append(f"  {loc}: {err['msg']}")
+        raise ConfigError("\n".join(lines)) from None
+    except Exception as exc:  # YAML syntax errors and the like
+        raise ConfigError(f"cannot read settings from {path}: {exc}") from None
+    finally:
+        _config_file.reset(token)

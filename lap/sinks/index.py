@@ -1,0 +1,66 @@
+"""The OpenSearch index: client and the explicit template for `lap-events-*`.
+
+The raw event is kept in `event` (stored, not indexed) so that a sensor's
+extensions can never explode the mapping; only the fields below are searchable.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from opensearchpy import AsyncOpenSearch
+
+from lap.settings import Settings
+
+TEMPLATE_VERSION = 1
+
+
+def events_template(settings: Settings) -> dict[str, Any]:
+    keyword = {"type": "keyword"}
+    return {
+        "index_patterns": [f"{settings.index.index_prefix}-*"],
+        "version": TEMPLATE_VERSION,
+        "template": {
+            "settings": {"number_of_shards": 1, "refresh_interval": "5s"},
+            "mappings": {
+                "dynamic": "strict",
+                "properties": {
+                    "event_id": keyword,
+                    "tenant": keyword,
+                    "sensor": keyword,
+                    "type": keyword,
+                    "action": keyword,
+                    "learner": keyword,
+                    "actor": keyword,
+                    "object": keyword,
+                    "object_type": keyword,
+                    "course": keyword,
+                    "event_time": {"type": "date"},
+                    "received_at": {"type": "date"},
+                    "shard": keyword,
+                    "sequence": keyword,
+                    "event": {"type": "object", "enabled": False},
+                },
+            },
+        },
+    }
+
+
+def open_opensearch(settings: Settings) -> AsyncOpenSearch:
+    auth = None
+    if settings.index.username and settings.index.password:
+        auth = (settings.index.username, settings.index.password.get_secret_value())
+    return AsyncOpenSearch(
+        hosts=[settings.index.url],
+        http_auth=auth,
+        verify_certs=settings.index.verify_certs,
+        timeout=10,
+        max_retries=2,
+        retry_on_timeout=True,
+    )
+
+
+async def ensure_templates(client: AsyncOpenSearch, settings: Settings) -> None:
+    await client.indices.put_index_template(
+        name=settings.index.index_prefix, body=events_template(settings)
+    )

@@ -1,0 +1,145 @@
+"""Postgres: connections and the versioned schema migrations.
+
+Migrations are the files `migrations/NNNN_name.sql`, applied in order, each in
+its own transaction, under an advisory lock so that concurrent starts do not
+race. An applied file must never change: its checksum is kept and checked.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import asyncpg
+
+from lap.settings import Settings
+
+MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
+_MIGRATION_LOCK = 0x4C4150  # "LAP": pg_advisory_lock key for migrations
+_FILE_NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
+
+
+class MigrationError(RuntimeError):
+    """The database schema and this version of LAP disagree."""
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    name: str
+    sql: str
+
+    @property
+    def checksum(self) -> str:
+        return hashlib.sha256(self.sql.encode()).hexdigest()
+
+
+def load_migrations(folder: Path = MIGRATIONS_DIR) -> list[Migration]:
+    migrations = []
+    for path in sorted(folder.glob("*.sql")):
+        match = _FILE_NAME.match(path.name)
+        if not match:
+            raise MigrationError(f"migration file name must look like 0001_name.sql: {path.name}")
+        migrations.append(Migration(int(match[1]), match[2], path.read_text()))
+    versions = [m.version for m in migrations]
+    if versions != list(range(1, len(versions) + 1)):
+        raise MigrationError(f"migration versions must run 1, 2, 3... without gaps; found {versions}")
+    return migrations
+
+
+async def connect(settings: Settings, database: str | None = None) -> asyncpg.Connection:
+    assert settings.db.dsn is not None
+    kwargs = {"database": database} if database else {}
+    return await asyncpg.connect(
+        settings.db.dsn.get_secret_value(), timeout=settings.db.connect_timeout_s, **kwargs
+    )
+
+
+async def create_pool(settings: Settings) -> asyncpg.Pool:
+    assert settings.db.dsn is not None
+    return await asyncpg.create_pool(
+        settings.db.dsn.get_secret_value(),
+        min_size=settings.db.pool_min,
+        max_size=settings.db.pool_max,
+        timeout=settings.db.connect_timeout_s,
+    )
+
+
+async def ensure_database(settings: Settings) -> None:
+    """Create the database named in the DSN if it is missing (local stand-in only)."""
+    try:
+        conn = await connect(settings)
+    except asyncpg.InvalidCatalogNameError:
+        pass
+    else:
+        await conn.close()
+        return
+    admin = await connect(settings, database="postgres")
+    try:
+        name = _database_name(settings)
+        exists = await admin.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name)
+        if not exists:
+            await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+
+
+def _database_name(settings: Settings) -> str:
+    from urllib.parse import urlparse
+
+    assert settings.db.dsn is not None
+    name = urlparse(settings.db.dsn.get_secret_value()).path.lstrip("/")
+    if not re.fullmatch(r"[A-Za-z0-9_]+", name or ""):
+        raise MigrationError(f"cannot create a database named {name!r}: use letters, digits and _")
+    return name
+
+
+async def apply_migrations(conn: asyncpg.Connection, migrations: list[Migration] | None = None) -> list[int]:
+    """Bring the schema up to date. Returns the versions applied by this call."""
+    migrations = load_migrations() if migrations is None else migrations
+    applied_now: list[int] = []
+    await conn.execute("SELECT pg_advisory_lock($1)", _MIGRATION_LOCK)
+    try:
+        await conn.execute(
+            """CREATE TABLE IF NOT EXISTS schema_migrations (
+                   version    integer PRIMARY KEY,
+                   name       text NOT NULL,
+                   checksum   text NOT NULL,
+                   applied_at timestamptz NOT NULL DEFAULT now())"""
+        )
+        applied = {r["version"]: r for r in await conn.fetch("SELECT version, name, checksum FROM schema_migrations")}
+        known = {m.version for m in migrations}
+        newer = sorted(v for v in applied if v not in known)
+        if newer:
+            raise MigrationError(
+                f"the database has migrations {newer} that this LAP does not know: it was migrated by a newer "
+                f"release. Run that release, or restore a backup."
+            )
+        for migration in migrations:
+            row = applied.get(migration.version)
+            if row is not None:
+                if row["checksum"] != migration.checksum:
+                    raise MigrationError(
+                        f"migration {migration.version:04d}_{migration.name}.sql changed after it was applied. "
+                        f"Never edit an applied migration: add a new one."
+                    )
+                continue
+            async with conn.transaction():
+                await conn.execute(migration.sql)
+                await conn.execute(
+                    "INSERT INTO schema_migrations (version, name, checksum) VALUES ($1, $2, $3)",
+                    migration.version, migration.name, migration.checksum,
+                )
+            applied_now.append(migration.version)
+    finally:
+        await conn.execute("SELECT pg_advisory_unlock($1)", _MIGRATION_LOCK)
+    return applied_now
+
+
+async def schema_version(conn: asyncpg.Connection) -> int:
+    exists = await conn.fetchval("SELECT to_regclass('schema_migrations') IS NOT NULL")
+    if not exists:
+        return 0
+    return await conn.fetchval("SELECT coalesce(max(version), 0) FROM schema_migrations")

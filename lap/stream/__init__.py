@@ -1,0 +1,1 @@
+"""Kinesis access: the stream, its shards, puts and reads."""

@@ -1,0 +1,51 @@
+"""The Kinesis stream: create it, wait for it, describe its shards."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from lap.settings import Settings
+
+
+class StreamError(RuntimeError):
+    pass
+
+
+async def ensure_stream(kinesis: Any, settings: Settings, timeout: float = 60.0) -> None:
+    """Create the stream with `stream.shards` shards if it is missing, and wait until it is ACTIVE."""
+    name = settings.stream.name
+    try:
+        await describe_stream(kinesis, settings)  # exists: its shard count is left as it is
+    except kinesis.exceptions.ResourceNotFoundException:
+        try:
+            await kinesis.create_stream(StreamName=name, ShardCount=settings.stream.shards)
+        except kinesis.exceptions.ResourceInUseException:
+            pass  # created meanwhile by another start
+    deadline = time.monotonic() + timeout
+    while True:
+        summary = await describe_stream(kinesis, settings)
+        if summary["StreamStatus"] == "ACTIVE":
+            return
+        if time.monotonic() > deadline:
+            raise StreamError(f"stream {name} is still {summary['StreamStatus']} after {timeout:.0f} s")
+        await asyncio.sleep(0.2)
+
+
+async def describe_stream(kinesis: Any, settings: Settings) -> dict[str, Any]:
+    reply = await kinesis.describe_stream_summary(StreamName=settings.stream.name)
+    return reply["StreamDescriptionSummary"]
+
+
+async def list_shards(kinesis: Any, settings: Settings) -> list[dict[str, Any]]:
+    """Every shard of the stream, open and closed, following pagination."""
+    shards: list[dict[str, Any]] = []
+    kwargs: dict[str, Any] = {"StreamName": settings.stream.name}
+    while True:
+        reply = await kinesis.list_shards(**kwargs)
+        shards.extend(reply["Shards"])
+        token = reply.get("NextToken")
+        if not token:
+            return shards
+        kwargs = {"NextToken": token}

@@ -1,0 +1,139 @@
+"""One real LAP for the whole session: `lap up --detach` on free ports in a temporary folder.
+
+The session's stack is started and stopped by the real `lap` command, so the
+teardown itself checks `lap down`: every process that `lap up` started must
+be gone, and every port closed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+
+from lap.settings import Settings, load_settings
+
+LAP = [sys.executable, "-m", "lap"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def write_config(folder: Path, **extra) -> Path:
+    """A config for a private LAP in `folder`, on free ports."""
+    folder.mkdir(parents=True, exist_ok=True)
+    folder.chmod(0o755)  # Postgres runs as an unprivileged user when we are root
+    config = {
+        "data_dir": str(folder / "data"),
+        "local": {
+            "postgres_port": free_port(),
+            "kinesis_port": free_port(),
+            "s3_port": free_port(),
+            "opensearch_port": free_port(),
+        },
+        "ray": {"http_port": free_port(), "dashboard_port": free_port()},
+    }
+    for section, values in extra.items():
+        config.setdefault(section, {}).update(values)
+    path = folder / "lap.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def run_lap(*args: str, config: Path | None = None, timeout: float = 120, check: bool = True,
+            input: str | None = None) -> subprocess.CompletedProcess:
+    argv = [*LAP, *args] + (["--config", str(config)] if config else [])
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LAP_")}
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env, input=input)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def descendants(pid: int) -> list[psutil.Process]:
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def listening_ports(settings: Settings) -> list[int]:
+    ports = [settings.local.postgres_port, settings.local.kinesis_port, settings.local.s3_port,
+             settings.local.opensearch_port, settings.ray.http_port, settings.ray.dashboard_port]
+    open_ = []
+    for port in ports:
+        with socket.socket() as sock:
+            sock.settimeout(0.5)
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                open_.append(port)
+    return open_
+
+
+def assert_all_gone(processes: list[psutil.Process], settings: Settings, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        alive = [p for p in processes if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        if not alive and not listening_ports(settings):
+            return
+        time.sleep(0.5)
+    names = [f"{p.pid}:{p.name()}" for p in alive]
+    raise AssertionError(f"left behind: processes {names}, listening ports {listening_ports(settings)}")
+
+
+@dataclass
+class RunningLap:
+    config: Path
+    settings: Settings
+
+    @property
+    def state(self) -> dict:
+        return json.loads((self.settings.run_dir / "state.json").read_text())
+
+    @property
+    def pid(self) -> int:
+        return self.state["pid"]
+
+
+@pytest.fixture(scope="session")
+def lap_up() -> RunningLap:
+    folder = Path(tempfile.mkdtemp(prefix="lap-test-"))
+    config = write_config(folder)
+    started = time.monotonic()
+    result = run_lap("up", "--detach", config=config, timeout=400)
+    assert "LAP is up" in result.stdout, result.stdout + result.stderr
+    print(f"\nlap up --detach took {time.monotonic() - started:.1f} s")
+    running = RunningLap(config=config, settings=load_settings(config))
+    children = descendants(running.pid)
+    yield running
+    children = children + descendants(running.pid) + [psutil.Process(running.pid)]
+    run_lap("down", config=config, timeout=200)
+    assert_all_gone(children, running.settings)
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def settings(lap_up: RunningLap) -> Settings:
+    return lap_up.settings
+
+
+@pytest.fixture
+async def db(settings: Settings):
+    from lap.sinks.store import connect
+
+    conn = await connect(settings)
+    yield conn
+    await conn.close()
