@@ -54,6 +54,12 @@ def state_file(settings: Settings) -> Path:
     return settings.run_dir / "state.json"
 
 
+def write_state(settings: Settings, state: dict[str, Any]) -> None:
+    tmp = state_file(settings).with_suffix(".tmp")
+    tmp.write_text(json.dumps(state, indent=2))
+    tmp.replace(state_file(settings))  # atomic: readers never see half a file
+
+
 def read_state(settings: Settings) -> dict[str, Any] | None:
     try:
         return json.loads(state_file(settings).read_text())
@@ -167,11 +173,14 @@ def deploy_serve(settings: Settings) -> None:
     raise RunError(f"Serve applications not RUNNING within {settings.ray.ready_timeout_s:.0f} s: {states}")
 
 
-def stop_ray(settings: Settings) -> None:
+def stop_ray(settings: Settings, keep: set[int] = frozenset()) -> None:
+    """Stop Serve and our Ray, then any Ray process that outlived it (its agents can)."""
+    import psutil
     import ray
 
     if not ray.is_initialized():
         return
+    ours = [p for p in psutil.Process().children(recursive=True) if p.pid not in keep]
     if not settings.ray.address:  # our own Ray: take Serve down gracefully, then everything
         try:
             from ray import serve
@@ -180,6 +189,21 @@ def stop_ray(settings: Settings) -> None:
         except Exception as exc:
             log.warning("serve shutdown: %s", exc)
     ray.shutdown()
+    _, alive = psutil.wait_procs(ours, timeout=10)
+    for proc in alive:
+        log.info("killing leftover Ray process %d (%s)", proc.pid, _name(proc))
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=5)
+
+
+def _name(proc) -> str:
+    try:
+        return proc.name()
+    except Exception:
+        return "?"
 
 
 # --- lap up (foreground) ---------------------------------------------------------
@@ -224,7 +248,7 @@ def run_foreground(settings: Settings) -> int:
             "stand_ins": {name: {"pid": stack.pids()[name], "port": port} for name, port in stack.ports().items()},
             "report": banner,
         }
-        state_file(settings).write_text(json.dumps(state, indent=2))
+        write_state(settings, state)
         needs_provision = False
         while stop["signal"] is None:
             time.sleep(1.0)
@@ -237,7 +261,7 @@ def run_foreground(settings: Settings) -> int:
             if restarted:
                 log.info("restarted %s", ", ".join(restarted))
                 state["stand_ins"] = {n: {"pid": stack.pids()[n], "port": p} for n, p in stack.ports().items()}
-                state_file(settings).write_text(json.dumps(state, indent=2))
+                write_state(settings, state)
                 needs_provision = True  # osmem-server is in memory: a restart loses the templates
             if needs_provision:
                 try:
@@ -250,7 +274,8 @@ def run_foreground(settings: Settings) -> int:
     finally:
         starting = False
         log.info("stopping LAP")
-        for step in (lambda: stop_ray(settings), stack.stop if stack else lambda: None):
+        stand_ins = {pid for pid in (stack.pids().values() if stack else []) if pid}
+        for step in (lambda: stop_ray(settings, keep=stand_ins), stack.stop if stack else lambda: None):
             try:
                 step()
             except Exception as exc:  # keep going: everything must be stopped

@@ -72,8 +72,10 @@ def descendants(pid: int) -> list[psutil.Process]:
 
 
 def listening_ports(settings: Settings) -> list[int]:
-    ports = [settings.local.postgres_port, settings.local.kinesis_port, settings.local.s3_port,
-             settings.local.opensearch_port, settings.ray.http_port, settings.ray.dashboard_port]
+    stand_ins = {"postgres": settings.local.postgres_port, "kinesis": settings.local.kinesis_port,
+                 "s3": settings.local.s3_port, "opensearch": settings.local.opensearch_port}
+    ports = [stand_ins[name] for name in settings.local_services()]
+    ports += [settings.ray.http_port, settings.ray.dashboard_port]
     open_ = []
     for port in ports:
         with socket.socket() as sock:
