@@ -31,7 +31,22 @@ from lap.settings import Settings
 
 log = logging.getLogger("lap")
 
-_RAY_THROUGHPUT_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"}
+
+
+def throughput_env(settings: Settings) -> dict[str, str]:
+    """Serve's high-throughput mode, with HAProxy's files and ports private to this LAP."""
+    folder = settings.run_dir / "haproxy"
+    folder.mkdir(parents=True, exist_ok=True)
+    return {
+        "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+        "RAY_SERVE_ENABLE_HA_PROXY": "1",
+        "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(folder / "haproxy.cfg"),
+        "RAY_SERVE_HAPROXY_SOCKET_PATH": str(folder / "admin.sock"),
+        "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(folder),
+        "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(folder / "server-state"),
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(settings.ray.haproxy_stats_port),
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(settings.ray.haproxy_metrics_port),
+    }
 
 
 class StopRequested(Exception):
@@ -121,7 +136,7 @@ def start_ray(settings: Settings) -> None:
     import ray
 
     if settings.ray.throughput_mode:
-        os.environ.update(_RAY_THROUGHPUT_ENV)
+        os.environ.update(throughput_env(settings))
     common: dict[str, Any] = {"log_to_driver": False, "logging_level": logging.WARNING, "namespace": "lap"}
     if settings.ray.address:
         ray.init(address=settings.ray.address, **common)
@@ -180,7 +195,13 @@ def stop_ray(settings: Settings, keep: set[int] = frozenset()) -> None:
 
     if not ray.is_initialized():
         return
-    ours = [p for p in psutil.Process().children(recursive=True) if p.pid not in keep]
+    skip = set(keep)
+    for pid in keep:  # the stand-ins and their own children (Postgres backends) are stopped later
+        try:
+            skip.update(child.pid for child in psutil.Process(pid).children(recursive=True))
+        except psutil.NoSuchProcess:
+            pass
+    ours = [p for p in psutil.Process().children(recursive=True) if p.pid not in skip]
     if not settings.ray.address:  # our own Ray: take Serve down gracefully, then everything
         try:
             from ray import serve
@@ -234,6 +255,9 @@ def run_foreground(settings: Settings) -> int:
         stack.start()
         provisioned = asyncio.run(provision(settings))
         start_ray(settings)
+        # Ray's core installs its own SIGTERM handler, which ends the process at once: take it back.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, on_signal)
         deploy_serve(settings)
         health = wait_healthy(settings, settings.ray.ready_timeout_s)
         starting = False

@@ -95,6 +95,9 @@ class RaySettings(Section):
     http_port: int = Field(8000, ge=1, le=65535)
     # HAProxy in front of the replicas: ~3x less CPU per request (DESIGN.md).
     throughput_mode: bool = False
+    # HAProxy's own stats and metrics ports (throughput mode only). They bind all interfaces.
+    haproxy_stats_port: int = Field(8404, ge=1, le=65535)
+    haproxy_metrics_port: int = Field(9101, ge=1, le=65535)
     serve_config: Path = REPO_DIR / "serve_config.yaml"
     ready_timeout_s: float = Field(180.0, gt=0)
 

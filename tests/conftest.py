@@ -122,8 +122,11 @@ def lap_up() -> RunningLap:
     children = descendants(running.pid)
     yield running
     children = children + descendants(running.pid) + [psutil.Process(running.pid)]
-    run_lap("down", config=config, timeout=200)
+    down = run_lap("down", config=config, timeout=200)
+    assert "LAP stopped." in down.stderr, down.stderr  # by itself, not killed
     assert_all_gone(children, running.settings)
+    log = (running.settings.log_dir / "lap.log").read_text()
+    assert "did not stop within" not in log and "LAP stopped" in log, log[-3000:]
     shutil.rmtree(folder, ignore_errors=True)
 
 

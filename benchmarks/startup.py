@@ -1,0 +1,98 @@
+"""How long `lap up` takes to answer 200 on /healthz, and `lap down` to leave nothing.
+
+Runs `lap up --detach` twice on free ports in a temporary folder: first with an
+empty data folder (initdb, stream and bucket creation), then again on the same
+data (the everyday restart). Each run is bounded by --timeout.
+
+    .venv/bin/python benchmarks/startup.py [--runs 2] [--json benchmarks/results/startup.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import yaml
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def healthz_ok(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as reply:
+            return reply.status == 200
+    except OSError:
+        return False
+
+
+def lap(*args: str, config: Path, timeout: float) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LAP_")}
+    return subprocess.run([sys.executable, "-m", "lap", *args, "--config", str(config)],
+                          capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=2, help="1 cold start, then warm starts")
+    parser.add_argument("--timeout", type=float, default=300)
+    parser.add_argument("--json", type=Path, default=Path("benchmarks/results/startup.json"))
+    args = parser.parse_args()
+
+    folder = Path(tempfile.mkdtemp(prefix="lap-bench-"))
+    folder.chmod(0o755)
+    http_port = free_port()
+    config = folder / "lap.yaml"
+    config.write_text(yaml.safe_dump({
+        "data_dir": str(folder / "data"),
+        "local": {"postgres_port": free_port(), "kinesis_port": free_port(),
+                  "s3_port": free_port(), "opensearch_port": free_port()},
+        "ray": {"http_port": http_port, "dashboard_port": free_port()},
+    }))
+    rows = []
+    try:
+        for run in range(args.runs):
+            kind = "cold (empty data)" if run == 0 else "warm (existing data)"
+            print(f"run {run + 1}/{args.runs}: {kind} ...", file=sys.stderr, flush=True)
+            start = time.monotonic()
+            up = lap("up", "--detach", config=config, timeout=args.timeout)
+            up_s = time.monotonic() - start
+            if up.returncode != 0 or not healthz_ok(http_port):
+                print(up.stdout, up.stderr, file=sys.stderr)
+                return 1
+            start = time.monotonic()
+            down = lap("down", config=config, timeout=args.timeout)
+            down_s = time.monotonic() - start
+            left = healthz_ok(http_port)
+            rows.append({"run": kind, "up_to_healthz_200_s": round(up_s, 1),
+                         "down_s": round(down_s, 1), "api_still_answering": left, "down_rc": down.returncode})
+    finally:
+        lap("down", config=config, timeout=args.timeout)
+        shutil.rmtree(folder, ignore_errors=True)
+
+    print(f"\n{'run':<22} {'up -> /healthz 200 (s)':>22} {'down (s)':>9}")
+    for r in rows:
+        print(f"{r['run']:<22} {r['up_to_healthz_200_s']:>22.1f} {r['down_s']:>9.1f}")
+    result = {"benchmark": "startup", "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+              "runs": rows, "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(result, indent=2))
+    print(f"\nwrote {args.json}")
+    return 0 if all(not r["api_still_answering"] and r["down_rc"] == 0 for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
