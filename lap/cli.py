@@ -7,7 +7,6 @@ import json
 import logging
 import os
 import sys
-import time
 import urllib.error
 import urllib.request
 from contextlib import AsyncExitStack
