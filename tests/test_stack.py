@@ -148,3 +148,20 @@ def test_opensearch_restart_is_reprovisioned(lap_up):
     # In memory: the template is gone until the supervisor provisions again; healthz checks it.
     body = wait_for(lambda: (r := healthz(lap_up.settings)).status_code == 200 and r.json(), 60, "healthz 200")
     assert body["components"]["opensearch"]["ok"]
+
+
+def test_serve_status_cli_sees_the_applications_running(lap_up):
+    """What an operator types: `serve status` (Ray's token mode must be on in the client)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    serve_cli = str(Path(sys.executable).with_name("serve"))
+    env = {**os.environ, "RAY_AUTH_MODE": "token"}
+    result = subprocess.run([serve_cli, "status", "-a", lap_up.settings.dashboard_url],
+                            capture_output=True, text=True, timeout=60, env=env)
+    assert result.returncode == 0, result.stderr
+    apps = yaml.safe_load(result.stdout)["applications"]
+    assert {name: app["status"] for name, app in apps.items()} == {"ingest": "RUNNING", "output": "RUNNING"}
