@@ -134,3 +134,16 @@ class CachedHealth:
                 self._report = await self.checker.check()
                 self._at = time.monotonic()
             return self._report
+
+
+# For the `/healthz` routes of both Serve applications.
+HEALTH_RESPONSES: dict[int | str, dict[str, Any]] = {
+    503: {"model": HealthReport, "description": "a dependency is not ready"}
+}
+
+
+async def health_reply(health: CachedHealth):
+    from fastapi.responses import JSONResponse
+
+    report = await health.report()
+    return JSONResponse(report.model_dump(), status_code=200 if report.ok else 503)

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 from fastapi import FastAPI
-from fastapi.responses import JSONResponse
 from ray import serve
 
 from lap import __version__
-from lap.health import CachedHealth, HealthReport
+from lap.health import HEALTH_RESPONSES, CachedHealth, HealthReport, health_reply
 from lap.settings import load_settings
 
 app = FastAPI(
@@ -27,9 +26,8 @@ class IngestAPI:
     @app.get(
         "/healthz",
         response_model=HealthReport,
-        responses={503: {"model": HealthReport, "description": "a dependency is not ready"}},
+        responses=HEALTH_RESPONSES,
         summary="Readiness of LAP and each of its dependencies",
     )
-    async def healthz(self) -> JSONResponse:
-        report = await self.health.report()
-        return JSONResponse(report.model_dump(), status_code=200 if report.ok else 503)
+    async def healthz(self):
+        return await health_reply(self.health)
