@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+import time
 import urllib.error
 import urllib.request
 from contextlib import AsyncExitStack
@@ -80,8 +81,11 @@ def down(config_file: Path | None, timeout: float) -> None:
     click.echo(f"stopping LAP (pid {pid})...", err=True)
     if stop_pid(pid, timeout):
         click.echo("LAP stopped.", err=True)
-    else:
-        click.echo(f"LAP did not stop within {timeout:.0f} s and was killed.", err=True)
+        return
+    time.sleep(1)
+    if running_pid(settings) is None:
+        raise click.ClickException(f"LAP did not stop within {timeout:.0f} s and was killed")
+    raise click.ClickException(f"LAP (pid {pid}) did not stop, even when killed")
 
 
 @main.command()

@@ -1,7 +1,8 @@
 """Creates what LAP needs before it serves: database schema, stream, bucket, index template.
 
-Every step is idempotent, so `lap up` runs it on each start. Against AWS it
-only creates what is missing and never changes what exists.
+Every step is idempotent, so `lap up` runs it on each start. It creates what
+is missing, applies new migrations and puts LAP's index template only when this
+release's is newer; it never changes a stream's shards or a bucket.
 """
 
 from __future__ import annotations

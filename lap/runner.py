@@ -10,6 +10,7 @@ background and returns once `/healthz` answers 200.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import logging
 import os
@@ -24,7 +25,7 @@ from typing import Any
 
 import yaml
 
-from lap.local.processes import StandInError
+from lap.local.processes import StandInError, port_is_open
 from lap.local.stack import LocalStack
 from lap.provision import provision
 from lap.settings import Settings
@@ -83,20 +84,41 @@ def read_state(settings: Settings) -> dict[str, Any] | None:
 
 
 def running_pid(settings: Settings) -> int | None:
-    """The pid of a live `lap up` for this data folder, or None."""
+    """The pid of a live `lap up` for this data folder, or None.
+
+    A running supervisor holds an exclusive lock on its pid file, so a pid left
+    by a killed supervisor (and perhaps reused since) is never taken for it.
+    """
     path = pid_file(settings)
     try:
-        pid = int(path.read_text().split()[0])
-    except (FileNotFoundError, ValueError, IndexError):
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
         return None
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        path.unlink(missing_ok=True)  # stale: that process is gone
-        return None
-    except PermissionError:
-        pass
-    return pid
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            text = os.pread(fd, 64, 0).decode(errors="replace").split()
+            return int(text[0]) if text and text[0].isdigit() else None
+        return None  # nobody holds it: stale
+    finally:
+        os.close(fd)
+
+
+def hold_pid_file(settings: Settings) -> int:
+    """Take the pid file's lock for this process's lifetime; returns the open descriptor."""
+    settings.run_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(pid_file(settings), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise RunError(
+            f"LAP is already running for {settings.data_dir} (pid {running_pid(settings)}); run `lap down` first"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
 
 
 # --- health -------------------------------------------------------------------
@@ -130,6 +152,28 @@ def wait_healthy(settings: Settings, timeout: float, alive=lambda: True) -> dict
 
 
 # --- Ray and Serve --------------------------------------------------------------
+
+
+def _step(what: str, fn):
+    """Run one start-up step; any failure becomes one clear RunError."""
+    try:
+        return fn()
+    except (RunError, StopRequested):
+        raise
+    except Exception as exc:
+        text = " ".join(str(exc).split())[:400]
+        raise RunError(f"{what} failed: {type(exc).__name__}: {text}") from exc
+
+
+def check_ports_free(settings: Settings) -> None:
+    """Another LAP on the same ports would answer our health checks: refuse to start instead."""
+    ports = {"ray.http_port": settings.ray.http_port}
+    if not settings.ray.address:
+        ports["ray.dashboard_port"] = settings.ray.dashboard_port
+    for name, port in ports.items():
+        if port_is_open("127.0.0.1", port):
+            raise RunError(f"port {port} ({name}) on 127.0.0.1 is already in use; stop what listens there "
+                           f"or choose another port")
 
 
 def start_ray(settings: Settings) -> None:
@@ -193,8 +237,6 @@ def stop_ray(settings: Settings, keep: set[int] = frozenset()) -> None:
     import psutil
     import ray
 
-    if not ray.is_initialized():
-        return
     skip = set(keep)
     for pid in keep:  # the stand-ins and their own children (Postgres backends) are stopped later
         try:
@@ -202,14 +244,15 @@ def stop_ray(settings: Settings, keep: set[int] = frozenset()) -> None:
         except psutil.NoSuchProcess:
             pass
     ours = [p for p in psutil.Process().children(recursive=True) if p.pid not in skip]
-    if not settings.ray.address:  # our own Ray: take Serve down gracefully, then everything
+    if ray.is_initialized() and not settings.ray.address:  # our own Ray: take Serve down gracefully, then everything
         try:
             from ray import serve
 
             serve.shutdown()
         except Exception as exc:
             log.warning("serve shutdown: %s", exc)
-    ray.shutdown()
+    if ray.is_initialized():
+        ray.shutdown()
     _, alive = psutil.wait_procs(ours, timeout=10)
     for proc in alive:
         log.info("killing leftover Ray process %d (%s)", proc.pid, _name(proc))
@@ -232,11 +275,7 @@ def _name(proc) -> str:
 
 def run_foreground(settings: Settings) -> int:
     """The supervisor. Returns the process exit code."""
-    other = running_pid(settings)
-    if other is not None and other != os.getpid():
-        raise RunError(f"LAP is already running for {settings.data_dir} (pid {other}); run `lap down` first")
-    settings.run_dir.mkdir(parents=True, exist_ok=True)
-    pid_file(settings).write_text(f"{os.getpid()}\n")
+    lock_fd = hold_pid_file(settings)
 
     starting = True
     stop = {"signal": None}
@@ -251,14 +290,15 @@ def run_foreground(settings: Settings) -> int:
     code = 0
     try:
         t0 = time.monotonic()
+        check_ports_free(settings)
         stack = LocalStack(settings)
         stack.start()
-        provisioned = asyncio.run(provision(settings))
-        start_ray(settings)
+        provisioned = _step("provisioning", lambda: asyncio.run(provision(settings)))
+        _step("starting Ray", lambda: start_ray(settings))
         # Ray's core installs its own SIGTERM handler, which ends the process at once: take it back.
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, on_signal)
-        deploy_serve(settings)
+        _step("deploying the Serve applications", lambda: deploy_serve(settings))
         health = wait_healthy(settings, settings.ray.ready_timeout_s)
         starting = False
         banner = startup_report(settings, stack, health, time.monotonic() - t0)
@@ -306,6 +346,7 @@ def run_foreground(settings: Settings) -> int:
                 log.error("while stopping: %s", exc)
         state_file(settings).unlink(missing_ok=True)
         pid_file(settings).unlink(missing_ok=True)
+        os.close(lock_fd)
         for s, handler in old.items():
             signal.signal(s, handler)
         log.info("LAP stopped")
@@ -334,7 +375,7 @@ def startup_report(settings: Settings, stack: LocalStack, health: dict, seconds:
 
 def run_detached(settings: Settings, config_file: Path | None) -> None:
     other = running_pid(settings)
-    if other is not None:
+    if other is not None:  # checked here for a quick answer; the child's lock decides
         raise RunError(f"LAP is already running for {settings.data_dir} (pid {other}); run `lap down` first")
     settings.log_dir.mkdir(parents=True, exist_ok=True)
     log_path = settings.log_dir / "lap.log"
@@ -358,13 +399,17 @@ def run_detached(settings: Settings, config_file: Path | None) -> None:
             stop_pid(child.pid, timeout=60)
         tail = log_path.read_text(errors="replace").splitlines()[-20:]
         raise RunError(f"{exc}\nlast lines of {log_path}:\n  " + "\n  ".join(tail)) from None
+    except BaseException:  # Ctrl-C while waiting: do not leave a half-started LAP behind
+        if child.poll() is None:
+            stop_pid(child.pid, timeout=60)
+        raise
     report = state["report"] if state else ""
     print(report.replace("Stop with Ctrl-C, or", "Stop it with"), flush=True)
     print(f"Running in the background (pid {child.pid}); log: {log_path}", flush=True)
 
 
 def stop_pid(pid: int, timeout: float = 90.0) -> bool:
-    """SIGTERM, wait, then SIGKILL the whole group. True if it stopped by itself."""
+    """SIGTERM, wait, then SIGKILL. True if it stopped by itself."""
     try:
         os.kill(pid, signal.SIGTERM)
     except ProcessLookupError:
@@ -375,7 +420,10 @@ def stop_pid(pid: int, timeout: float = 90.0) -> bool:
             return True
         time.sleep(0.2)
     try:
-        os.killpg(pid, signal.SIGKILL)
+        if os.getpgid(pid) == pid:  # a detached supervisor leads its group: take its Ray with it
+            os.killpg(pid, signal.SIGKILL)
+        else:
+            os.kill(pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
     return False

@@ -168,9 +168,6 @@ class Settings(BaseSettings):
             self.db.dsn = SecretStr(
                 f"postgresql://{LOCAL_DB_USER}:{LOCAL_DB_PASSWORD}@{local.host}:{local.postgres_port}/{LOCAL_DB_NAME}"
             )
-        if self.aws.access_key_id is None:
-            self.aws.access_key_id = SecretStr(LOCAL_AWS_KEY)
-            self.aws.secret_access_key = SecretStr(LOCAL_AWS_KEY)
         return self
 
     # --- derived values used in several places -------------------------------
@@ -214,6 +211,9 @@ class Settings(BaseSettings):
         if self.aws.access_key_id is not None and self.aws.secret_access_key is not None:
             kwargs["aws_access_key_id"] = self.aws.access_key_id.get_secret_value()
             kwargs["aws_secret_access_key"] = self.aws.secret_access_key.get_secret_value()
+        elif self.mode == "local" and endpoint_url and endpoint_url.startswith("http://127.0.0.1:"):
+            # The stand-ins' fixed keys; a service pointed elsewhere keeps the default AWS chain.
+            kwargs["aws_access_key_id"] = kwargs["aws_secret_access_key"] = LOCAL_AWS_KEY
         return kwargs
 
 

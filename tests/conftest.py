@@ -96,6 +96,11 @@ def assert_all_gone(processes: list[psutil.Process], settings: Settings, timeout
     raise AssertionError(f"left behind: processes {names}, listening ports {listening_ports(settings)}")
 
 
+def pytest_collection_modifyitems(items):
+    """The lifecycle test starts its own LAP: run it before the session's LAP exists."""
+    items.sort(key=lambda item: 0 if item.path.name == "test_lifecycle.py" else 1)
+
+
 @dataclass
 class RunningLap:
     config: Path

@@ -1,7 +1,7 @@
 """`lap up` in the foreground, as `make run` runs it, stopped by Ctrl-C.
 
-It runs in `mode: aws` against the session's stand-ins, as if they were AWS,
-so it also shows that such a config starts no stand-ins of its own.
+It runs before the session's LAP starts (see conftest), so that only one Ray
+runs at a time.
 """
 
 from __future__ import annotations
@@ -9,37 +9,26 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
+import tempfile
 import time
 from pathlib import Path
 
 import httpx
-import yaml
 
-from lap.settings import LOCAL_AWS_KEY, load_settings
-from tests.conftest import LAP, assert_all_gone, descendants, free_port
+from lap.settings import load_settings
+from tests.conftest import LAP, assert_all_gone, descendants, run_lap, write_config
 
 
-def test_foreground_up_in_aws_mode_then_ctrl_c_leaves_nothing(lap_up, tmp_path: Path):
-    shared = lap_up.settings
-    tmp_path.chmod(0o755)
-    config = tmp_path / "aws-like.yaml"
-    config.write_text(yaml.safe_dump({
-        "mode": "aws",
-        "data_dir": str(tmp_path / "data"),
-        "aws": {"access_key_id": LOCAL_AWS_KEY, "secret_access_key": LOCAL_AWS_KEY},
-        "stream": {"endpoint_url": shared.stream.endpoint_url},
-        "archive": {"endpoint_url": shared.archive.endpoint_url},
-        "index": {"url": shared.index.url},
-        "db": {"dsn": shared.db.dsn.get_secret_value()},
-        "ray": {"http_port": free_port(), "dashboard_port": free_port()},
-    }))
+def test_foreground_up_then_ctrl_c_leaves_nothing():
+    folder = Path(tempfile.mkdtemp(prefix="lap-lifecycle-"))
+    config = write_config(folder)
     settings = load_settings(config)
     env = {k: v for k, v in os.environ.items() if not k.startswith("LAP_")}
-    log = open(tmp_path / "up.log", "wb")
-    # Its own session, so that a signal to the group is what a terminal's Ctrl-C does.
-    proc = subprocess.Popen([*LAP, "up", "--config", str(config)], stdout=log, stderr=subprocess.STDOUT,
-                            env=env, start_new_session=True)
+    out_path = folder / "up.log"
+    with open(out_path, "wb") as out:
+        # Its own session, so that a signal to the group is what a terminal's Ctrl-C does.
+        proc = subprocess.Popen([*LAP, "up", "--config", str(config)], stdout=out, stderr=subprocess.STDOUT,
+                                env=env, start_new_session=True)
     try:
         deadline = time.monotonic() + 300
         ready = False
@@ -50,22 +39,27 @@ def test_foreground_up_in_aws_mode_then_ctrl_c_leaves_nothing(lap_up, tmp_path: 
             except httpx.HTTPError:
                 pass
             time.sleep(0.5)
-        output = (tmp_path / "up.log").read_text()
+        output = out_path.read_text()
         assert ready, f"not ready; exit code {proc.poll()}; output:\n{output}"
         assert "LAP is up" in output and f"{settings.api_url}/docs" in output
 
         children = descendants(proc.pid)
         commands = " ".join(" ".join(p.cmdline()) for p in children if p.is_running())
-        for stand_in in ("osmem-server", "kinesalite", "s3rver", "bin/postgres"):
-            assert stand_in not in commands, f"mode aws started {stand_in}"
+        for stand_in in ("osmem-server", "kinesalite", "s3rver", "bin/postgres", "raylet"):
+            assert stand_in in commands, f"{stand_in} is not running under `lap up`"
+
+        # A second `lap up` on the same data is refused while this one holds the pid file.
+        second = run_lap("up", config=config, check=False, timeout=60)
+        assert second.returncode == 1 and "already running" in second.stderr
+        assert "Traceback" not in second.stderr
 
         os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C
         assert proc.wait(120) == 0
         assert_all_gone(children, settings)
-        assert "LAP stopped" in (tmp_path / "up.log").read_text()
+        output = out_path.read_text()
+        assert "LAP stopped" in output and "did not stop within" not in output, output[-3000:]
+        assert not (settings.run_dir / "lap.pid").exists()
+        assert run_lap("status", config=config, check=False, timeout=60).returncode == 1
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-        log.close()
-    # The shared stack was not disturbed.
-    assert httpx.get(f"{shared.api_url}/healthz", timeout=10).status_code == 200

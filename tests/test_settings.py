@@ -89,6 +89,16 @@ def test_aws_mode_needs_endpoints_and_starts_no_stand_ins(tmp_path: Path):
     assert kwargs == {"region_name": "eu-west-1"}
     for section in (s.stream, s.archive, s.index, s.db, s.aws):
         assert "127.0.0.1" not in section.model_dump_json()
+    from lap.local.stack import LocalStack
+
+    assert LocalStack(s).processes == []  # what `lap up` would start: nothing
+
+
+def test_stand_in_keys_go_only_to_stand_ins():
+    s = load_settings(stream={"endpoint_url": "https://kinesis.eu-west-1.amazonaws.com"})
+    assert "aws_access_key_id" not in s.aws_client_kwargs(s.stream.endpoint_url)
+    assert s.aws_client_kwargs(s.archive.endpoint_url)["aws_access_key_id"] == "S3RVER"
+    assert s.local_services() == ["postgres", "s3", "opensearch"]
 
 
 def test_one_service_pointed_elsewhere_is_not_started():

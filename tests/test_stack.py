@@ -76,6 +76,17 @@ def test_second_up_on_the_same_data_is_refused(lap_up):
     assert healthz(lap_up.settings).status_code == 200
 
 
+def test_up_refuses_an_api_port_that_another_lap_holds(lap_up, tmp_path):
+    from tests.conftest import write_config
+
+    config = write_config(tmp_path / "other", ray={"http_port": lap_up.settings.ray.http_port})
+    result = run_lap("up", config=config, check=False, timeout=120)
+    assert result.returncode == 1
+    assert f"port {lap_up.settings.ray.http_port} (ray.http_port)" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "other" / "data" / "postgres").exists()  # refused before starting anything
+
+
 def test_healthz_is_503_while_a_dependency_does_not_answer(lap_up):
     pid = lap_up.state["stand_ins"]["opensearch"]["pid"]
     os.kill(pid, signal.SIGSTOP)  # frozen: it accepts connections but never answers

@@ -29,15 +29,17 @@ class StandInError(RuntimeError):
     """A stand-in could not be started or did not become ready."""
 
 
-def _child_setup(death_signal: int, uid: int | None, gid: int | None) -> Callable[[], None]:
+_libc = ctypes.CDLL("libc.so.6", use_errno=True)  # looked up here: the child must not dlopen
+_prctl = _libc.prctl
+
+
+def _child_setup(death_signal: int, parent_pid: int) -> Callable[[], None]:
+    # Runs in the forked child after Popen has changed the user (user=/group=), which
+    # matters: a credential change would clear the death signal.
     def setup() -> None:
-        # Drop privileges first: a credential change clears the death signal.
-        if uid is not None and gid is not None:
-            os.setgroups([])
-            os.setgid(gid)
-            os.setuid(uid)
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, death_signal, 0, 0, 0)
+        _prctl(_PR_SET_PDEATHSIG, death_signal, 0, 0, 0)
+        if os.getppid() != parent_pid:  # the parent died before prctl took effect
+            os._exit(1)
 
     return setup
 
@@ -84,9 +86,10 @@ class ManagedProcess:
                 f"{self.name}: port {self.port} on 127.0.0.1 is already in use. "
                 f"Stop whatever listens there, or choose another port (see README, 'Settings')."
             )
-        uid = gid = None
+        ids: dict = {}
         if self.run_as and os.geteuid() == 0:
             uid, gid = os_user_ids(self.run_as)
+            ids = {"user": uid, "group": gid, "extra_groups": []}
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_file, "ab") as out:
             out.write(f"\n--- {time.strftime('%Y-%m-%d %H:%M:%S')} starting {self.name}\n".encode())
@@ -97,8 +100,9 @@ class ManagedProcess:
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
-                preexec_fn=_child_setup(self.stop_signal, uid, gid),
+                preexec_fn=_child_setup(self.stop_signal, os.getpid()),
                 env={**os.environ, **(self.env or {})},
+                **ids,
             )
         self.wait_ready(timeout)
 
@@ -126,10 +130,12 @@ class ManagedProcess:
         return self.proc is not None and self.proc.poll() is None
 
     def restart_if_dead(self, timeout: float) -> bool:
-        """Restart a child that died. Returns False when it died too often to go on."""
+        """Restart a child that died. False once it has died too often to go on."""
         if self.alive():
             return True
         code = self.proc.returncode if self.proc else None
+        if self.proc is not None:
+            self._kill_group(self.proc.pid)  # what it left behind (Postgres backends) must not hold the port
         now = time.monotonic()
         while self.restarts and now - self.restarts[0] > 300:
             self.restarts.popleft()
@@ -137,12 +143,11 @@ class ManagedProcess:
             log.error("%s died (code %s) %d times in 5 minutes; giving up", self.name, code, len(self.restarts))
             return False
         self.restarts.append(now)
-        log.warning("%s died (code %s); restarting", self.name, code)
+        log.warning("%s is down (code %s); restarting", self.name, code)
         try:
             self.start(timeout)
-        except StandInError as exc:
+        except StandInError as exc:  # counted against the budget; tried again on the next check
             log.error("%s", exc)
-            return False
         return True
 
     def stop(self, timeout: float = 15.0) -> None:
@@ -155,7 +160,10 @@ class ManagedProcess:
         except subprocess.TimeoutExpired:
             log.warning("%s did not stop within %.0f s; killing it", self.name, timeout)
             self._kill_group(proc.pid)
-            proc.wait(5)
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                log.error("%s (pid %d) survived SIGKILL", self.name, proc.pid)
         except ProcessLookupError:
             pass
         # Helpers a child started in its session (none today) go with it.

@@ -99,20 +99,23 @@ class LocalStack:
     def _init_postgres(self, data: Path, run_as: str | None) -> None:
         if (data / "PG_VERSION").exists():
             return
-        data.mkdir(parents=True, exist_ok=True)
-        data.chmod(0o700)
-        pwfile = data.parent / ".postgres-pw"
+        # initdb into a side folder and rename it: an interrupted initdb leaves no half-made data.
+        staging = data.with_name(data.name + ".initdb")
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        staging.chmod(0o700)
+        pwfile = staging.parent / ".postgres-pw"
         pwfile.write_text(LOCAL_DB_PASSWORD + "\n")
         kwargs: dict = {}
         if run_as:
             uid, gid = os_user_ids(run_as)
-            _check_reachable(data, run_as)
-            os.chown(data, uid, gid)
+            _check_reachable(staging, run_as)
+            os.chown(staging, uid, gid)
             os.chown(pwfile, uid, gid)
             kwargs = {"user": uid, "group": gid, "extra_groups": []}
         cmd = [
             str(postgres_bin_dir() / "initdb"),
-            "-D", str(data),
+            "-D", str(staging),
             "-U", LOCAL_DB_USER,
             f"--pwfile={pwfile}",
             "--auth-local=scram-sha-256",
@@ -122,11 +125,15 @@ class LocalStack:
         ]
         try:
             result = subprocess.run(cmd, capture_output=True, text=True, timeout=120, **kwargs)
+            if result.returncode != 0:
+                raise StandInError(f"initdb failed for {data}:\n{result.stderr.strip()}")
+            shutil.rmtree(data, ignore_errors=True)  # an empty or half-made folder from before
+            staging.rename(data)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
         finally:
             pwfile.unlink(missing_ok=True)
-        if result.returncode != 0:
-            shutil.rmtree(data, ignore_errors=True)
-            raise StandInError(f"initdb failed for {data}:\n{result.stderr.strip()}")
         log.info("initialised Postgres data in %s", data)
 
     def _kinesis(self) -> ManagedProcess:
@@ -188,19 +195,23 @@ class LocalStack:
             raise
 
     def watch(self) -> list[str]:
-        """Restart any stand-in that died; returns their names. Raises when one cannot be kept up."""
+        """Restart any stand-in that died; returns those now back up. Raises when one cannot be kept up."""
         restarted = []
         for proc in self.processes:
             if proc.alive():
                 continue
             if not proc.restart_if_dead(self.settings.local.start_timeout_s):
                 raise StandInError(f"{proc.name} keeps dying; see {proc.log_file}")
-            restarted.append(proc.name)
+            if proc.alive():
+                restarted.append(proc.name)
         return restarted
 
     def stop(self) -> None:
         for proc in reversed(self.processes):
-            proc.stop()
+            try:
+                proc.stop()
+            except Exception as exc:  # keep going: the others must stop too
+                log.error("stopping %s: %s", proc.name, exc)
 
     def pids(self) -> dict[str, int | None]:
         return {proc.name: proc.pid for proc in self.processes}

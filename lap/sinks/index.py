@@ -61,6 +61,11 @@ def open_opensearch(settings: Settings) -> AsyncOpenSearch:
 
 
 async def ensure_templates(client: AsyncOpenSearch, settings: Settings) -> None:
-    await client.indices.put_index_template(
-        name=settings.index.index_prefix, body=events_template(settings)
-    )
+    """Put LAP's template when it is missing or older than this release's; never downgrade it."""
+    name = settings.index.index_prefix
+    if await client.indices.exists_index_template(name=name):
+        current = await client.indices.get_index_template(name=name)
+        versions = [t["index_template"].get("version") or 0 for t in current.get("index_templates", [])]
+        if versions and max(versions) >= TEMPLATE_VERSION:
+            return
+    await client.indices.put_index_template(name=name, body=events_template(settings))
