@@ -35,6 +35,7 @@ class Principal:
     tenant: str
     role: str
     sensor: str | None
+    rate_per_s: float | None = None  # None: the default of `limits.requests_per_s`
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,7 @@ class KeyInfo:
     tenant: str
     role: str
     sensor: str | None
+    rate_per_s: float | None
     created_at: datetime
     revoked_at: datetime | None
 
@@ -56,7 +58,9 @@ def new_token() -> tuple[str, str]:
     return key_id, f"lap_{key_id}_{secrets.token_urlsafe(32)}"
 
 
-async def create_key(conn: asyncpg.Connection, tenant: str, role: str, sensor: str | None = None) -> tuple[str, str]:
+async def create_key(
+    conn: asyncpg.Connection, tenant: str, role: str, sensor: str | None = None, rate_per_s: float | None = None
+) -> tuple[str, str]:
     """Create a key; returns (key id, token). The token is shown once and never stored."""
     if not _TENANT.match(tenant):
         raise KeyRequestError(
@@ -69,12 +73,14 @@ async def create_key(conn: asyncpg.Connection, tenant: str, role: str, sensor: s
             raise KeyRequestError("--sensor only applies to keys with the role 'sensor'")
         if not _IRI.match(sensor):
             raise KeyRequestError(f"invalid sensor IRI {sensor!r}: give an absolute IRI such as https://lms.example.edu/sensor")
+    if rate_per_s is not None and not rate_per_s > 0:
+        raise KeyRequestError(f"invalid rate {rate_per_s!r}: give a number of requests per second above 0")
     key_id, token = new_token()
     async with conn.transaction():
         await conn.execute("INSERT INTO tenants (name) VALUES ($1) ON CONFLICT DO NOTHING", tenant)
         await conn.execute(
-            "INSERT INTO api_keys (id, tenant, role, sensor, token_hash) VALUES ($1, $2, $3, $4, $5)",
-            key_id, tenant, role, sensor, hash_token(token),
+            "INSERT INTO api_keys (id, tenant, role, sensor, token_hash, rate_per_s) VALUES ($1, $2, $3, $4, $5, $6)",
+            key_id, tenant, role, sensor, hash_token(token), rate_per_s,
         )
     return key_id, token
 
@@ -84,17 +90,18 @@ async def verify_token(conn: asyncpg.Connection | asyncpg.Pool, token: str) -> P
     if not token.startswith("lap_") or len(token) > 200:
         return None
     row = await conn.fetchrow(
-        "SELECT id, tenant, role, sensor FROM api_keys WHERE token_hash = $1 AND revoked_at IS NULL",
+        "SELECT id, tenant, role, sensor, rate_per_s FROM api_keys WHERE token_hash = $1 AND revoked_at IS NULL",
         hash_token(token),
     )
     if row is None:
         return None
-    return Principal(key_id=row["id"], tenant=row["tenant"], role=row["role"], sensor=row["sensor"])
+    return Principal(key_id=row["id"], tenant=row["tenant"], role=row["role"], sensor=row["sensor"],
+                     rate_per_s=row["rate_per_s"])
 
 
 async def list_keys(conn: asyncpg.Connection, tenant: str | None = None, include_revoked: bool = False) -> list[KeyInfo]:
     rows = await conn.fetch(
-        """SELECT id, tenant, role, sensor, created_at, revoked_at FROM api_keys
+        """SELECT id, tenant, role, sensor, rate_per_s, created_at, revoked_at FROM api_keys
            WHERE ($1::text IS NULL OR tenant = $1) AND ($2 OR revoked_at IS NULL)
            ORDER BY created_at, id""",
         tenant, include_revoked,
@@ -108,3 +115,43 @@ async def revoke_key(conn: asyncpg.Connection, key_id: str) -> bool:
         "UPDATE api_keys SET revoked_at = now() WHERE id = $1 AND revoked_at IS NULL", key_id
     )
     return result.endswith(" 1")
+
+
+class KeyCache:
+    """Verified keys, kept `ttl_s` in a replica so that a request costs no query.
+
+    Unknown tokens are remembered briefly too, so a client hammering with a bad
+    token costs one query per `negative_ttl_s`. A revocation takes effect within
+    `ttl_s`.
+    """
+
+    def __init__(self, pool: asyncpg.Pool, ttl_s: float, negative_ttl_s: float = 1.0, max_entries: int = 50_000):
+        self.pool = pool
+        self.ttl_s = ttl_s
+        self.negative_ttl_s = negative_ttl_s
+        self.max_entries = max_entries
+        self._entries: dict[bytes, tuple[float, Principal | None]] = {}
+
+    async def principal(self, token: str) -> Principal | None:
+        import time
+
+        key = hash_token(token)
+        now = time.monotonic()
+        hit = self._entries.get(key)
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        principal = await verify_token(self.pool, token)
+        if len(self._entries) >= self.max_entries:
+            self._entries.clear()
+        self._entries[key] = (now + (self.ttl_s if principal else self.negative_ttl_s), principal)
+        return principal
+
+
+def bearer_token(authorization: str | None) -> str | None:
+    """The token of an `Authorization: Bearer <token>` header (RFC 6750), else None."""
+    if not authorization:
+        return None
+    scheme, _, token = authorization.strip().partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return None
+    return token.strip()

@@ -236,13 +236,15 @@ def _db_call(settings: Settings, fn):
 @click.option("--tenant", required=True, help="Tenant the key belongs to (created if new).")
 @click.option("--role", required=True, type=click.Choice(["sensor", "reader", "admin"]))
 @click.option("--sensor", default=None, help="Sensor IRI, for sensor keys.")
-def keys_create(config_file: Path | None, tenant: str, role: str, sensor: str | None) -> None:
+@click.option("--rate", type=float, default=None,
+              help="Requests per second allowed for this key (default: limits.requests_per_s).")
+def keys_create(config_file: Path | None, tenant: str, role: str, sensor: str | None, rate: float | None) -> None:
     """Print a new bearer token on stdout (shown once; only its hash is kept)."""
     from lap.auth import KeyRequestError, create_key
 
     settings = _settings(config_file)
     try:
-        key_id, token = _db_call(settings, lambda conn: create_key(conn, tenant, role, sensor))
+        key_id, token = _db_call(settings, lambda conn: create_key(conn, tenant, role, sensor, rate))
     except KeyRequestError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"created key {key_id} (tenant {tenant}, role {role}); the token is shown once:", err=True)
@@ -259,10 +261,12 @@ def keys_list(config_file: Path | None, tenant: str | None, include_revoked: boo
 
     settings = _settings(config_file)
     rows = _db_call(settings, lambda conn: list_keys(conn, tenant, include_revoked))
-    click.echo(f"{'id':<14} {'tenant':<16} {'role':<7} {'created':<20} {'revoked':<20} sensor")
+    click.echo(f"{'id':<14} {'tenant':<16} {'role':<7} {'rate/s':>8}  {'created':<20} {'revoked':<20} sensor")
     for k in rows:
         revoked = k.revoked_at.strftime("%Y-%m-%d %H:%M:%S") if k.revoked_at else "-"
-        click.echo(f"{k.id:<14} {k.tenant:<16} {k.role:<7} {k.created_at:%Y-%m-%d %H:%M:%S}  {revoked:<20} {k.sensor or '-'}")
+        rate = f"{k.rate_per_s:g}" if k.rate_per_s else "default"
+        click.echo(f"{k.id:<14} {k.tenant:<16} {k.role:<7} {rate:>8}  {k.created_at:%Y-%m-%d %H:%M:%S}  "
+                   f"{revoked:<20} {k.sensor or '-'}")
 
 
 @keys.command("revoke")

@@ -81,8 +81,14 @@ class AuthSettings(Section):
 
 
 class LimitsSettings(Section):
-    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
-    max_record_bytes: int = Field(1024 * 1024, ge=1024, le=1024 * 1024)
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="largest request body, after gunzip")
+    max_record_bytes: int = Field(1024 * 1024, ge=1024, le=1024 * 1024, description="Kinesis: 1 MB per record")
+    # Per key, unless the key has its own rate (`lap keys create --rate`).
+    requests_per_s: float = Field(1000.0, gt=0)
+    # How long a request may wait for Kinesis to acknowledge every record before a 503.
+    put_deadline_s: float = Field(10.0, gt=0)
+    # Refused payloads kept in the quarantine, per request.
+    quarantine_payload_bytes: int = Field(256 * 1024, ge=0)
 
 
 class RaySettings(Section):

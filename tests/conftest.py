@@ -118,7 +118,9 @@ class RunningLap:
 @pytest.fixture(scope="session")
 def lap_up() -> RunningLap:
     folder = Path(tempfile.mkdtemp(prefix="lap-test-"))
-    config = write_config(folder)
+    # Small limits so that the tests can reach them; a short key cache so that revocations show quickly.
+    config = write_config(folder, auth={"key_cache_ttl_s": 0.5},
+                          limits={"max_body_bytes": 1024 * 1024, "max_record_bytes": 32 * 1024})
     started = time.monotonic()
     result = run_lap("up", "--detach", config=config, timeout=400)
     assert "LAP is up" in result.stdout, result.stdout + result.stderr
@@ -138,6 +140,21 @@ def lap_up() -> RunningLap:
 @pytest.fixture(scope="session")
 def settings(lap_up: RunningLap) -> Settings:
     return lap_up.settings
+
+
+@pytest.fixture(scope="session")
+def tokens(lap_up: RunningLap) -> dict[str, str]:
+    """Keys for the tests, made with the real CLI: a sensor, a sensor bound to one IRI, a reader, a slow one."""
+    def create(*args: str) -> str:
+        return run_lap("keys", "create", *args, config=lap_up.config).stdout.strip()
+
+    return {
+        "sensor": create("--tenant", "acme", "--role", "sensor"),
+        "bound": create("--tenant", "acme", "--role", "sensor", "--sensor", "https://example.edu/sensors/bound"),
+        "reader": create("--tenant", "acme", "--role", "reader"),
+        "slow": create("--tenant", "acme", "--role", "sensor", "--rate", "0.5"),
+        "other_tenant": create("--tenant", "globex", "--role", "sensor"),
+    }
 
 
 @pytest.fixture

@@ -1,33 +1,357 @@
-"""The IngestAPI Serve deployment: LAP's front door (`/caliper`, `/healthz`)."""
+"""The IngestAPI Serve deployment: LAP's front door (`POST /caliper`, `GET /caliper`, `/healthz`).
+
+A 200 is sent only after Kinesis has acknowledged every record of the
+envelope. Everything refused gets an RFC 7807 problem naming each bad event by
+index and JSON path; refused envelopes (400, 413, 422) go to the quarantine.
+"""
 
 from __future__ import annotations
 
-from fastapi import FastAPI
+import asyncio
+import logging
+import uuid
+import zlib
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
 from ray import serve
 
 from lap import __version__
+from lap.audit.receipts import ReceiptWriter
+from lap.auth import KeyCache, Principal, bearer_token
+from lap.aws import open_client
+from lap.caliper import SUPPORTED_VERSIONS, CaliperError, Envelope, Problem, parse_envelope
 from lap.health import HEALTH_RESPONSES, CachedHealth, HealthReport, health_reply
-from lap.settings import load_settings
+from lap.ingest.limits import RateLimiter, retry_after
+from lap.ingest.quarantine import Quarantine
+from lap.settings import Settings, load_settings
+from lap.sinks.store import create_pool
+from lap.stream.producer import (
+    MAX_RECORD_BYTES,
+    Producer,
+    PutDeadlineExceeded,
+    Record,
+    StreamRejected,
+    partition_key_for,
+)
+
+log = logging.getLogger("lap.ingest")
+
+PROBLEM_JSON = "application/problem+json"
+MAX_PROBLEMS = 100
 
 app = FastAPI(
     title="LAP Ingest API",
     version=__version__,
-    description="Receives IMS Caliper envelopes and puts every event durably into the stream.",
+    description="Receives IMS Caliper envelopes (1.1 and 1.2) and puts every event durably into the stream "
+                "before it answers.",
 )
+
+_ENVELOPE_SCHEMA = {
+    "type": "object",
+    "required": ["sensor", "sendTime", "dataVersion", "data"],
+    "properties": {
+        "sensor": {"type": "string", "description": "IRI of the sensor"},
+        "sendTime": {"type": "string", "format": "date-time"},
+        "dataVersion": {"type": "string", "enum": list(SUPPORTED_VERSIONS)},
+        "data": {"type": "array", "minItems": 1, "items": {"type": "object"},
+                 "description": "Caliper events and entity describes"},
+    },
+    "additionalProperties": False,
+}
+_PROBLEM_SCHEMA = {"content": {PROBLEM_JSON: {"schema": {"type": "object"}}}}
+
+
+class Refused(Exception):
+    """A request LAP answers with a 4xx or 503 problem."""
+
+    def __init__(self, status: int, title: str, detail: str, problems: list[Problem] | None = None,
+                 headers: dict[str, str] | None = None):
+        super().__init__(title)
+        self.status = status
+        self.title = title
+        self.detail = detail
+        self.problems = problems or []
+        self.headers = headers or {}
+
+
+def problem_response(refused: Refused, request_id: str) -> Response:
+    body = {
+        "type": f"urn:lap:problem:{refused.status}",
+        "title": refused.title,
+        "status": refused.status,
+        "detail": refused.detail,
+        "request_id": request_id,
+    }
+    if refused.problems:
+        body["errors"] = [
+            {"index": p.index, "path": p.path, "message": p.message} for p in refused.problems[:MAX_PROBLEMS]
+        ]
+        if len(refused.problems) > MAX_PROBLEMS:
+            body["errors_omitted"] = len(refused.problems) - MAX_PROBLEMS
+    return Response(orjson.dumps(body), status_code=refused.status, media_type=PROBLEM_JSON,
+                    headers=refused.headers)
+
+
+def unauthorized(detail: str) -> Refused:
+    return Refused(401, "Unauthorized", detail,
+                   headers={"WWW-Authenticate": 'Bearer realm="lap", error="invalid_token"'})
+
+
+@dataclass
+class Deps:
+    """What a replica opens once and reuses for every request."""
+
+    producer: Producer
+    keys: KeyCache
+    limiter: RateLimiter
+    receipts: ReceiptWriter
+    quarantine: Quarantine
+    exit_stack: AsyncExitStack
+    pool: object
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, decompressed if gzip, refused with 413 past `limit` bytes either way."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise Refused(413, "Payload Too Large", f"the body is {declared} bytes; the limit is {limit} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise Refused(413, "Payload Too Large", f"the body is over the limit of {limit} bytes")
+        chunks.append(chunk)
+    body = b"".join(chunks)
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding in ("", "identity"):
+        return body
+    if encoding not in ("gzip", "x-gzip"):
+        raise Refused(415, "Unsupported Media Type",
+                      f"Content-Encoding {encoding!r} is not supported; send gzip or no encoding")
+    inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    try:
+        data = inflater.decompress(body, limit + 1)
+    except zlib.error as exc:
+        raise Refused(400, "Bad Request", f"the gzip body cannot be decompressed: {exc}") from None
+    if len(data) > limit or inflater.unconsumed_tail:
+        raise Refused(413, "Payload Too Large", f"the decompressed body is over the limit of {limit} bytes")
+    if not inflater.eof:
+        raise Refused(400, "Bad Request", "the gzip body is truncated")
+    return data
+
+
+def check_content_type(value: str | None) -> None:
+    media = (value or "").split(";", 1)[0].strip().lower()
+    if media == "application/json" or (media.startswith("application/") and media.endswith("+json")):
+        return
+    raise Refused(415, "Unsupported Media Type",
+                  f"Content-Type must be application/json, not {value or 'missing'!r}")
+
+
+def build_records(envelope: Envelope, principal: Principal, received_at: datetime, request_id: str,
+                  max_record_bytes: int) -> list[Record]:
+    """One stream record per event or describe: the item as sent, plus ingest metadata."""
+    received = received_at.isoformat(timespec="microseconds").replace("+00:00", "Z")
+    records: list[Record] = []
+    too_big: list[Problem] = []
+    for item in envelope.items:
+        meta = {
+            "event_id": item.id, "kind": item.kind, "type": item.type, "action": item.action,
+            "tenant": principal.tenant, "sensor": envelope.sensor, "key_id": principal.key_id,
+            "received_at": received, "request_id": request_id, "data_version": envelope.data_version,
+            "learner": item.learner, "course": item.course,
+            "event_time": item.event_time.isoformat().replace("+00:00", "Z") if item.event_time else None,
+        }
+        data = orjson.dumps({"meta": meta, "item": item.doc})
+        record = Record(data=data, partition_key=partition_key_for(item.learner or item.id))
+        if record.size > max_record_bytes:
+            too_big.append(Problem(item.index, f"$.data[{item.index}]",
+                                   f"this item makes a stream record of {record.size} bytes; "
+                                   f"the limit is {max_record_bytes} bytes"))
+        records.append(record)
+    if too_big:
+        raise Refused(413, "Payload Too Large", "an event is over the stream's record size limit", too_big)
+    return records
 
 
 @serve.deployment(max_ongoing_requests=64)
 @serve.ingress(app)
 class IngestAPI:
     def __init__(self) -> None:
-        self.settings = load_settings()
+        self.settings: Settings = load_settings()
         self.health = CachedHealth(self.settings)
+        self._deps: Deps | None = None
+        self._deps_lock = asyncio.Lock()
 
-    @app.get(
-        "/healthz",
-        response_model=HealthReport,
-        responses=HEALTH_RESPONSES,
-        summary="Readiness of LAP and each of its dependencies",
-    )
+    async def deps(self) -> Deps:
+        if self._deps is not None:
+            return self._deps
+        async with self._deps_lock:
+            if self._deps is None:
+                self._deps = await self._open()
+        return self._deps
+
+    async def _open(self) -> Deps:
+        s = self.settings
+        stack = AsyncExitStack()
+        try:
+            pool = await create_pool(s)
+            stack.push_async_callback(pool.close)
+            kinesis = await open_client(stack, s, "kinesis")
+            s3 = await open_client(stack, s, "s3")
+        except BaseException:
+            await stack.aclose()
+            raise
+        receipts = ReceiptWriter(pool)
+        receipts.start()
+        return Deps(
+            producer=Producer(kinesis, s.stream.name, s.limits.put_deadline_s),
+            keys=KeyCache(pool, s.auth.key_cache_ttl_s),
+            limiter=RateLimiter(s.limits.requests_per_s),
+            receipts=receipts,
+            quarantine=Quarantine(s3, pool, s.archive.bucket, s.archive.quarantine_prefix,
+                                  s.limits.quarantine_payload_bytes),
+            exit_stack=stack,
+            pool=pool,
+        )
+
+    async def __del__(self) -> None:
+        """Serve calls this on a graceful replica shutdown: flush what is buffered."""
+        if self._deps is not None:
+            try:
+                await self._deps.receipts.close()
+                await self._deps.quarantine.close()
+            finally:
+                await self._deps.exit_stack.aclose()
+
+    async def authenticate(self, request: Request, deps: Deps) -> Principal:
+        token = bearer_token(request.headers.get("authorization"))
+        if token is None:
+            raise unauthorized("send the sensor's key as `Authorization: Bearer <token>`")
+        principal = await deps.keys.principal(token)
+        if principal is None:
+            raise unauthorized("the bearer token is unknown or revoked")
+        if principal.role != "sensor":
+            raise unauthorized(f"a {principal.role} key cannot send events; use a sensor key")
+        wait = deps.limiter.wait_seconds(principal.key_id, principal.rate_per_s)
+        if wait > 0:
+            raise Refused(429, "Too Many Requests", "this key is over its request rate; retry after the delay",
+                          headers={"Retry-After": retry_after(wait)})
+        return principal
+
+    @app.get("/healthz", response_model=HealthReport, responses=HEALTH_RESPONSES,
+             summary="Readiness of LAP and each of its dependencies")
     async def healthz(self):
         return await health_reply(self.health)
+
+    @app.get("/caliper", summary="Endpoint configuration (Caliper 1.2, section 6.2)",
+             responses={401: _PROBLEM_SCHEMA})
+    async def caliper_config(self, request: Request) -> Response:
+        request_id = uuid.uuid4().hex
+        try:
+            await self.authenticate(request, await self.deps())
+        except Refused as refused:
+            return problem_response(refused, request_id)
+        except Exception as exc:
+            log.error("cannot open the ingest dependencies: %s", exc)
+            return problem_response(Refused(503, "Service Unavailable", "LAP is starting or a dependency is down",
+                                            headers={"Retry-After": "5"}), request_id)
+        return Response(orjson.dumps({
+            "caliper_maximum_payload_size": self.settings.limits.max_body_bytes // 1024,
+            "caliper_supported_versions": list(SUPPORTED_VERSIONS),
+            "caliper_supported_extensions": {"endpoint_name": "LAP", "endpoint_version": __version__},
+        }), media_type="application/json")
+
+    @app.post(
+        "/caliper",
+        summary="Send a Caliper envelope",
+        description="200 (empty body) once every event is durably in the stream. With "
+                    "`Prefer: return=representation` the body lists a receipt per event.",
+        openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": _ENVELOPE_SCHEMA}}}},
+        responses={s: _PROBLEM_SCHEMA for s in (400, 401, 413, 415, 422, 429, 503)},
+    )
+    async def send(self, request: Request) -> Response:
+        received_at = datetime.now(timezone.utc)
+        request_id = uuid.uuid4().hex
+        principal: Principal | None = None
+        body = b""
+        try:
+            deps = await self.deps()
+        except Exception as exc:
+            log.error("cannot open the ingest dependencies: %s", exc)
+            return problem_response(Refused(503, "Service Unavailable", "LAP is starting or a dependency is down",
+                                            headers={"Retry-After": "5"}), request_id)
+        try:
+            principal = await self.authenticate(request, deps)
+            check_content_type(request.headers.get("content-type"))
+            body = await read_body(request, self.settings.limits.max_body_bytes)
+            envelope = self.parse(body)
+            if principal.sensor and envelope.sensor != principal.sensor:
+                raise unauthorized(f"this key may send only for the sensor {principal.sensor!r}, "
+                                   f"not {envelope.sensor!r}")
+            records = build_records(envelope, principal, received_at, request_id,
+                                    min(self.settings.limits.max_record_bytes, MAX_RECORD_BYTES))
+            try:
+                receipts = await deps.producer.put(records)
+            except PutDeadlineExceeded as exc:
+                log.warning("request %s: %s", request_id, exc)
+                raise Refused(503, "Service Unavailable", "the stream did not acknowledge every event in time; "
+                              "nothing is lost by retrying the same envelope", headers={"Retry-After": "1"}) from None
+            except StreamRejected as exc:
+                log.error("request %s: %s", request_id, exc)
+                raise Refused(503, "Service Unavailable", "the stream is not available; retry later",
+                              headers={"Retry-After": "5"}) from None
+        except Refused as refused:
+            if refused.status in (400, 413, 422) and principal is not None:
+                self.quarantine(deps, principal, request, request_id, received_at, refused, body)
+            return problem_response(refused, request_id)
+
+        for item, receipt in zip(envelope.items, receipts):
+            deps.receipts.add(item.id, principal.tenant, envelope.sensor, receipt.shard_id,
+                              receipt.sequence_number, received_at, request_id)
+        if "return=representation" in request.headers.get("prefer", ""):
+            return Response(orjson.dumps({"request_id": request_id, "receipts": [
+                {"event_id": item.id, "shard_id": r.shard_id, "sequence_number": r.sequence_number}
+                for item, r in zip(envelope.items, receipts)
+            ]}), media_type="application/json")
+        return Response(status_code=200)
+
+    @staticmethod
+    def parse(body: bytes) -> Envelope:
+        try:
+            return parse_envelope(body)
+        except CaliperError as exc:
+            raise Refused(exc.status, exc.title, _detail(exc), list(exc.problems)) from None
+
+    def quarantine(self, deps: Deps, principal: Principal, request: Request, request_id: str,
+                   received_at: datetime, refused: Refused, body: bytes) -> None:
+        sensor = principal.sensor or _sensor_of(body) or "unknown"
+        deps.quarantine.submit(
+            tenant=principal.tenant, sensor=sensor, key_id=principal.key_id, request_id=request_id,
+            received_at=received_at, status=refused.status, title=refused.title,
+            problems=[{"index": p.index, "path": p.path, "message": p.message} for p in refused.problems[:MAX_PROBLEMS]],
+            body=body,
+            headers={k: request.headers.get(k, "") for k in ("content-type", "content-encoding", "user-agent")},
+        )
+
+
+def _detail(exc: CaliperError) -> str:
+    count = len(exc.problems)
+    if exc.status == 422:
+        return exc.problems[0].message if exc.problems else exc.title
+    return f"{count} problem{'s' if count != 1 else ''} found; the envelope was refused as a whole"
+
+
+def _sensor_of(body: bytes) -> str | None:
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    sensor = doc.get("sensor") if isinstance(doc, dict) else None
+    return sensor[:500] if isinstance(sensor, str) else None

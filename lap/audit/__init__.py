@@ -1,0 +1,1 @@
+"""The audit trail: receipts of accepted events, stage counters, reconcile and replay."""

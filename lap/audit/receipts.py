@@ -1,0 +1,67 @@
+"""Receipts of accepted events, written to Postgres in batches, off the request path.
+
+The sensor's answer waits only for Kinesis. Receipts are buffered in the
+replica and copied into `receipts` every half second. If a replica dies
+before a flush, its last receipts are lost from this table only: the records
+themselves, with the same metadata, are in the stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import datetime
+from decimal import Decimal
+
+import asyncpg
+
+log = logging.getLogger("lap.receipts")
+
+COLUMNS = ("event_id", "tenant", "sensor", "shard_id", "sequence_number", "received_at", "request_id")
+
+
+class ReceiptWriter:
+    def __init__(self, pool: asyncpg.Pool, flush_interval_s: float = 0.5, max_buffered: int = 500_000):
+        self.pool = pool
+        self.flush_interval_s = flush_interval_s
+        self.max_buffered = max_buffered
+        self._rows: list[tuple] = []
+        self._task: asyncio.Task | None = None
+        self.dropped = 0
+
+    def add(self, event_id: str, tenant: str, sensor: str, shard_id: str, sequence_number: str,
+            received_at: datetime, request_id: str) -> None:
+        if len(self._rows) >= self.max_buffered:  # Postgres has been away for long: keep memory bounded
+            self.dropped += 1
+            return
+        self._rows.append((event_id, tenant, sensor, shard_id, Decimal(sequence_number), received_at, request_id))
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.flush_interval_s)
+            try:
+                await self.flush()
+            except Exception as exc:  # kept in the buffer; tried again at the next tick
+                log.warning("receipts flush failed (%d buffered): %s", len(self._rows), exc)
+
+    async def flush(self) -> int:
+        if not self._rows:
+            return 0
+        rows, self._rows = self._rows, []
+        try:
+            async with self.pool.acquire() as conn:
+                await conn.copy_records_to_table("receipts", records=rows, columns=COLUMNS)
+        except BaseException:
+            self._rows = rows + self._rows
+            raise
+        return len(rows)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+        await self.flush()

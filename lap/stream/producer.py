@@ -1,0 +1,141 @@
+"""Puts records into Kinesis and returns only when every one is acknowledged.
+
+Batches respect the PutRecords limits (500 records, 5 MB per call, 1 MB per
+record). Records that fail (throttling, internal errors, a failed call) are
+retried with exponential backoff and full jitter until the deadline; then
+`PutDeadlineExceeded` tells the caller to answer 503, so the sensor retries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import random
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from botocore.exceptions import BotoCoreError, ClientError
+
+log = logging.getLogger("lap.producer")
+
+MAX_RECORDS_PER_CALL = 500
+MAX_BYTES_PER_CALL = 5 * 1024 * 1024
+MAX_RECORD_BYTES = 1024 * 1024
+MAX_PARTITION_KEY_CHARS = 256
+
+# Errors that say the request itself is wrong: retrying cannot help.
+_PERMANENT = {"ResourceNotFoundException", "ValidationException", "AccessDeniedException",
+              "InvalidArgumentException", "KMSAccessDeniedException", "UnrecognizedClientException"}
+
+
+@dataclass(slots=True)
+class Record:
+    data: bytes
+    partition_key: str
+
+    @property
+    def size(self) -> int:
+        return len(self.data) + len(self.partition_key.encode())
+
+
+@dataclass(slots=True)
+class Receipt:
+    shard_id: str
+    sequence_number: str
+
+
+class PutDeadlineExceeded(Exception):
+    """Some records were still unacknowledged when the deadline passed."""
+
+    def __init__(self, pending: int, last_error: str):
+        super().__init__(f"{pending} records not acknowledged before the deadline; last error: {last_error}")
+        self.pending = pending
+
+
+class StreamRejected(Exception):
+    """Kinesis refused the request for a reason that retrying cannot fix."""
+
+
+def partition_key_for(value: str) -> str:
+    """Kinesis allows 256 characters; longer ids are hashed, which keeps them on one shard all the same."""
+    if len(value) <= MAX_PARTITION_KEY_CHARS and value:
+        return value
+    return "sha256:" + hashlib.sha256(value.encode()).hexdigest()
+
+
+def split_batches(records: list[Record], indexes: list[int]) -> list[list[int]]:
+    """Indexes grouped into calls of at most 500 records and 5 MB."""
+    batches: list[list[int]] = []
+    current: list[int] = []
+    size = 0
+    for i in indexes:
+        rsize = records[i].size
+        if current and (len(current) >= MAX_RECORDS_PER_CALL or size + rsize > MAX_BYTES_PER_CALL):
+            batches.append(current)
+            current, size = [], 0
+        current.append(i)
+        size += rsize
+    if current:
+        batches.append(current)
+    return batches
+
+
+class Producer:
+    def __init__(self, kinesis: Any, stream_name: str, deadline_s: float,
+                 base_backoff_s: float = 0.05, max_backoff_s: float = 1.0):
+        self.kinesis = kinesis
+        self.stream_name = stream_name
+        self.deadline_s = deadline_s
+        self.base_backoff_s = base_backoff_s
+        self.max_backoff_s = max_backoff_s
+        self.retried_records = 0  # for metrics: records that needed another try
+
+    async def put(self, records: list[Record]) -> list[Receipt]:
+        """Receipts in the order of `records`. Raises PutDeadlineExceeded or StreamRejected."""
+        for record in records:
+            if record.size > MAX_RECORD_BYTES:
+                raise ValueError(f"record of {record.size} bytes is over Kinesis's 1 MB limit")
+        deadline = time.monotonic() + self.deadline_s
+        receipts: list[Receipt | None] = [None] * len(records)
+        pending = list(range(len(records)))
+        attempt = 0
+        while True:
+            results = await asyncio.gather(
+                *(self._put_call(records, batch, receipts) for batch in split_batches(records, pending))
+            )
+            pending = [i for failed, _ in results for i in failed]
+            if not pending:
+                return receipts  # type: ignore[return-value]
+            last_error = next((error for _, error in results if error), "")
+            self.retried_records += len(pending)
+            attempt += 1
+            pause = random.uniform(0, min(self.max_backoff_s, self.base_backoff_s * 2**attempt))
+            if time.monotonic() + pause >= deadline:
+                raise PutDeadlineExceeded(len(pending), last_error)
+            log.info("retrying %d of %d records (attempt %d): %s", len(pending), len(records), attempt, last_error)
+            await asyncio.sleep(pause)
+
+    async def _put_call(self, records: list[Record], batch: list[int],
+                        receipts: list[Receipt | None]) -> tuple[list[int], str]:
+        """One PutRecords call. Fills `receipts`; returns the indexes to retry and an error text."""
+        entries = [{"Data": records[i].data, "PartitionKey": records[i].partition_key} for i in batch]
+        try:
+            reply = await self.kinesis.put_records(StreamName=self.stream_name, Records=entries)
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code", "")
+            if code in _PERMANENT:
+                raise StreamRejected(f"Kinesis refused PutRecords: {code}: {exc}") from exc
+            return batch, f"{code or type(exc).__name__}"
+        except (BotoCoreError, OSError, asyncio.TimeoutError) as exc:
+            return batch, f"{type(exc).__name__}: {exc}"
+        failed: list[int] = []
+        error = ""
+        for i, result in zip(batch, reply["Records"]):
+            if "SequenceNumber" in result and not result.get("ErrorCode"):
+                receipts[i] = Receipt(shard_id=result["ShardId"], sequence_number=result["SequenceNumber"])
+            else:
+                failed.append(i)
+                error = f"{result.get('ErrorCode')}: {result.get('ErrorMessage', '')}"
+        return failed, error
