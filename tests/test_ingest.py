@@ -111,7 +111,15 @@ async def test_every_valid_fixture_is_accepted(api, tokens):
 async def test_every_invalid_fixture_is_refused_with_its_index_and_path(api, tokens):
     good = fresh_events(1)[0]
     for path in sorted((FIXTURES / "v1p2-invalid").glob("*.json")):
-        bad = json.loads(path.read_text())
+        raw = path.read_bytes()
+        try:
+            bad = json.loads(raw)
+        except ValueError:  # a few fixtures are broken JSON on purpose: embed them as they are
+            shell = orjson.dumps(envelope([good, {}]))
+            reply = await api.post("/caliper", content=shell.replace(b",{}]", b"," + raw + b"]"),
+                                   headers=headers(tokens["sensor"]))
+            assert_problem(reply, 400)
+            continue
         reply = await api.post("/caliper", content=orjson.dumps(envelope([good, bad])),
                                headers=headers(tokens["sensor"]))
         body = assert_problem(reply, 400)

@@ -5,7 +5,6 @@ envelope. Everything refused gets an RFC 7807 problem naming each bad event by
 index and JSON path; refused envelopes (400, 413, 422) go to the quarantine.
 """
 
-from __future__ import annotations
 
 import asyncio
 import logging
@@ -180,6 +179,23 @@ def build_records(envelope: Envelope, principal: Principal, received_at: datetim
     return records
 
 
+def _detail(exc: CaliperError) -> str:
+    count = len(exc.problems)
+    if exc.status == 422:
+        return exc.problems[0].message if exc.problems else exc.title
+    return f"{count} problem{'s' if count != 1 else ''} found; the envelope was refused as a whole"
+
+
+def _sensor_of(body: bytes) -> str | None:
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    sensor = doc.get("sensor") if isinstance(doc, dict) else None
+    return sensor[:500] if isinstance(sensor, str) else None
+
+
+# Everything the class uses must be defined above it: Serve pickles the class when it is decorated.
 @serve.deployment(max_ongoing_requests=64)
 @serve.ingress(app)
 class IngestAPI:
@@ -340,18 +356,3 @@ class IngestAPI:
             headers={k: request.headers.get(k, "") for k in ("content-type", "content-encoding", "user-agent")},
         )
 
-
-def _detail(exc: CaliperError) -> str:
-    count = len(exc.problems)
-    if exc.status == 422:
-        return exc.problems[0].message if exc.problems else exc.title
-    return f"{count} problem{'s' if count != 1 else ''} found; the envelope was refused as a whole"
-
-
-def _sensor_of(body: bytes) -> str | None:
-    try:
-        doc = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return None
-    sensor = doc.get("sensor") if isinstance(doc, dict) else None
-    return sensor[:500] if isinstance(sensor, str) else None
