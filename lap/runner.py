@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import hashlib
 import json
 import logging
 import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -36,7 +38,10 @@ log = logging.getLogger("lap")
 
 def throughput_env(settings: Settings) -> dict[str, str]:
     """Serve's high-throughput mode, with HAProxy's files and ports private to this LAP."""
-    folder = settings.run_dir / "haproxy"
+    # Short and private to this data folder: Ray adds a 64-character folder and `admin.sock`, and a
+    # Unix socket path must stay under 108 bytes.
+    digest = hashlib.sha1(str(settings.data_dir).encode()).hexdigest()[:10]
+    folder = Path(tempfile.gettempdir()) / f"lap-haproxy-{digest}"
     folder.mkdir(parents=True, exist_ok=True)
     return {
         "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",

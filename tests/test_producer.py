@@ -17,6 +17,7 @@ from lap.stream.producer import (
     partition_key_for,
     split_batches,
 )
+from lap.stream.put_client import PutRecordsClient
 from tests.faults import KinesisFaultProxy
 
 
@@ -44,11 +45,12 @@ async def proxied(settings):
     proxy = KinesisFaultProxy(settings.stream.endpoint_url)
     url = await proxy.start()
     proxied_settings = settings.model_copy(update={"stream": settings.stream.model_copy(update={"endpoint_url": url})})
+    via_proxy = PutRecordsClient(proxied_settings)  # the client the ingest API uses
     async with AsyncExitStack() as stack:
-        via_proxy = await open_client(stack, proxied_settings, "kinesis")
         direct = await open_client(stack, settings, "kinesis")
         producer = Producer(via_proxy, settings.stream.name, deadline_s=5.0, base_backoff_s=0.01, max_backoff_s=0.1)
         yield producer, proxy, direct
+    await via_proxy.close()
     await proxy.close()
 
 
@@ -98,6 +100,18 @@ async def test_a_failed_call_is_retried(proxied):
     proxy.fail_call = lambda call: call == 1
     receipts = await producer.put([Record(b"whole-call-" + uuid.uuid4().hex.encode(), "k")])
     assert len(receipts) == 1 and receipts[0].sequence_number
+
+
+async def test_a_missing_stream_is_a_permanent_error(settings):
+    from lap.stream.producer import StreamRejected
+
+    client = PutRecordsClient(settings)
+    try:
+        producer = Producer(client, "no-such-stream", deadline_s=5.0)
+        with pytest.raises(StreamRejected, match="ResourceNotFoundException"):
+            await producer.put([Record(b"x", "k")])
+    finally:
+        await client.close()
 
 
 async def test_deadline_passes_when_the_stream_keeps_refusing(proxied):

@@ -29,6 +29,7 @@ from lap.ingest.limits import RateLimiter, retry_after
 from lap.ingest.quarantine import Quarantine
 from lap.settings import Settings, load_settings
 from lap.sinks.store import create_pool
+from lap.stream.put_client import PutRecordsClient
 from lap.stream.producer import (
     MAX_RECORD_BYTES,
     Producer,
@@ -219,7 +220,8 @@ class IngestAPI:
         try:
             pool = await create_pool(s)
             stack.push_async_callback(pool.close)
-            kinesis = await open_client(stack, s, "kinesis")
+            kinesis = PutRecordsClient(s)
+            stack.push_async_callback(kinesis.close)
             s3 = await open_client(stack, s, "s3")
         except BaseException:
             await stack.aclose()
