@@ -175,15 +175,21 @@ def lap_processes(supervisor_pid: int) -> list[psutil.Process]:
     return found
 
 
-def cpu_seconds(procs: list[psutil.Process]) -> float:
-    total = 0.0
+def _label(proc: psutil.Process) -> str:
+    text = " ".join(proc.cmdline()) or proc.name()
+    return "haproxy" if "haproxy" in text else text.split()[0]
+
+
+def cpu_by_process(procs: list[psutil.Process]) -> dict[str, float]:
+    """CPU seconds (user + system) so far, per kind of process."""
+    totals: dict[str, float] = {}
     for proc in procs:
         try:
             t = proc.cpu_times()
-            total += t.user + t.system
+            totals[_label(proc)] = totals.get(_label(proc), 0.0) + t.user + t.system
         except psutil.Error:
             pass
-    return total
+    return totals
 
 
 def pct(values: list[float], q: float) -> float:
@@ -229,11 +235,11 @@ def main() -> int:
         raw = asyncio.run(raw_ceiling(settings, args.seconds, args.events_per_envelope))
 
         procs = lap_processes(supervisor)
-        names = sorted({(" ".join(p.cmdline()) or p.name()).split()[0] for p in procs})
+        names = sorted({_label(p) for p in procs})
         # Warm up, then measure.
         for seconds in (3.0, args.seconds):
             queue: multiprocessing.Queue = multiprocessing.Queue()
-            cpu_before = cpu_seconds(procs)
+            cpu_before = cpu_by_process(procs)
             loader = multiprocessing.Process(target=load_process, args=(
                 f"{settings.api_url}/caliper", token, seconds, args.connections, args.events_per_envelope,
                 args.max_requests, queue))
@@ -241,7 +247,9 @@ def main() -> int:
             loader.start()
             result = queue.get(timeout=seconds + 120)
             loader.join(30)
-            cpu_used = cpu_seconds(procs) - cpu_before
+            cpu_after = cpu_by_process(procs)
+            cpu_split = {k: cpu_after.get(k, 0.0) - cpu_before.get(k, 0.0) for k in cpu_after}
+            cpu_used = sum(cpu_split.values())
     finally:
         lap("down", config=config)
         shutil.rmtree(folder, ignore_errors=True)
@@ -266,6 +274,7 @@ def main() -> int:
             "statuses": result["statuses"],
             "errors": sum(n for s, n in result["statuses"].items() if s != 200),
             "cpu_us_per_event": round(cpu_used / events * 1e6, 1) if events else None,
+            "cpu_us_per_event_by_process": {k: round(v / events * 1e6, 1) for k, v in cpu_split.items()} if events else {},
             "cpu_processes": names,
         },
     }
@@ -283,7 +292,8 @@ def main() -> int:
     print()
     for name, value, target in rows:
         print(f"{name:<36} {value:>28}   {target}")
-    print(f"\nCPU counted in: {', '.join(names)}")
+    print("\nCPU µs per event, by process: " + ", ".join(
+        f"{k} {v}" for k, v in l["cpu_us_per_event_by_process"].items()))
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=2))
     print(f"wrote {args.json}")
