@@ -73,6 +73,8 @@ class DbSettings(Section):
     pool_min: int = Field(1, ge=0)
     pool_max: int = Field(10, ge=1)
     connect_timeout_s: float = Field(10.0, gt=0)
+    # A query that takes longer fails; a request waiting on it gets a 503 instead of hanging.
+    command_timeout_s: float = Field(10.0, gt=0)
 
 
 class AuthSettings(Section):

@@ -287,6 +287,28 @@ async def test_a_refused_request_does_not_disturb_accepted_ones(api, tokens):
     assert all(r.status_code == 400 for r in replies[1::2])
 
 
+async def test_a_postgres_outage_gets_503_not_500(api, lap_up, tokens):
+    """With Postgres frozen, a key that is not cached cannot be checked: a retriable 503, never a 500."""
+    import os
+    import signal
+
+    from lap.auth import new_token
+
+    pid = lap_up.state["stand_ins"]["postgres"]["pid"]
+    os.killpg(pid, signal.SIGSTOP)  # the postmaster and its backends: pooled connections freeze too
+    try:
+        _, unknown = new_token()
+        reply = await api.post("/caliper", content=orjson.dumps(envelope(fresh_events(1))),
+                               headers=headers(unknown), timeout=60)
+        assert_problem(reply, 503)
+        assert reply.headers["retry-after"]
+    finally:
+        os.killpg(pid, signal.SIGCONT)
+    reply = await api.post("/caliper", content=orjson.dumps(envelope(fresh_events(1))),
+                           headers=headers(tokens["sensor"]))
+    assert reply.status_code == 200, reply.text
+
+
 async def test_endpoint_configuration(api, settings, tokens):
     assert_problem(await api.get("/caliper"), 401)
     reply = await api.get("/caliper", headers=headers(tokens["sensor"]))

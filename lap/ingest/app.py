@@ -277,7 +277,7 @@ class IngestAPI:
         except Refused as refused:
             return problem_response(refused, request_id)
         except Exception as exc:
-            log.error("cannot open the ingest dependencies: %s", exc)
+            log.error("request %s failed: %s", request_id, exc)
             return problem_response(Refused(503, "Service Unavailable", "LAP is starting or a dependency is down",
                                             headers={"Retry-After": "5"}), request_id)
         return Response(orjson.dumps({
@@ -329,6 +329,10 @@ class IngestAPI:
             if refused.status in (400, 413, 422) and principal is not None:
                 self.quarantine(deps, principal, request, request_id, received_at, refused, body)
             return problem_response(refused, request_id)
+        except Exception:  # a dependency failed (Postgres for the key, say): retriable, never a bare 500
+            log.exception("request %s failed", request_id)
+            return problem_response(Refused(503, "Service Unavailable", "LAP could not take this request now; "
+                                            "retry later", headers={"Retry-After": "5"}), request_id)
 
         for item, receipt in zip(envelope.items, receipts):
             deps.receipts.add(item.id, principal.tenant, envelope.sensor, receipt.shard_id,

@@ -64,6 +64,7 @@ async def create_pool(settings: Settings) -> asyncpg.Pool:
         min_size=settings.db.pool_min,
         max_size=settings.db.pool_max,
         timeout=settings.db.connect_timeout_s,
+        command_timeout=settings.db.command_timeout_s,
     )
 
 
