@@ -289,13 +289,17 @@ async def test_a_refused_request_does_not_disturb_accepted_ones(api, tokens):
 
 async def test_a_postgres_outage_gets_503_not_500(api, lap_up, tokens):
     """With Postgres frozen, a key that is not cached cannot be checked: a retriable 503, never a 500."""
-    import os
     import signal
 
     from lap.auth import new_token
 
-    pid = lap_up.state["stand_ins"]["postgres"]["pid"]
-    os.killpg(pid, signal.SIGSTOP)  # the postmaster and its backends: pooled connections freeze too
+    import psutil
+
+    postmaster = psutil.Process(lap_up.state["stand_ins"]["postgres"]["pid"])
+    # The postmaster and every backend (each in its own session): pooled connections freeze too.
+    frozen = [postmaster, *postmaster.children(recursive=True)]
+    for proc in frozen:
+        proc.send_signal(signal.SIGSTOP)
     try:
         _, unknown = new_token()
         reply = await api.post("/caliper", content=orjson.dumps(envelope(fresh_events(1))),
@@ -303,7 +307,8 @@ async def test_a_postgres_outage_gets_503_not_500(api, lap_up, tokens):
         assert_problem(reply, 503)
         assert reply.headers["retry-after"]
     finally:
-        os.killpg(pid, signal.SIGCONT)
+        for proc in frozen:
+            proc.send_signal(signal.SIGCONT)
     reply = await api.post("/caliper", content=orjson.dumps(envelope(fresh_events(1))),
                            headers=headers(tokens["sensor"]))
     assert reply.status_code == 200, reply.text
