@@ -14,7 +14,8 @@ from hypothesis import HealthCheck, given, settings as hsettings, strategies as 
 from lap.samples import EventFactory, envelope
 
 JSON_VALUES = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.floats(allow_nan=False)
+    | st.text(max_size=20),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
     max_leaves=12,
 )
@@ -83,6 +84,16 @@ def test_mutated_envelopes_never_get_a_5xx(client, tokens):
 
     check()
     assert seen.get(400, 0) > 0  # the mutations did reach the validator
+    # Numbers no 64-bit type holds, written straight into the bytes.
+    event = EventFactory(seed=3).events(1)[0]
+    event["extensions"] = {"big": 12345}
+    huge = orjson.dumps(envelope([event])).replace(b'"big":12345', b'"big":' + b"9" * 40)
+    assert b"9" * 40 in huge
+    assert client.post("/caliper", content=huge, headers=auth).status_code in (200, 400)
+    event["extensions"] = {}
+    event["generated"] = {"id": "https://example.edu/attempts/1", "type": "Attempt", "count": 12345}
+    huge = orjson.dumps(envelope([event])).replace(b'"count":12345', b'"count":' + b"9" * 40)
+    assert client.post("/caliper", content=huge, headers=auth).status_code == 400
     # ...and the service still takes a valid envelope afterwards.
     fine = client.post("/caliper", content=orjson.dumps(envelope(EventFactory(seed=7).events(5))), headers=auth)
     assert fine.status_code == 200
