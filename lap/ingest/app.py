@@ -112,7 +112,6 @@ class Deps:
     receipts: ReceiptWriter
     quarantine: Quarantine
     exit_stack: AsyncExitStack
-    pool: object
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -236,7 +235,6 @@ class IngestAPI:
             quarantine=Quarantine(s3, pool, s.archive.bucket, s.archive.quarantine_prefix,
                                   s.limits.quarantine_payload_bytes),
             exit_stack=stack,
-            pool=pool,
         )
 
     async def __del__(self) -> None:
