@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -36,12 +37,16 @@ log = logging.getLogger("lap")
 
 
 
+def throughput_folder(settings: Settings) -> Path:
+    digest = hashlib.sha1(str(settings.data_dir).encode()).hexdigest()[:10]
+    return Path(tempfile.gettempdir()) / f"lap-haproxy-{digest}"
+
+
 def throughput_env(settings: Settings) -> dict[str, str]:
     """Serve's high-throughput mode, with HAProxy's files and ports private to this LAP."""
     # Short and private to this data folder: Ray adds a 64-character folder and `admin.sock`, and a
     # Unix socket path must stay under 108 bytes.
-    digest = hashlib.sha1(str(settings.data_dir).encode()).hexdigest()[:10]
-    folder = Path(tempfile.gettempdir()) / f"lap-haproxy-{digest}"
+    folder = throughput_folder(settings)
     folder.mkdir(parents=True, exist_ok=True)
     return {
         "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
@@ -351,6 +356,8 @@ def run_foreground(settings: Settings) -> int:
                 log.error("while stopping: %s", exc)
         state_file(settings).unlink(missing_ok=True)
         pid_file(settings).unlink(missing_ok=True)
+        if settings.ray.throughput_mode:
+            shutil.rmtree(throughput_folder(settings), ignore_errors=True)
         os.close(lock_fd)
         for s, handler in old.items():
             signal.signal(s, handler)

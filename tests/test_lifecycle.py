@@ -7,6 +7,7 @@ runs at a time.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import tempfile
@@ -63,3 +64,5 @@ def test_foreground_up_then_ctrl_c_leaves_nothing():
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(30)
+        shutil.rmtree(folder, ignore_errors=True)
