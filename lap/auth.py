@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import re
 import secrets
+import time
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Literal
@@ -133,8 +134,6 @@ class KeyCache:
         self._entries: dict[bytes, tuple[float, Principal | None]] = {}
 
     async def principal(self, token: str) -> Principal | None:
-        import time
-
         key = hash_token(token)
         now = time.monotonic()
         hit = self._entries.get(key)

@@ -49,11 +49,6 @@ def test_foreground_up_then_ctrl_c_leaves_nothing():
         for stand_in in ("osmem-server", "kinesalite", "s3rver", "bin/postgres", "raylet"):
             assert stand_in in commands, f"{stand_in} is not running under `lap up`"
 
-        # A second `lap up` on the same data is refused while this one holds the pid file.
-        second = run_lap("up", config=config, check=False, timeout=60)
-        assert second.returncode == 1 and "already running" in second.stderr
-        assert "Traceback" not in second.stderr
-
         os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C
         assert proc.wait(120) == 0
         assert_all_gone(children, settings)

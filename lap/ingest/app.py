@@ -31,7 +31,6 @@ from lap.settings import Settings, load_settings
 from lap.sinks.store import create_pool
 from lap.stream.put_client import PutRecordsClient
 from lap.stream.producer import (
-    MAX_RECORD_BYTES,
     Producer,
     PutDeadlineExceeded,
     Record,
@@ -312,7 +311,7 @@ class IngestAPI:
                 raise unauthorized(f"this key may send only for the sensor {principal.sensor!r}, "
                                    f"not {envelope.sensor!r}")
             records = build_records(envelope, principal, received_at, request_id,
-                                    min(self.settings.limits.max_record_bytes, MAX_RECORD_BYTES))
+                                    self.settings.limits.max_record_bytes)
             try:
                 receipts = await deps.producer.put(records)
             except PutDeadlineExceeded as exc:

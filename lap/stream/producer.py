@@ -13,7 +13,7 @@ import hashlib
 import logging
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
@@ -34,10 +34,10 @@ _PERMANENT = {"ResourceNotFoundException", "ValidationException", "AccessDeniedE
 class Record:
     data: bytes
     partition_key: str
+    size: int = field(init=False)  # what Kinesis counts against its limits; read on every batch split
 
-    @property
-    def size(self) -> int:
-        return len(self.data) + len(self.partition_key.encode())
+    def __post_init__(self) -> None:
+        self.size = len(self.data) + len(self.partition_key.encode())
 
 
 @dataclass(slots=True)
