@@ -21,11 +21,7 @@ import argparse
 import asyncio
 import json
 import multiprocessing
-import os
-import platform
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,25 +30,15 @@ from pathlib import Path
 
 import orjson
 import psutil
-import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import lap, machine, write_private_config  # noqa: E402
 
 from lap.samples import EventFactory, envelope  # noqa: E402
 
 TARGETS = {"events_per_s": 10_000, "p99_ms": 250, "ratio": 0.6, "cpu_us_per_event": 50}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def lap(*args: str, config: Path, timeout: float = 400) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LAP_")}
-    return subprocess.run([sys.executable, "-m", "lap", *args, "--config", str(config)],
-                          capture_output=True, text=True, timeout=timeout, env=env)
 
 
 class Bodies:
@@ -125,7 +111,7 @@ def load_process(url: str, token: str, seconds: float, connections: int, per: in
 async def raw_ceiling(settings, seconds: float, per: int, concurrency: int = 4) -> dict:
     """PutRecords straight to the stand-in, records shaped like LAP's, 500 per call."""
     from lap.stream.producer import partition_key_for
-    from lap.stream.put_client import PutRecordsClient
+    from lap.stream.records_client import RecordsClient
 
     bodies = Bodies(per, seed=2)
     # Built before the clock starts, so that only the stream's own cost is measured.
@@ -137,7 +123,7 @@ async def raw_ceiling(settings, seconds: float, per: int, concurrency: int = 4) 
                 data = orjson.dumps({"meta": {"event_id": item["id"], "tenant": "bench"}, "item": item})
                 records.append({"Data": data, "PartitionKey": partition_key_for(item["actor"]["id"])})
         batches.append(records[:500])
-    kinesis = PutRecordsClient(settings)  # the same lean client as the ingest API
+    kinesis = RecordsClient(settings)  # the same lean client as the ingest API
     try:
         deadline = time.monotonic() + seconds
         done = 0
@@ -211,15 +197,7 @@ def main() -> int:
     from lap.settings import load_settings
 
     folder = Path(tempfile.mkdtemp(prefix="lap-bench-ingest-"))
-    folder.chmod(0o755)
-    config = folder / "lap.yaml"
-    config.write_text(yaml.safe_dump({
-        "data_dir": str(folder / "data"),
-        "local": {"postgres_port": free_port(), "kinesis_port": free_port(), "s3_port": free_port(),
-                  "opensearch_port": free_port()},
-        "ray": {"http_port": free_port(), "dashboard_port": free_port(), "throughput_mode": args.throughput_mode,
-                "haproxy_stats_port": free_port(), "haproxy_metrics_port": free_port()},
-    }))
+    config = write_private_config(folder, ray={"throughput_mode": args.throughput_mode})
     settings = load_settings(config)
     print("starting LAP...", file=sys.stderr, flush=True)
     up = lap("up", "--detach", config=config)
@@ -260,7 +238,7 @@ def main() -> int:
     report = {
         "benchmark": "ingest",
         "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+        "machine": machine(),
         "config": {"seconds": args.seconds, "connections": args.connections,
                    "events_per_envelope": args.events_per_envelope, "throughput_mode": args.throughput_mode},
         "raw_put_records_per_s": round(raw["records_per_s"]),

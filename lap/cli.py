@@ -133,12 +133,45 @@ async def _status(settings: Settings) -> dict:
                 })
     except Exception as exc:
         shards_error = f"{type(exc).__name__}: {str(exc)[:200]}"
+    processing, processing_error = {}, None
+    try:
+        processing = await asyncio.wait_for(_processing(settings), 5)
+    except Exception as exc:
+        processing_error = f"{type(exc).__name__}: {str(exc)[:200]}"
+    for shard in shards:
+        shard.update(processing.get("shards", {}).get(shard["shard"], {}))
     return {
         "components": {name: comp.model_dump() for name, comp in health.components.items()},
         "serve": _serve_status(settings),
         "shards": shards,
         "shards_error": shards_error,
+        "totals": processing.get("totals", {}),
+        "processing_error": processing_error,
     }
+
+
+async def _processing(settings: Settings) -> dict:
+    """Per shard: the consumer's state, lag and counts (the audit actor's view); totals per stage."""
+    from lap.sinks.store import connect
+
+    conn = await connect(settings)
+    try:
+        rows = await conn.fetch(
+            """SELECT c.shard_id, c.finished, c.lease_owner IS NOT NULL AND c.lease_expires > now() AS leased,
+                      s.lag_ms, s.archived, s.indexed, s.duplicates
+                 FROM shard_checkpoints c
+                 LEFT JOIN shard_status s ON s.stream = c.stream AND s.shard_id = c.shard_id
+                WHERE c.stream = $1""", settings.stream.name)
+        totals = {r["stage"]: int(r["n"]) for r in await conn.fetch(
+            "SELECT stage, sum(events) AS n FROM stage_counts GROUP BY stage")}
+    finally:
+        await conn.close()
+    shards = {}
+    for r in rows:
+        state = "finished" if r["finished"] else ("consuming" if r["leased"] else "waiting")
+        shards[r["shard_id"]] = {"consumer": state, "lag_ms": r["lag_ms"], "archived": r["archived"] or 0,
+                                 "indexed": r["indexed"] or 0, "duplicates": r["duplicates"] or 0}
+    return {"shards": shards, "totals": totals}
 
 
 def _ray_token() -> str | None:
@@ -193,9 +226,20 @@ def _print_status(settings: Settings, report: dict) -> None:
         click.echo(f"shards: {report['shards_error']}")
     else:
         click.echo(f"stream {settings.stream.name}: {len(report['shards'])} shards")
-        click.echo(f"  {'shard':<22} {'state':<7} {'parent':<22} hash range")
+        click.echo(f"  {'shard':<22} {'state':<7} {'parent':<22} {'hash range':<10} {'consumer':<10} "
+                   f"{'lag ms':>7} {'archived':>10} {'indexed':>10}")
         for s in report["shards"]:
-            click.echo(f"  {s['shard']:<22} {s['state']:<7} {s['parent'] or '-':<22} {s['hash_range']}")
+            lag = "-" if s.get("lag_ms") is None else s["lag_ms"]
+            click.echo(f"  {s['shard']:<22} {s['state']:<7} {s['parent'] or '-':<22} {s['hash_range']:<10} "
+                       f"{s.get('consumer', '-'):<10} {lag:>7} {s.get('archived', 0):>10} {s.get('indexed', 0):>10}")
+    click.echo("")
+    if report["processing_error"]:
+        click.echo(f"processing: {report['processing_error']}")
+    else:
+        totals = report["totals"]
+        stages = ("accepted", "archived", "aggregated", "indexed", "duplicates", "describes")
+        click.echo("events by stage: " + ", ".join(f"{k} {totals.get(k, 0):,}" for k in stages))
+        click.echo("(the shard counts are since the audit actor started; the stage totals are the committed ones)")
 
 
 # --- keys ------------------------------------------------------------------------

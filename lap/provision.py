@@ -12,7 +12,12 @@ from contextlib import AsyncExitStack
 from lap.aws import open_client
 from lap.settings import Settings
 from lap.sinks.archive import ensure_bucket
-from lap.sinks.index import ensure_templates, open_opensearch
+from lap.sinks.index import (
+    ensure_templates,
+    has_event_indices,
+    open_opensearch,
+    reset_index_progress,
+)
 from lap.sinks.store import apply_migrations, connect, ensure_database
 from lap.stream.kinesis import ensure_stream
 
@@ -40,7 +45,16 @@ async def provision(settings: Settings) -> dict[str, str]:
     client = open_opensearch(settings)
     try:
         await ensure_templates(client, settings)
+        empty = not await has_event_indices(client, settings)
     finally:
         await client.close()
     done["opensearch"] = f"index template {settings.index.index_prefix} ready"
+    if empty:  # a new domain, or the in-memory stand-in after a (re)start: index again from the archive
+        conn = await connect(settings)
+        try:
+            if await conn.fetchval("SELECT count(*) FROM index_cursors"):
+                await reset_index_progress(conn)
+                done["opensearch"] += "; the index is empty, so it is being rebuilt from the archive"
+        finally:
+            await conn.close()
     return done

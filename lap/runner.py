@@ -186,6 +186,13 @@ def check_ports_free(settings: Settings) -> None:
                            f"or choose another port")
 
 
+def ray_address() -> str:
+    """The GCS address of the running Ray, for drivers (tests, tools) that join it."""
+    import ray
+
+    return ray.get_runtime_context().gcs_address
+
+
 def start_ray(settings: Settings) -> None:
     import ray
 
@@ -319,6 +326,7 @@ def run_foreground(settings: Settings) -> int:
             "pid": os.getpid(),
             "api_url": settings.api_url,
             "dashboard_url": None if settings.ray.address else settings.dashboard_url,
+            "ray_address": ray_address(),
             "stand_ins": {name: {"pid": stack.pids()[name], "port": port} for name, port in stack.ports().items()},
             "report": banner,
         }

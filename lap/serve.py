@@ -13,6 +13,7 @@ from ray.serve import Application
 
 from lap.ingest.app import IngestAPI
 from lap.output.app import OutputAPI
+from lap.process.pipeline import Pipeline
 
 
 def build_ingest(args: dict[str, Any] | None = None) -> Application:
@@ -21,3 +22,7 @@ def build_ingest(args: dict[str, Any] | None = None) -> Application:
 
 def build_output(args: dict[str, Any] | None = None) -> Application:
     return OutputAPI.bind()
+
+
+def build_pipeline(args: dict[str, Any] | None = None) -> Application:
+    return Pipeline.bind()

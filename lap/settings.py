@@ -93,6 +93,28 @@ class LimitsSettings(Section):
     quarantine_payload_bytes: int = Field(256 * 1024, ge=0)
 
 
+class ProcessSettings(Section):
+    """Stream processing: shard consumers, dedup, the index writer and the orphan sweeper."""
+
+    batch_max_records: int = Field(5000, ge=1, le=100_000, description="records per committed batch at most")
+    batch_max_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="stream bytes per batch at most")
+    batch_max_wait_s: float = Field(1.0, gt=0, description="a batch commits at the latest this long after its first record")
+    get_records_limit: int = Field(2000, ge=1, le=10_000, description="records per GetRecords call (Kinesis: 10,000)")
+    idle_poll_s: float = Field(0.25, gt=0, description="first wait after an empty read; doubles up to max_poll_s")
+    max_poll_s: float = Field(2.0, gt=0)
+    dedup_window_s: float = Field(7 * 86400, gt=0, description="an event id seen again within this is a duplicate")
+    lease_ttl_s: float = Field(30.0, gt=1, description="a shard lease not renewed for this long may be taken over")
+    coordinator_interval_s: float = Field(5.0, gt=0, description="how often shards are listed and consumers checked")
+    index_enabled: bool = True
+    index_batch_docs: int = Field(2000, ge=1, description="documents per OpenSearch bulk request at most")
+    index_retry_s: float = Field(2.0, gt=0, description="first wait after a failed bulk; doubles up to 30 s")
+    orphan_grace_s: float = Field(3600.0, ge=0, description="an archive object with no manifest is removed after this")
+    sweep_interval_s: float = Field(600.0, gt=0)
+    audit_flush_s: float = Field(2.0, gt=0, description="how often the audit actor writes shard status")
+    actor_num_cpus: float = Field(0.0, ge=0, description="Ray CPUs reserved per processing actor; 0: they mostly "
+                                  "wait on I/O, and a reservation per shard would cap the shard count per node")
+
+
 class RaySettings(Section):
     # Unset: `lap up` starts a local Ray. Set (e.g. "auto"): join that cluster.
     address: str | None = None
@@ -142,6 +164,7 @@ class Settings(BaseSettings):
     db: DbSettings = DbSettings()
     auth: AuthSettings = AuthSettings()
     limits: LimitsSettings = LimitsSettings()
+    process: ProcessSettings = ProcessSettings()
     ray: RaySettings = RaySettings()
     local: LocalSettings = LocalSettings()
 

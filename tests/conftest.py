@@ -26,6 +26,9 @@ from lap.settings import Settings, load_settings
 
 LAP = [sys.executable, "-m", "lap"]
 
+# Ray 2.60 clusters take token auth; Ray reads this when imported, so it is set before any test imports ray.
+os.environ.setdefault("RAY_AUTH_MODE", "token")
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -37,15 +40,15 @@ def write_config(folder: Path, **extra) -> Path:
     """A config for a private LAP in `folder`, on free ports."""
     folder.mkdir(parents=True, exist_ok=True)
     folder.chmod(0o755)  # Postgres runs as an unprivileged user when we are root
+    ports: list[int] = []
+    while len(ports) < 6:  # the kernel may hand out a port again once its socket is closed
+        port = free_port()
+        if port not in ports:
+            ports.append(port)
     config = {
         "data_dir": str(folder / "data"),
-        "local": {
-            "postgres_port": free_port(),
-            "kinesis_port": free_port(),
-            "s3_port": free_port(),
-            "opensearch_port": free_port(),
-        },
-        "ray": {"http_port": free_port(), "dashboard_port": free_port()},
+        "local": dict(zip(("postgres_port", "kinesis_port", "s3_port", "opensearch_port"), ports)),
+        "ray": {"http_port": ports[4], "dashboard_port": ports[5]},
     }
     for section, values in extra.items():
         config.setdefault(section, {}).update(values)
@@ -119,8 +122,11 @@ class RunningLap:
 def lap_up() -> RunningLap:
     folder = Path(tempfile.mkdtemp(prefix="lap-test-"))
     # Small limits so that the tests can reach them; a short key cache so that revocations show quickly.
+    # Quick processing cycles, so that the pipeline tests drain in seconds.
     config = write_config(folder, auth={"key_cache_ttl_s": 0.5},
-                          limits={"max_body_bytes": 1024 * 1024, "max_record_bytes": 32 * 1024})
+                          limits={"max_body_bytes": 1024 * 1024, "max_record_bytes": 32 * 1024},
+                          process={"batch_max_wait_s": 0.5, "coordinator_interval_s": 1.0, "idle_poll_s": 0.1,
+                                   "max_poll_s": 0.5, "lease_ttl_s": 10.0})
     started = time.monotonic()
     result = run_lap("up", "--detach", config=config, timeout=400)
     assert "LAP is up" in result.stdout, result.stdout + result.stderr

@@ -17,7 +17,7 @@ from lap.stream.producer import (
     partition_key_for,
     split_batches,
 )
-from lap.stream.put_client import PutRecordsClient
+from lap.stream.records_client import RecordsClient
 from tests.faults import KinesisFaultProxy
 
 
@@ -45,7 +45,7 @@ async def proxied(settings):
     proxy = KinesisFaultProxy(settings.stream.endpoint_url)
     url = await proxy.start()
     proxied_settings = settings.model_copy(update={"stream": settings.stream.model_copy(update={"endpoint_url": url})})
-    via_proxy = PutRecordsClient(proxied_settings)  # the client the ingest API uses
+    via_proxy = RecordsClient(proxied_settings)  # the client the ingest API uses
     async with AsyncExitStack() as stack:
         direct = await open_client(stack, settings, "kinesis")
         producer = Producer(via_proxy, settings.stream.name, deadline_s=5.0, base_backoff_s=0.01, max_backoff_s=0.1)
@@ -105,7 +105,7 @@ async def test_a_failed_call_is_retried(proxied):
 async def test_a_missing_stream_is_a_permanent_error(settings):
     from lap.stream.producer import StreamRejected
 
-    client = PutRecordsClient(settings)
+    client = RecordsClient(settings)
     try:
         producer = Producer(client, "no-such-stream", deadline_s=5.0)
         with pytest.raises(StreamRejected, match="ResourceNotFoundException"):

@@ -18,6 +18,21 @@ import asyncpg
 log = logging.getLogger("lap.receipts")
 
 COLUMNS = ("event_id", "tenant", "sensor", "shard_id", "sequence_number", "received_at", "request_id")
+ADD_ACCEPTED = """
+INSERT INTO stage_counts (tenant, sensor, shard_id, received_hour, stage, events)
+VALUES ($1, $2, $3, $4, 'accepted', $5)
+ON CONFLICT (tenant, received_hour, sensor, shard_id, stage)
+DO UPDATE SET events = stage_counts.events + excluded.events
+"""
+
+
+def accepted_counts(rows: list[tuple]) -> list[tuple]:
+    """The receipts counted per tenant, sensor, shard and hour: the `accepted` stage of the audit."""
+    counts: dict[tuple, int] = {}
+    for _, tenant, sensor, shard_id, _, received_at, _ in rows:
+        key = (tenant, sensor, shard_id, received_at.replace(minute=0, second=0, microsecond=0))
+        counts[key] = counts.get(key, 0) + 1
+    return [(*key, n) for key, n in counts.items()]
 
 
 class ReceiptWriter:
@@ -53,8 +68,9 @@ class ReceiptWriter:
             return 0
         rows, self._rows = self._rows, []
         try:
-            async with self.pool.acquire() as conn:
+            async with self.pool.acquire() as conn, conn.transaction():
                 await conn.copy_records_to_table("receipts", records=rows, columns=COLUMNS)
+                await conn.executemany(ADD_ACCEPTED, accepted_counts(rows))
         except BaseException:
             self._rows = rows + self._rows
             raise

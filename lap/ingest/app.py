@@ -29,7 +29,6 @@ from lap.ingest.limits import RateLimiter, retry_after
 from lap.ingest.quarantine import Quarantine
 from lap.settings import Settings, load_settings
 from lap.sinks.store import create_pool
-from lap.stream.put_client import PutRecordsClient
 from lap.stream.producer import (
     Producer,
     PutDeadlineExceeded,
@@ -37,6 +36,7 @@ from lap.stream.producer import (
     StreamRejected,
     partition_key_for,
 )
+from lap.stream.records_client import RecordsClient
 
 log = logging.getLogger("lap.ingest")
 
@@ -218,7 +218,7 @@ class IngestAPI:
         try:
             pool = await create_pool(s)
             stack.push_async_callback(pool.close)
-            kinesis = PutRecordsClient(s)
+            kinesis = RecordsClient(s)
             stack.push_async_callback(kinesis.close)
             s3 = await open_client(stack, s, "s3")
         except BaseException:

@@ -6,6 +6,7 @@ extensions can never explode the mapping; only the fields below are searchable.
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 from opensearchpy import AsyncOpenSearch
@@ -46,6 +47,18 @@ def events_template(settings: Settings) -> dict[str, Any]:
     }
 
 
+def index_name(settings: Settings, tenant: str) -> str:
+    """Each tenant has its own index, so an event id sent by one tenant can never overwrite another's.
+
+    Index names are lower case; a tenant name with capitals gets a short hash so
+    that "Acme" and "acme" stay apart.
+    """
+    name = tenant.lower()
+    if name != tenant:
+        name += "-" + hashlib.sha256(tenant.encode()).hexdigest()[:8]
+    return f"{settings.index.index_prefix}-{name}"
+
+
 def open_opensearch(settings: Settings) -> AsyncOpenSearch:
     auth = None
     if settings.index.username and settings.index.password:
@@ -69,3 +82,21 @@ async def ensure_templates(client: AsyncOpenSearch, settings: Settings) -> None:
         if versions and max(versions) >= TEMPLATE_VERSION:
             return
     await client.indices.put_index_template(name=name, body=events_template(settings))
+
+
+async def has_event_indices(client: AsyncOpenSearch, settings: Settings) -> bool:
+    found = await client.indices.get(index=f"{settings.index.index_prefix}-*", allow_no_indices=True,
+                                     expand_wildcards="all")
+    return bool(found)
+
+
+async def reset_index_progress(conn) -> None:
+    """Forget what was indexed, so that the index writer rebuilds the index from the archive.
+
+    For an index that starts empty (the in-memory local stand-in after a start or
+    restart): its cursors, counts and failures described documents that are gone.
+    """
+    async with conn.transaction():
+        await conn.execute("DELETE FROM index_cursors")
+        await conn.execute("DELETE FROM index_failures")
+        await conn.execute("DELETE FROM stage_counts WHERE stage = 'indexed'")

@@ -1,0 +1,52 @@
+"""What the benchmarks share: a private LAP on free ports, and the machine they ran on."""
+
+from __future__ import annotations
+
+import os
+import platform
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+
+def free_ports(count: int) -> list[int]:
+    """Distinct free ports on 127.0.0.1 (the kernel may hand a port out again once its socket closes)."""
+    ports: list[int] = []
+    while len(ports) < count:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        if port not in ports:
+            ports.append(port)
+    return ports
+
+
+def write_private_config(folder: Path, **extra: dict) -> Path:
+    """A config for a LAP of the benchmark's own, in `folder`, on free ports; `extra` adds to its sections."""
+    folder.chmod(0o755)  # Postgres runs as an unprivileged user when we are root
+    ports = free_ports(8)
+    config = {
+        "data_dir": str(folder / "data"),
+        "local": dict(zip(("postgres_port", "kinesis_port", "s3_port", "opensearch_port"), ports)),
+        "ray": {"http_port": ports[4], "dashboard_port": ports[5], "haproxy_stats_port": ports[6],
+                "haproxy_metrics_port": ports[7]},
+    }
+    for section, values in extra.items():
+        config.setdefault(section, {}).update(values)
+    path = folder / "lap.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def lap(*args: str, config: Path, timeout: float = 400) -> subprocess.CompletedProcess:
+    """Run the `lap` command against `config`, ignoring any LAP_ variables of the caller."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LAP_")}
+    return subprocess.run([sys.executable, "-m", "lap", *args, "--config", str(config)],
+                          capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def machine() -> dict:
+    return {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()}

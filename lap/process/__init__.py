@@ -1,0 +1,1 @@
+"""Stream processing: shard consumers, aggregation, indexing."""

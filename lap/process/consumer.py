@@ -1,0 +1,235 @@
+"""ShardConsumer: one Ray actor per shard, with the record-processor lifecycle of the Kinesis Client Library.
+
+initialize (take the lease, read the checkpoint) -> process batches (each one
+committed with its checkpoint) -> shutdown: TERMINATE when a closed shard is
+fully read (the shard is marked finished, so its children may start), or
+ZOMBIE when the lease was lost (stop without committing anything more).
+
+The actor runs with `max_restarts=-1` and `max_task_retries=-1`: when it dies,
+Ray starts it again and re-runs `run`, which resumes from the checkpoint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import time
+from contextlib import AsyncExitStack
+from datetime import timedelta
+from typing import Any
+
+import ray
+from botocore.exceptions import ClientError
+
+from lap.audit.actor import AUDIT_ACTOR, NAMESPACE
+from lap.aws import open_client
+from lap.process.batch import BatchWriter, LeaseLost
+from lap.settings import Settings, load_settings
+from lap.sinks.store import create_pool
+from lap.stream.records_client import RecordsClient
+
+log = logging.getLogger("lap.process")
+
+RETRIABLE_READ = {"ProvisionedThroughputExceededException", "LimitExceededException", "KMSThrottlingException",
+                  "InternalFailure", "ServiceUnavailable"}
+
+
+async def take_lease(pool, settings: Settings, shard_id: str, owner: str) -> tuple[int, int | None, bool] | None:
+    """(epoch, checkpoint, finished) when this owner now holds the shard, else None (someone else's live lease)."""
+    async with pool.acquire() as conn:
+        row = await conn.fetchrow(
+            """UPDATE shard_checkpoints
+                  SET lease_owner = $3, lease_epoch = lease_epoch + 1,
+                      lease_expires = now() + $4::interval, updated_at = now()
+                WHERE stream = $1 AND shard_id = $2
+                  AND (lease_owner IS NULL OR lease_owner = $3 OR lease_expires < now())
+            RETURNING lease_epoch, sequence_number, finished""",
+            settings.stream.name, shard_id, owner, timedelta(seconds=settings.process.lease_ttl_s))
+    if row is None:
+        return None
+    seq = row["sequence_number"]
+    return row["lease_epoch"], (int(seq) if seq is not None else None), row["finished"]
+
+
+class ShardReader:
+    """GetRecords in a loop: backoff on throttling and on empty reads, a fresh iterator when one expires."""
+
+    def __init__(self, settings: Settings, kinesis: Any, records: RecordsClient, shard_id: str, after: int | None):
+        self.settings = settings
+        self.kinesis = kinesis
+        self.records = records
+        self.shard_id = shard_id
+        self.after = after  # last sequence number handed out
+        self.iterator: str | None = None
+        self.closed = False  # the shard is closed and every record was read
+        self.lag_ms: int | None = None
+
+    async def _iterator(self) -> str:
+        kwargs: dict[str, Any] = {"StreamName": self.settings.stream.name, "ShardId": self.shard_id}
+        if self.after is None:
+            kwargs["ShardIteratorType"] = "TRIM_HORIZON"
+        else:
+            kwargs["ShardIteratorType"] = "AFTER_SEQUENCE_NUMBER"
+            kwargs["StartingSequenceNumber"] = str(self.after)
+        reply = await self.kinesis.get_shard_iterator(**kwargs)
+        return reply["ShardIterator"]
+
+    async def read(self) -> list[dict[str, Any]]:
+        """The next records (possibly none); sets `closed` once a closed shard is drained."""
+        if self.iterator is None:
+            self.iterator = await self._iterator()
+        delay = self.settings.process.idle_poll_s
+        while True:
+            try:
+                reply = await self.records.get_records(self.iterator, self.settings.process.get_records_limit)
+                break
+            except ClientError as exc:
+                code = exc.response.get("Error", {}).get("Code", "")
+                if code == "ExpiredIteratorException":
+                    self.iterator = await self._iterator()
+                    continue
+                if code not in RETRIABLE_READ:
+                    raise
+                await asyncio.sleep(delay * (0.5 + random.random()))
+                delay = min(delay * 2, self.settings.process.max_poll_s)
+        records = reply.get("Records", [])
+        self.lag_ms = reply.get("MillisBehindLatest")
+        self.iterator = reply.get("NextShardIterator")
+        if records:
+            self.after = int(records[-1]["SequenceNumber"])
+        if self.iterator is None:
+            self.closed = True
+        return records
+
+
+@ray.remote(max_restarts=-1, max_task_retries=-1)
+class ShardConsumer:
+    def __init__(self, shard_id: str):
+        self.shard_id = shard_id
+        self.settings = load_settings()
+        self.owner = f"consumer-{shard_id}"
+        self._task: asyncio.Task | None = None
+        self.committed_batches = 0
+        self.pid = os.getpid()
+
+    def info(self) -> dict[str, Any]:
+        return {"shard_id": self.shard_id, "pid": self.pid, "batches": self.committed_batches}
+
+    async def run(self) -> str:
+        """Consume the shard until it is finished ("finished") or the lease is lost ("lost")."""
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._run())
+        return await asyncio.shield(self._task)
+
+    async def _run(self) -> str:
+        s = self.settings
+        async with AsyncExitStack() as stack:
+            pool = await create_pool(s)
+            stack.push_async_callback(pool.close)
+            kinesis = await open_client(stack, s, "kinesis")
+            s3 = await open_client(stack, s, "s3")
+            records_client = RecordsClient(s)
+            stack.push_async_callback(records_client.close)
+            audit = audit_handle()
+
+            lease = None
+            while lease is None:  # the previous holder's lease must expire first
+                lease = await take_lease(pool, s, self.shard_id, self.owner)
+                if lease is None:
+                    await asyncio.sleep(min(5.0, s.process.lease_ttl_s / 3))
+            epoch, checkpoint, finished = lease
+            if finished:
+                return "finished"
+            log.info("shard %s: lease epoch %d, resuming after %s", self.shard_id, epoch, checkpoint)
+            writer = BatchWriter(s, pool, s3, self.shard_id, epoch)
+            reader = ShardReader(s, kinesis, records_client, self.shard_id, checkpoint)
+            try:
+                return await self._loop(pool, reader, writer, audit, epoch)
+            except LeaseLost as exc:
+                log.warning("%s; stopping (zombie shutdown)", exc)
+                return "lost"
+
+    async def _loop(self, pool, reader: ShardReader, writer: BatchWriter, audit, epoch: int) -> str:
+        p = self.settings.process
+        pending: list[dict[str, Any]] = []
+        pending_bytes = 0
+        first_at = 0.0
+        renewed = time.monotonic()
+        idle = p.idle_poll_s
+        while True:
+            records = [] if reader.closed else await reader.read()
+            if records and not pending:
+                first_at = time.monotonic()
+            pending.extend(records)
+            pending_bytes += sum(len(r["Data"]) for r in records)
+            due = pending and (len(pending) >= p.batch_max_records or pending_bytes >= p.batch_max_bytes
+                               or time.monotonic() - first_at >= p.batch_max_wait_s or reader.closed)
+            if due:
+                # a batch never spans more than batch_max_records: cut it there, keep the rest
+                batch, pending = pending[:p.batch_max_records], pending[p.batch_max_records:]
+                pending_bytes = sum(len(r["Data"]) for r in pending)
+                started = time.monotonic()
+                result = await writer.process(batch)
+                self.committed_batches += 1
+                renewed = time.monotonic()
+                if pending:
+                    first_at = time.monotonic()
+                report(audit, self.shard_id, result=result, lag_ms=reader.lag_ms,
+                       commit_s=time.monotonic() - started)
+                continue
+            if reader.closed and not pending:
+                await mark_finished(pool, self.settings, self.shard_id, epoch)
+                report(audit, self.shard_id, lag_ms=0, finished=True)
+                log.info("shard %s: closed and fully processed", self.shard_id)
+                return "finished"
+            if time.monotonic() - renewed > p.lease_ttl_s / 3:
+                await renew_lease(pool, self.settings, self.shard_id, epoch)
+                renewed = time.monotonic()
+                report(audit, self.shard_id, lag_ms=reader.lag_ms)
+            if len(records) < p.get_records_limit:  # at the tip: wait a little (Kinesis allows 5 reads/s/shard)
+                await asyncio.sleep(idle)
+                idle = min(idle * 2, p.max_poll_s) if not records else p.idle_poll_s
+            else:
+                idle = p.idle_poll_s
+
+
+async def renew_lease(pool, settings: Settings, shard_id: str, epoch: int) -> None:
+    async with pool.acquire() as conn:
+        done = await conn.execute(
+            """UPDATE shard_checkpoints SET lease_expires = now() + $4::interval, updated_at = now()
+                WHERE stream = $1 AND shard_id = $2 AND lease_epoch = $3""",
+            settings.stream.name, shard_id, epoch, timedelta(seconds=settings.process.lease_ttl_s))
+    if done != "UPDATE 1":
+        raise LeaseLost(f"shard {shard_id}: lease taken over while idle")
+
+
+async def mark_finished(pool, settings: Settings, shard_id: str, epoch: int) -> None:
+    async with pool.acquire() as conn:
+        done = await conn.execute(
+            """UPDATE shard_checkpoints SET finished = true, lease_owner = NULL, updated_at = now()
+                WHERE stream = $1 AND shard_id = $2 AND lease_epoch = $3""",
+            settings.stream.name, shard_id, epoch)
+    if done != "UPDATE 1":
+        raise LeaseLost(f"shard {shard_id}: lease taken over before the shard could be marked finished")
+
+
+def audit_handle():
+    try:
+        return ray.get_actor(AUDIT_ACTOR, namespace=NAMESPACE)
+    except ValueError:
+        return None  # not running (a test drives a consumer alone): reports are skipped
+
+
+def report(audit, shard_id: str, result=None, lag_ms: int | None = None, commit_s: float | None = None,
+           finished: bool = False) -> None:
+    """Fire-and-forget: the audit actor's view is live status, the durable truth is in Postgres."""
+    if audit is None:
+        return
+    payload: dict[str, Any] = {"lag_ms": lag_ms, "finished": finished}
+    if result is not None:
+        payload.update(last_seq=str(result.last_seq), kept=result.kept, duplicates=result.duplicates,
+                       commit_s=commit_s)
+    audit.consumer_report.remote(shard_id, payload)
+

@@ -1,0 +1,169 @@
+"""Coordinator: runs one ShardConsumer per shard that is ready, and sweeps orphaned archive objects.
+
+A shard is ready when it is not finished and every parent it has (after a split
+or a merge) is finished: a parent is drained before its children start, so one
+learner's events are processed in order across a reshard. Shards and their
+checkpoints live in Postgres, so a restarted coordinator (or cluster) resumes
+where it stopped. Consumers are owned by the coordinator: if it dies they go
+with it, and its restart starts them again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from contextlib import AsyncExitStack
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import ray
+
+from lap.audit.actor import NAMESPACE
+from lap.aws import open_client
+from lap.process.consumer import ShardConsumer
+from lap.settings import Settings, load_settings
+from lap.sinks.store import create_pool
+from lap.stream.kinesis import list_shards
+
+log = logging.getLogger("lap.process")
+
+COORDINATOR = "lap-coordinator"
+
+
+def consumer_name(shard_id: str) -> str:
+    return f"lap-shard-{shard_id}"
+
+
+def ready_shards(checkpoints: dict[str, dict[str, Any]]) -> list[str]:
+    """Shards to consume now: not finished, and every known parent finished."""
+    ready = []
+    for shard_id, row in sorted(checkpoints.items()):
+        if row["finished"]:
+            continue
+        parents = [p for p in row["parent_ids"] if p in checkpoints]  # a parent gone from the stream has nothing left
+        if all(checkpoints[p]["finished"] for p in parents):
+            ready.append(shard_id)
+    return ready
+
+
+async def sweep_orphans(settings: Settings, pool, s3, grace_s: float) -> int:
+    """Delete archive objects older than `grace_s` that no committed manifest names; returns how many."""
+    cutoff = datetime.now(timezone.utc) - timedelta(seconds=grace_s)
+    removed = 0
+    paginator = s3.get_paginator("list_objects_v2")
+    async for page in paginator.paginate(Bucket=settings.archive.bucket, Prefix=settings.archive.prefix + "/"):
+        old = [o["Key"] for o in page.get("Contents", []) if o["LastModified"] < cutoff]
+        if not old:
+            continue
+        async with pool.acquire() as conn:
+            known = {r["key"] for r in await conn.fetch("SELECT key FROM archive_objects WHERE key = ANY($1)", old)}
+        orphans = [k for k in old if k not in known]
+        for key in orphans:
+            await s3.delete_object(Bucket=settings.archive.bucket, Key=key)
+            log.info("removed orphaned archive object %s", key)
+        removed += len(orphans)
+    return removed
+
+
+@ray.remote(max_restarts=-1, max_task_retries=-1)
+class Coordinator:
+    def __init__(self) -> None:
+        self.settings = load_settings()
+        self.consumers: dict[str, Any] = {}
+        self.runs: dict[str, asyncio.Task] = {}
+        self.finished: set[str] = set()
+        self._task: asyncio.Task | None = None
+        self._clients: AsyncExitStack | None = None
+
+    def ping(self) -> bool:
+        return True
+
+    def status(self) -> dict[str, Any]:
+        return {"running": sorted(self.runs), "finished": sorted(self.finished)}
+
+    async def run(self) -> None:
+        """Watch shards and consumers until the actor stops (a second call waits on the first)."""
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._run())
+        await asyncio.shield(self._task)
+
+    async def _open(self) -> None:
+        if self._clients is None:
+            stack = AsyncExitStack()
+            self.pool = await create_pool(self.settings)
+            stack.push_async_callback(self.pool.close)
+            self.kinesis = await open_client(stack, self.settings, "kinesis")
+            self.s3 = await open_client(stack, self.settings, "s3")
+            self._clients = stack
+
+    async def _run(self) -> None:
+        p = self.settings.process
+        last_sweep = time.monotonic()
+        while True:
+            try:
+                await self._open()
+                await self.step()
+                if time.monotonic() - last_sweep >= p.sweep_interval_s:
+                    last_sweep = time.monotonic()
+                    await self.sweep()
+            except Exception as exc:  # Kinesis or Postgres away: consumers keep running; look again later
+                log.warning("coordinator step failed: %s", exc)
+            await asyncio.sleep(p.coordinator_interval_s)
+
+    async def sweep(self, grace_s: float | None = None) -> int:
+        await self._open()
+        grace = self.settings.process.orphan_grace_s if grace_s is None else grace_s
+        return await sweep_orphans(self.settings, self.pool, self.s3, grace)
+
+    async def step(self) -> None:
+        stream = self.settings.stream.name
+        shards = await list_shards(self.kinesis, self.settings)
+        async with self.pool.acquire() as conn:
+            await conn.executemany(
+                """INSERT INTO shard_checkpoints (stream, shard_id, parent_ids) VALUES ($1, $2, $3)
+                   ON CONFLICT (stream, shard_id) DO NOTHING""",
+                [(stream, s["ShardId"], [p for p in (s.get("ParentShardId"), s.get("AdjacentParentShardId")) if p])
+                 for s in shards])
+            rows = await conn.fetch(
+                "SELECT shard_id, parent_ids, finished FROM shard_checkpoints WHERE stream = $1", stream)
+        checkpoints = {r["shard_id"]: dict(r) for r in rows}
+        self.reap()
+        for shard_id in ready_shards(checkpoints):
+            if shard_id not in self.runs:
+                self.start(shard_id)
+        for shard_id, row in checkpoints.items():
+            if row["finished"] and shard_id in self.consumers and shard_id not in self.runs:
+                ray.kill(self.consumers.pop(shard_id), no_restart=True)  # its process is no longer needed
+
+    def start(self, shard_id: str) -> None:
+        handle = self.consumers.get(shard_id)
+        if handle is None:
+            handle = ShardConsumer.options(
+                name=consumer_name(shard_id), namespace=NAMESPACE, get_if_exists=True,
+                num_cpus=self.settings.process.actor_num_cpus, scheduling_strategy="SPREAD",
+            ).remote(shard_id)
+            self.consumers[shard_id] = handle
+        self.runs[shard_id] = asyncio.get_running_loop().create_task(self._consume(shard_id, handle))
+
+    async def _consume(self, shard_id: str, handle) -> str:
+        # Ray re-runs `run` itself when the actor restarts; this returns when the shard is done
+        # or lost, or raises if the actor is gone for good (killed with no_restart).
+        return await handle.run.remote()
+
+    def reap(self) -> None:
+        """Collect consumers whose run ended; those that must go on start again in this step."""
+        for shard_id, task in list(self.runs.items()):
+            if not task.done():
+                continue
+            del self.runs[shard_id]
+            try:
+                outcome = task.result()
+            except Exception as exc:
+                log.warning("consumer of shard %s ended with %s; starting it again", shard_id, exc)
+                self.consumers.pop(shard_id, None)
+                continue
+            if outcome == "finished":
+                self.finished.add(shard_id)
+            else:
+                log.info("consumer of shard %s stopped (%s)", shard_id, outcome)

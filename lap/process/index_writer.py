@@ -1,0 +1,228 @@
+"""IndexWriter: puts committed batches into OpenSearch, following its own cursor per shard.
+
+It reads what the consumers committed (the manifest and its archive objects),
+never the stream, so an OpenSearch outage pauses indexing only: archiving and
+aggregation go on, and the cursor catches up when OpenSearch is back. Each
+document's `_id` is the event id, so indexing a batch twice changes nothing.
+Bulk item errors are sorted one by one: 429 and 5xx are retried, anything
+else is recorded in `index_failures` with its reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import logging
+from contextlib import AsyncExitStack
+from decimal import Decimal
+from typing import Any
+
+import orjson
+import ray
+from botocore.exceptions import ClientError
+
+from lap.audit.actor import AUDIT_ACTOR, NAMESPACE
+from lap.aws import open_client
+from lap.process.batch import ADD_STAGE_COUNT, hour_of, parse_time
+from lap.settings import load_settings
+from lap.sinks.index import index_name, open_opensearch
+from lap.sinks.store import create_pool
+
+log = logging.getLogger("lap.index")
+
+ITEM_RETRIES = 5
+MAX_BACKOFF_S = 30.0
+INDEX_WRITER = "lap-index-writer"
+
+
+def _iri(value: Any) -> str | None:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict) and isinstance(value.get("id"), str):
+        return value["id"]
+    return None
+
+
+def document(line: dict[str, Any]) -> dict[str, Any]:
+    """The searchable fields of an archived record, plus the event itself (stored, not indexed)."""
+    meta, item = line["meta"], line["item"]
+    obj = item.get("object")
+    return {
+        "event_id": meta["event_id"], "tenant": meta["tenant"], "sensor": meta.get("sensor"),
+        "type": meta.get("type"), "action": meta.get("action"), "learner": meta.get("learner"),
+        "actor": _iri(item.get("actor")), "object": _iri(obj),
+        "object_type": obj.get("type") if isinstance(obj, dict) else None,
+        "course": meta.get("course"), "event_time": meta.get("event_time"), "received_at": meta.get("received_at"),
+        "shard": meta.get("shard_id"), "sequence": meta.get("sequence_number"), "event": item,
+    }
+
+
+class IndexOutage(Exception):
+    """OpenSearch cannot take documents now; the batch is tried again later."""
+
+
+class CursorMoved(Exception):
+    """The cursor changed under this pass (the index was reset): start the pass again from it."""
+
+
+@ray.remote(max_restarts=-1, max_task_retries=-1)
+class IndexWriter:
+    def __init__(self) -> None:
+        self.settings = load_settings()
+        self._task: asyncio.Task | None = None
+        self.indexed = 0
+
+    def info(self) -> dict[str, Any]:
+        return {"indexed": self.indexed}
+
+    async def run(self) -> None:
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._run())
+        await asyncio.shield(self._task)
+
+    async def _run(self) -> None:
+        s = self.settings
+        async with AsyncExitStack() as stack:
+            self.pool = await create_pool(s)
+            stack.push_async_callback(self.pool.close)
+            self.s3 = await open_client(stack, s, "s3")
+            self.search = open_opensearch(s)
+            stack.push_async_callback(self.search.close)
+            delay = s.process.index_retry_s
+            while True:
+                try:
+                    done = await self.pass_once()
+                    delay = s.process.index_retry_s
+                except Exception as exc:  # OpenSearch (or Postgres) away: wait, then pick up where the cursor is
+                    log.warning("indexing paused for %.0f s: %s", delay, exc)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, MAX_BACKOFF_S)
+                    continue
+                if not done:
+                    await asyncio.sleep(0.5)
+
+    async def pass_once(self) -> int:
+        """Index the next committed batches of every shard; returns how many batches were indexed."""
+        stream = self.settings.stream.name
+        async with self.pool.acquire() as conn:
+            batches = await conn.fetch(
+                """SELECT b.id, b.shard_id, b.first_seq, b.last_seq, i.last_seq AS cursor
+                     FROM shard_checkpoints c
+                     LEFT JOIN index_cursors i ON i.stream = c.stream AND i.shard_id = c.shard_id
+                     CROSS JOIN LATERAL (
+                         SELECT id, shard_id, first_seq, last_seq FROM batches b
+                          WHERE b.stream = c.stream AND b.shard_id = c.shard_id
+                            AND (i.last_seq IS NULL OR b.first_seq > i.last_seq)
+                          ORDER BY b.first_seq LIMIT 8) b
+                    WHERE c.stream = $1
+                    ORDER BY b.shard_id, b.first_seq""", stream)
+        cursors: dict[str, Decimal | None] = {}
+        for batch in batches:
+            shard = batch["shard_id"]
+            cursor = cursors.get(shard, batch["cursor"])
+            try:
+                await self.index_batch(batch, cursor)
+            except CursorMoved:
+                log.info("index cursor of shard %s was reset; indexing again from it", shard)
+                return 1
+            cursors[shard] = batch["last_seq"]
+        return len(batches)
+
+    async def read_object(self, key: str) -> list[dict[str, Any]]:
+        reply = await self.s3.get_object(Bucket=self.settings.archive.bucket, Key=key)
+        async with reply["Body"] as body:
+            data = await body.read()
+        return [orjson.loads(line) for line in gzip.decompress(data).splitlines() if line]
+
+    async def index_batch(self, batch, cursor: Decimal | None) -> None:
+        async with self.pool.acquire() as conn:
+            keys = [r["key"] for r in await conn.fetch(
+                "SELECT key FROM archive_objects WHERE batch_id = $1 ORDER BY key", batch["id"])]
+        lines: list[dict[str, Any]] = []
+        for key in keys:
+            try:
+                lines.extend(await self.read_object(key))
+            except ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") not in ("NoSuchKey", "404"):
+                    raise
+                # reconcile reports these events as missing from the archive and the index; replay repairs both
+                log.error("archive object %s of batch %s is gone; its events are not indexed", key, batch["id"])
+        failures: list[tuple] = []
+        indexed: list[dict[str, Any]] = []
+        size = self.settings.process.index_batch_docs
+        for start in range(0, len(lines), size):
+            ok, failed = await self.bulk(lines[start:start + size])
+            indexed.extend(ok)
+            failures.extend((line["meta"]["tenant"], line["meta"]["event_id"], batch["id"], status, reason)
+                            for line, status, reason in failed)
+        counts: dict[tuple, int] = {}
+        for line in indexed:
+            meta = line["meta"]
+            key = (meta["tenant"], meta.get("sensor") or "", batch["shard_id"],
+                   hour_of(parse_time(meta["received_at"])), "indexed")
+            counts[key] = counts.get(key, 0) + 1
+        async with self.pool.acquire() as conn, conn.transaction():
+            if failures:
+                await conn.executemany(
+                    """INSERT INTO index_failures (tenant, event_id, batch_id, status, reason) VALUES ($1, $2, $3, $4, $5)
+                       ON CONFLICT (tenant, event_id) DO UPDATE
+                          SET batch_id = excluded.batch_id, status = excluded.status, reason = excluded.reason,
+                              failed_at = now()""", failures)
+            await conn.executemany(ADD_STAGE_COUNT, [(*k, n) for k, n in counts.items()])
+            # compare-and-set: if the cursor was reset meanwhile, this batch's counts must not stand
+            if cursor is None:
+                moved = await conn.execute(
+                    """INSERT INTO index_cursors (stream, shard_id, last_seq) VALUES ($1, $2, $3)
+                       ON CONFLICT (stream, shard_id) DO NOTHING""",
+                    self.settings.stream.name, batch["shard_id"], batch["last_seq"]) != "INSERT 0 1"
+            else:
+                moved = await conn.execute(
+                    """UPDATE index_cursors SET last_seq = $3, updated_at = now()
+                        WHERE stream = $1 AND shard_id = $2 AND last_seq = $4""",
+                    self.settings.stream.name, batch["shard_id"], batch["last_seq"], cursor) != "UPDATE 1"
+            if moved:
+                raise CursorMoved()
+        self.indexed += len(indexed)
+        try:
+            audit = ray.get_actor(AUDIT_ACTOR, namespace=NAMESPACE)
+            audit.index_report.remote(batch["shard_id"], str(batch["last_seq"]), len(indexed))
+        except ValueError:
+            pass
+
+    async def bulk(self, lines: list[dict[str, Any]]) -> tuple[list[dict], list[tuple[dict, int, str]]]:
+        """Index `lines`; returns (indexed, [(line, status, reason) refused for good]).
+
+        Raises IndexOutage when OpenSearch cannot be reached or keeps failing whole items.
+        """
+        pending = lines
+        ok: list[dict] = []
+        refused: list[tuple[dict, int, str]] = []
+        delay = self.settings.process.index_retry_s
+        for attempt in range(ITEM_RETRIES + 1):
+            body = bytearray()
+            for line in pending:
+                meta = line["meta"]
+                body += orjson.dumps({"index": {"_index": index_name(self.settings, meta["tenant"]),
+                                                "_id": meta["event_id"]}})
+                body += b"\n" + orjson.dumps(document(line)) + b"\n"
+            reply = await self.search.bulk(body=bytes(body))
+            retry: list[dict] = []
+            for line, result in zip(pending, reply["items"]):
+                outcome = next(iter(result.values()))
+                status = outcome.get("status", 500)
+                if status < 300:
+                    ok.append(line)
+                elif status == 429 or status >= 500:
+                    retry.append(line)
+                else:
+                    error = outcome.get("error")
+                    reason = (error.get("reason") if isinstance(error, dict) else str(error)) or f"status {status}"
+                    refused.append((line, status, reason[:1000]))
+            if not retry:
+                return ok, refused
+            pending = retry
+            if attempt < ITEM_RETRIES:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, MAX_BACKOFF_S)
+        raise IndexOutage(f"{len(pending)} documents still refused with 429/5xx after {ITEM_RETRIES} retries")
+
