@@ -43,6 +43,34 @@ from ingest import load_process, pct  # noqa: E402
 TARGETS = {"processed_per_s": 5_000, "drain_s": 15}
 
 
+def _kind(proc: psutil.Process) -> str:
+    text = " ".join(proc.cmdline()) or proc.name()
+    for needle, kind in (("kinesalite", "kinesis"), ("s3rver", "s3"), ("osmem", "opensearch"),
+                         ("postgres", "postgres"), ("ServeReplica:ingest", "ingest replicas"),
+                         ("ShardConsumer", "shard consumers"), ("IndexWriter", "index writer"),
+                         ("ProxyActor", "serve proxy")):
+        if needle in text:
+            return kind
+    return "other (Ray, supervisor)"
+
+
+def cpu_by_kind(supervisor: int) -> dict[str, float]:
+    """CPU seconds so far of every process of the stack, by kind."""
+    totals: dict[str, float] = {}
+    try:
+        procs = [psutil.Process(supervisor), *psutil.Process(supervisor).children(recursive=True)]
+    except psutil.Error:
+        return totals
+    for proc in procs:
+        try:
+            times = proc.cpu_times()
+            kind = _kind(proc)
+        except psutil.Error:
+            continue
+        totals[kind] = totals.get(kind, 0.0) + times.user + times.system
+    return totals
+
+
 def stack_rss(supervisor: int) -> int:
     """Resident bytes of the supervisor and everything under it (stand-ins, Ray and its workers)."""
     total = 0
@@ -93,6 +121,7 @@ def main() -> int:
         print(up.stdout, up.stderr, file=sys.stderr)
         return 1
     samples: list[dict] = []
+    cpu_before = cpu_after = {}
     try:
         token = lap("keys", "create", "--tenant", "bench", "--role", "sensor", config=config).stdout.strip()
         state = json.loads((settings.run_dir / "state.json").read_text())
@@ -104,6 +133,7 @@ def main() -> int:
             args.max_requests, queue))
         print(f"load for {args.seconds:.0f} s, then drain...", file=sys.stderr, flush=True)
         started = time.monotonic()
+        cpu_before = cpu_by_kind(supervisor)
         loader.start()
         load_result = None
         load_ended = None
@@ -123,6 +153,7 @@ def main() -> int:
                 if accepted >= expected and stages.get("archived", 0) >= accepted \
                         and stages.get("aggregated", 0) >= accepted:
                     drained_at = now
+                    cpu_after = cpu_by_kind(supervisor)
                     break
                 if now - load_ended > args.drain_timeout:
                     break
@@ -158,6 +189,9 @@ def main() -> int:
         "peak_rss_gb": round(max(s["rss"] for s in samples) / 2**30, 2),
         "duplicates": samples[-1]["stages"].get("duplicates", 0),
         "index": index,
+        # CPU seconds per 1,000 processed events, by kind of process, from the load's start to the drain
+        "cpu_s_per_1k_events": {k: round((cpu_after.get(k, 0.0) - v) / processed * 1000, 3)
+                                for k, v in sorted(cpu_before.items())} if processed and cpu_after else {},
     }
     rows = [
         ("events accepted", f"{events:,}", ""),
@@ -173,6 +207,8 @@ def main() -> int:
     print()
     for name, value, target in rows:
         print(f"{name:<38} {value:>14}   {target}")
+    print("\nCPU ms per event, by process: " + ", ".join(
+        f"{k} {v:.3f}" for k, v in sorted(report["cpu_s_per_1k_events"].items(), key=lambda kv: -kv[1])))
     args.json.parent.mkdir(parents=True, exist_ok=True)
     report["samples"] = samples
     args.json.write_text(json.dumps(report, indent=2))

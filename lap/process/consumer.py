@@ -176,7 +176,10 @@ class ShardConsumer:
                 renewed = time.monotonic()
                 if pending:
                     first_at = time.monotonic()
-                report(audit, self.shard_id, result=result, lag_ms=reader.lag_ms,
+                # behind the tip: what Kinesis says, or the age of the newest record just committed
+                # (kinesalite always says 0 for an open shard)
+                age_ms = int((time.time() - float(batch[-1].get("ApproximateArrivalTimestamp", time.time()))) * 1000)
+                report(audit, self.shard_id, result=result, lag_ms=max(reader.lag_ms or 0, age_ms),
                        commit_s=time.monotonic() - started)
                 continue
             if reader.closed and not pending:

@@ -66,6 +66,21 @@ async def sweep_orphans(settings: Settings, pool, s3, grace_s: float) -> int:
     return removed
 
 
+async def prune_seen_events(pool, window_s: float, chunk: int = 50_000) -> int:
+    """Delete dedup rows older than the window (an id that old is no longer a duplicate anyway)."""
+    removed = 0
+    while True:
+        async with pool.acquire() as conn:
+            done = await conn.execute(
+                """DELETE FROM seen_events WHERE ctid IN (
+                       SELECT ctid FROM seen_events WHERE received_at < now() - $1::interval LIMIT $2)""",
+                timedelta(seconds=window_s), chunk)
+        count = int(done.split()[-1])
+        removed += count
+        if count < chunk:
+            return removed
+
+
 @ray.remote(max_restarts=-1, max_task_retries=-1)
 class Coordinator:
     def __init__(self) -> None:
@@ -112,9 +127,12 @@ class Coordinator:
             await asyncio.sleep(p.coordinator_interval_s)
 
     async def sweep(self, grace_s: float | None = None) -> int:
+        """Remove orphaned archive objects, and dedup rows that have left the window; returns the orphans."""
         await self._open()
         grace = self.settings.process.orphan_grace_s if grace_s is None else grace_s
-        return await sweep_orphans(self.settings, self.pool, self.s3, grace)
+        removed = await sweep_orphans(self.settings, self.pool, self.s3, grace)
+        await prune_seen_events(self.pool, self.settings.process.dedup_window_s)
+        return removed
 
     async def step(self) -> None:
         stream = self.settings.stream.name
