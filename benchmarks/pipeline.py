@@ -190,8 +190,9 @@ def main() -> int:
         "duplicates": samples[-1]["stages"].get("duplicates", 0),
         "index": index,
         # CPU seconds per 1,000 processed events, by kind of process, from the load's start to the drain
-        "cpu_s_per_1k_events": {k: round((cpu_after.get(k, 0.0) - v) / processed * 1000, 3)
-                                for k, v in sorted(cpu_before.items())} if processed and cpu_after else {},
+        # (a process that started after the first sample, a consumer say, counts from zero)
+        "cpu_s_per_1k_events": {k: round((v - cpu_before.get(k, 0.0)) / processed * 1000, 3)
+                                for k, v in sorted(cpu_after.items())} if processed and cpu_after else {},
     }
     rows = [
         ("events accepted", f"{events:,}", ""),

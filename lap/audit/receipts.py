@@ -32,7 +32,7 @@ def accepted_counts(rows: list[tuple]) -> list[tuple]:
     for _, tenant, sensor, shard_id, _, received_at, _ in rows:
         key = (tenant, sensor, shard_id, received_at.replace(minute=0, second=0, microsecond=0))
         counts[key] = counts.get(key, 0) + 1
-    return [(*key, n) for key, n in counts.items()]
+    return sorted((*key, n) for key, n in counts.items())  # in key order: replicas never deadlock
 
 
 class ReceiptWriter:

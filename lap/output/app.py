@@ -1,29 +1,353 @@
-"""The OutputAPI Serve deployment, mounted under `/v1`: insights, search and audit."""
+"""The OutputAPI Serve deployment, mounted under `/v1`: insights and event search.
 
-from __future__ import annotations
+Every route takes a Bearer key with the role `reader` or `admin`, and every
+query is scoped to that key's tenant: the tenant is never a parameter. IRIs
+are query parameters. Errors are RFC 7807 problems, never a 5xx for bad input.
+"""
 
-from fastapi import FastAPI
+import asyncio
+import base64
+import binascii
+import logging
+from datetime import datetime
+from typing import Any
+
+import orjson
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+from pydantic import BaseModel
 from ray import serve
 
 from lap import __version__
+from lap.auth import KeyCache, Principal, bearer_token
 from lap.health import HEALTH_RESPONSES, CachedHealth, HealthReport, health_reply
 from lap.settings import load_settings
+from lap.sinks.index import index_name, open_opensearch
+from lap.sinks.store import create_pool
+
+log = logging.getLogger("lap.output")
+
+PROBLEM_JSON = "application/problem+json"
+MAX_LIMIT = 1000
 
 app = FastAPI(
     title="LAP Output API",
     version=__version__,
-    description="Per-learner and per-course insights, event search, audit and replay.",
+    description="Per-learner and per-course insights and event search, scoped to the caller's tenant.",
 )
 
 
+class Problem(Exception):
+    def __init__(self, status: int, title: str, detail: str, headers: dict[str, str] | None = None):
+        super().__init__(detail)
+        self.status, self.title, self.detail, self.headers = status, title, detail, headers or {}
+
+
+def problem_response(problem: Problem) -> Response:
+    body = {"type": f"urn:lap:problem:{problem.status}", "title": problem.title, "status": problem.status,
+            "detail": problem.detail}
+    return Response(orjson.dumps(body), status_code=problem.status, media_type=PROBLEM_JSON, headers=problem.headers)
+
+
+@app.exception_handler(Problem)
+async def _on_problem(request: Request, exc: Problem) -> Response:
+    return problem_response(exc)
+
+
+@app.exception_handler(RequestValidationError)
+async def _on_bad_parameters(request: Request, exc: RequestValidationError) -> Response:
+    errors = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:]) or e['loc'][0]}: {e['msg']}" for e in exc.errors())
+    return problem_response(Problem(400, "Bad Request", errors or "invalid parameters"))
+
+
+_PROBLEMS = {s: {"content": {PROBLEM_JSON: {"schema": {"type": "object"}}}} for s in (400, 401, 403, 404, 503)}
+
+
+# --- response models -------------------------------------------------------------------
+
+
+class Scores(BaseModel):
+    count: int
+    sum: float
+    max: float | None
+    mean: float | None
+
+
+class CourseFigures(BaseModel):
+    course: str | None
+    events: int
+    actions: dict[str, int]
+    submissions: int
+    scores: Scores
+    time_on_task_s: float
+    first_active: datetime
+    last_active: datetime
+
+
+class LearnerSummary(BaseModel):
+    learner: str
+    courses: list[CourseFigures]
+
+
+class CourseLearner(BaseModel):
+    learner: str
+    events: int
+    submissions: int
+    score_mean: float | None
+    time_on_task_s: float
+    last_active: datetime
+
+
+class CourseLearners(BaseModel):
+    course: str
+    learners: list[CourseLearner]
+    next_cursor: str | None
+
+
+class EventHit(BaseModel):
+    event_id: str
+    type: str | None
+    action: str | None
+    actor: str | None
+    object: str | None
+    course: str | None
+    sensor: str | None
+    event_time: str | None
+    received_at: str | None
+    event: dict[str, Any]
+
+
+class EventPage(BaseModel):
+    events: list[EventHit]
+    next_cursor: str | None
+
+
+# --- helpers ---------------------------------------------------------------------------
+
+NO_SCORE = -1e308  # sorts a learner without scores below every mean (a finite value, so it fits a JSON cursor)
+# sort name -> (SQL expression over the per-learner row, SQL type of its cursor value)
+COURSE_LEARNER_SORTS = {
+    "events": ("events", "bigint"),
+    "submissions": ("submissions", "bigint"),
+    "score_mean": (f"coalesce(score_mean, {NO_SCORE})", "float8"),
+    "time_on_task_s": ("time_on_task_s", "float8"),
+    "last_active": ("last_active", "timestamptz"),
+    "learner": ("learner", "text"),
+}
+
+
+def encode_cursor(values: list[Any]) -> str:
+    return base64.urlsafe_b64encode(orjson.dumps(values)).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str, length: int) -> list[Any]:
+    try:
+        values = orjson.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+    except (binascii.Error, ValueError, orjson.JSONDecodeError):
+        values = None
+    if not isinstance(values, list) or len(values) != length:
+        raise Problem(400, "Bad Request", "cursor is not one this API handed out; start again without it")
+    return values
+
+
+def course_of(value: str) -> str | None:
+    return value or None  # stored as '' when the events had no group
+
+
+def summary_rows(rows, actions) -> list[CourseFigures]:
+    by_course: dict[str, dict[str, int]] = {}
+    for a in actions:
+        by_course.setdefault(a["course"], {})[a["action"]] = int(a["n"])
+    out = []
+    for r in rows:
+        count = int(r["score_count"])
+        out.append(CourseFigures(
+            course=course_of(r["course"]), events=int(r["events"]), actions=by_course.get(r["course"], {}),
+            submissions=int(r["submissions"]),
+            scores=Scores(count=count, sum=r["score_sum"], max=r["score_max"],
+                          mean=(r["score_sum"] / count) if count else None),
+            time_on_task_s=r["time_on_task_s"], first_active=r["first_active"], last_active=r["last_active"]))
+    return out
+
+
+def hit(source: dict[str, Any]) -> EventHit:
+    return EventHit(event_id=source["event_id"], type=source.get("type"), action=source.get("action"),
+                    actor=source.get("actor"), object=source.get("object"), course=source.get("course"),
+                    sensor=source.get("sensor"), event_time=source.get("event_time"),
+                    received_at=source.get("received_at"), event=source.get("event") or {})
+
+
+# Everything the class uses must be defined above it: Serve pickles the class when it is decorated.
 @serve.deployment(max_ongoing_requests=32)
 @serve.ingress(app)
 class OutputAPI:
     def __init__(self) -> None:
         self.settings = load_settings()
         self.health = CachedHealth(self.settings)
+        self._pool = None
+        self._keys: KeyCache | None = None
+        self._search = None
+        self._lock = asyncio.Lock()
 
-    @app.get("/healthz", response_model=HealthReport,
-             responses=HEALTH_RESPONSES)
+    async def _open(self) -> None:
+        async with self._lock:
+            if self._pool is None:
+                self._pool = await create_pool(self.settings)
+                self._keys = KeyCache(self._pool, self.settings.auth.key_cache_ttl_s)
+                self._search = open_opensearch(self.settings)
+
+    async def caller(self, request: Request) -> Principal:
+        """The reader or admin key's principal; its tenant scopes every query."""
+        try:
+            await self._open()
+            token = bearer_token(request.headers.get("authorization"))
+            principal = await self._keys.principal(token) if token else None
+        except Exception as exc:
+            log.error("cannot check the key: %s", exc)
+            raise Problem(503, "Service Unavailable", "LAP cannot check keys now; retry later",
+                          {"Retry-After": "5"}) from None
+        if principal is None:
+            raise Problem(401, "Unauthorized", "send a reader or admin key as `Authorization: Bearer <token>`",
+                          {"WWW-Authenticate": 'Bearer realm="lap", error="invalid_token"'})
+        if principal.role not in ("reader", "admin"):
+            raise Problem(403, "Forbidden", f"a {principal.role} key cannot read; use a reader or admin key")
+        return principal
+
+    @app.get("/healthz", response_model=HealthReport, responses=HEALTH_RESPONSES)
     async def healthz(self):
         return await health_reply(self.health)
+
+    @app.get("/learner-summary", response_model=LearnerSummary, responses=_PROBLEMS,
+             summary="A learner's figures for each course")
+    async def learner_summary(self, request: Request,
+                              learner: str = Query(..., min_length=1, max_length=2000, description="learner IRI"),
+                              course: str | None = Query(None, min_length=1, max_length=2000)):
+        tenant = (await self.caller(request)).tenant
+        async with self._pool.acquire() as conn:
+            rows = await conn.fetch(
+                """SELECT course, sum(events) AS events, sum(submissions) AS submissions,
+                          sum(score_count) AS score_count, sum(score_sum) AS score_sum, max(score_max) AS score_max,
+                          sum(time_on_task_s) AS time_on_task_s, min(first_active) AS first_active,
+                          max(last_active) AS last_active
+                     FROM learner_days
+                    WHERE tenant = $1 AND learner = $2 AND ($3::text IS NULL OR course = $3)
+                    GROUP BY course ORDER BY course""", tenant, learner, course)
+            actions = await conn.fetch(
+                """SELECT course, action, sum(count) AS n FROM learner_day_actions
+                    WHERE tenant = $1 AND learner = $2 AND ($3::text IS NULL OR course = $3)
+                    GROUP BY course, action""", tenant, learner, course)
+        if not rows:
+            raise Problem(404, "Not Found", "no events of this learner" + (" in this course" if course else ""))
+        return LearnerSummary(learner=learner, courses=summary_rows(rows, actions))
+
+    @app.get("/course-learners", response_model=CourseLearners, responses=_PROBLEMS,
+             summary="One row per learner of a course, sorted and paged")
+    async def course_learners(
+        self, request: Request,
+        course: str = Query(..., min_length=1, max_length=2000, description="course (group) IRI"),
+        sort: str = Query("-events", description="events, submissions, score_mean, time_on_task_s, last_active "
+                                                 "or learner; a leading '-' sorts descending"),
+        limit: int = Query(100, ge=1, le=MAX_LIMIT),
+        cursor: str | None = Query(None, max_length=4000, description="next_cursor of the previous page"),
+    ):
+        tenant = (await self.caller(request)).tenant
+        descending = sort.startswith("-")
+        key = sort.lstrip("-")
+        if key not in COURSE_LEARNER_SORTS:
+            raise Problem(400, "Bad Request", f"sort {sort!r} is not one of: {', '.join(COURSE_LEARNER_SORTS)} "
+                                              "(with an optional leading '-')")
+        expr, sql_type = COURSE_LEARNER_SORTS[key]
+        after = ""
+        args: list[Any] = [tenant, course, limit + 1]
+        if cursor:
+            value, last_learner = decode_cursor(cursor, 2)
+            if sql_type == "timestamptz":
+                try:
+                    value = datetime.fromisoformat(value)
+                except (TypeError, ValueError):
+                    raise Problem(400, "Bad Request", "cursor is not one this API handed out") from None
+            elif sql_type == "text" and not isinstance(value, str) or \
+                    sql_type != "text" and not isinstance(value, (int, float)):
+                raise Problem(400, "Bad Request", "cursor does not match this sort; start again without it")
+            args += [value, str(last_learner)]
+            op = "<" if descending else ">"
+            after = f"WHERE ({expr} {op} $4::{sql_type} OR ({expr} = $4::{sql_type} AND learner > $5))"
+        order = f"{expr} {'DESC' if descending else 'ASC'}, learner ASC"
+        async with self._pool.acquire() as conn:
+            rows = await conn.fetch(
+                f"""SELECT * FROM (
+                        SELECT learner, sum(events)::bigint AS events, sum(submissions)::bigint AS submissions,
+                               sum(score_sum) / nullif(sum(score_count), 0) AS score_mean,
+                               sum(time_on_task_s) AS time_on_task_s, max(last_active) AS last_active
+                          FROM learner_days WHERE tenant = $1 AND course = $2 GROUP BY learner) AS t
+                    {after} ORDER BY {order} LIMIT $3""", *args)
+        page = rows[:limit]
+        next_cursor = None
+        if len(rows) > limit:
+            last = page[-1]
+            value = {"events": last["events"], "submissions": last["submissions"],
+                     "score_mean": last["score_mean"] if last["score_mean"] is not None else NO_SCORE,
+                     "time_on_task_s": last["time_on_task_s"], "last_active": last["last_active"].isoformat(),
+                     "learner": last["learner"]}[key]
+            next_cursor = encode_cursor([value, last["learner"]])
+        return CourseLearners(course=course, next_cursor=next_cursor, learners=[
+            CourseLearner(learner=r["learner"], events=int(r["events"]), submissions=int(r["submissions"]),
+                          score_mean=r["score_mean"], time_on_task_s=r["time_on_task_s"],
+                          last_active=r["last_active"]) for r in page])
+
+    @app.get("/events/{event_id:path}", response_model=EventHit, responses=_PROBLEMS, summary="One event")
+    async def event(self, request: Request, event_id: str):
+        tenant = (await self.caller(request)).tenant
+        try:
+            reply = await self._search.get(index=index_name(self.settings, tenant), id=event_id, ignore=[404])
+        except Exception as exc:
+            log.warning("event lookup failed: %s", exc)
+            raise Problem(503, "Service Unavailable", "the search index is not reachable; retry later",
+                          {"Retry-After": "5"}) from None
+        if not reply.get("found"):
+            raise Problem(404, "Not Found", "no such event (or it is not indexed yet)")
+        return hit(reply["_source"])
+
+    @app.get("/events", response_model=EventPage, responses=_PROBLEMS,
+             summary="Search events; newest first, paged with search_after")
+    async def events(
+        self, request: Request,
+        actor: str | None = Query(None, max_length=2000), type: str | None = Query(None, max_length=200),  # noqa: A002
+        action: str | None = Query(None, max_length=200), object: str | None = Query(None, max_length=2000),  # noqa: A002
+        group: str | None = Query(None, max_length=2000), sensor: str | None = Query(None, max_length=2000),
+        start: datetime | None = Query(None, description="event time from (included), ISO 8601"),
+        end: datetime | None = Query(None, description="event time to (excluded), ISO 8601"),
+        limit: int = Query(100, ge=1, le=MAX_LIMIT),
+        cursor: str | None = Query(None, max_length=4000),
+    ):
+        tenant = (await self.caller(request)).tenant
+        filters: list[dict] = [{"term": {"tenant": tenant}}]
+        for field, value in (("actor", actor), ("type", type), ("action", action), ("object", object),
+                             ("course", group), ("sensor", sensor)):
+            if value is not None:
+                filters.append({"term": {field: value}})
+        if start or end:
+            if start and end and end <= start:
+                raise Problem(400, "Bad Request", "end must be after start")
+            span = {}
+            if start:
+                span["gte"] = start.isoformat()
+            if end:
+                span["lt"] = end.isoformat()
+            filters.append({"range": {"event_time": span}})
+        body: dict[str, Any] = {"size": limit, "query": {"bool": {"filter": filters}},
+                                "sort": [{"event_time": "desc"}, {"event_id": "asc"}]}
+        if cursor:
+            body["search_after"] = decode_cursor(cursor, 2)
+        try:
+            reply = await self._search.search(index=index_name(self.settings, tenant), body=body,
+                                              ignore_unavailable=True)
+        except Exception as exc:
+            log.warning("event search failed: %s", exc)
+            raise Problem(503, "Service Unavailable", "the search index is not reachable; retry later",
+                          {"Retry-After": "5"}) from None
+        hits = reply.get("hits", {}).get("hits", [])
+        next_cursor = encode_cursor(hits[-1]["sort"]) if len(hits) == limit and "sort" in hits[-1] else None
+        return EventPage(events=[hit(h["_source"]) for h in hits], next_cursor=next_cursor)
+

@@ -134,6 +134,10 @@ class BatchWriter:
                 log.warning("shard %s: an id of batch %s was committed meanwhile; redoing it", self.shard_id, first)
                 await asyncio.sleep(0.1 * (attempt + 1))
                 continue
+            except asyncpg.exceptions.DeadlockDetectedError:  # rolled back as a whole: simply commit again
+                log.warning("shard %s: batch %s hit a deadlock; committing it again", self.shard_id, first)
+                await asyncio.sleep(0.1 * (attempt + 1))
+                continue
             describes = sum(1 for r in kept if r.meta.get("kind") == "entity")
             return BatchResult(first, last, len(records), len(kept), len(kept) - describes, describes,
                                len(duplicates), undecodable, list(keys))
@@ -256,11 +260,15 @@ def stage_rows(shard_id: str, kept: list[Decoded], duplicates: list[Decoded]) ->
             add(record, "describes")
     for record in duplicates:
         add(record, "duplicates")
-    return [(*key, n) for key, n in counts.items()]
+    return sorted((*key, n) for key, n in counts.items())  # in key order: no deadlock between shards
 
 
 async def write_aggregates(conn: asyncpg.Connection, agg: Aggregates) -> None:
     """Add a batch's figures to the aggregate tables (sums add, max/min keep the extreme).
+
+    Consumers of different shards update the same course rows: every statement
+    takes its row locks in key order (ORDER BY), so two commits wait for each
+    other instead of deadlocking.
 
     Each column list goes as one array: the times are naive UTC, hence AT TIME
     ZONE 'UTC', and a NaN score_max means no score, hence NULLIF.
@@ -278,6 +286,7 @@ async def write_aggregates(conn: asyncpg.Connection, agg: Aggregates) -> None:
                              $12::timestamp[], $13::timestamp[])
                       AS x(tenant, learner, course, day, events, submissions, score_count, score_sum, score_max,
                            max_score_sum, time_on_task_s, first_active, last_active)
+                ORDER BY tenant, learner, course, day
                ON CONFLICT (tenant, learner, course, day) DO UPDATE SET
                    events = t.events + excluded.events,
                    submissions = t.submissions + excluded.submissions,
@@ -293,17 +302,20 @@ async def write_aggregates(conn: asyncpg.Connection, agg: Aggregates) -> None:
         await conn.execute(
             """INSERT INTO learner_day_actions AS t (tenant, learner, course, day, action, count)
                SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::date[], $5::text[], $6::bigint[])
+                ORDER BY 1, 2, 3, 4, 5
                ON CONFLICT (tenant, learner, course, day, action) DO UPDATE SET count = t.count + excluded.count""",
             *agg.learner_day_actions.values())
     if agg.course_days["tenant"]:
         await conn.execute(
             """INSERT INTO course_days AS t (tenant, course, day, events)
                SELECT * FROM unnest($1::text[], $2::text[], $3::date[], $4::bigint[])
+                ORDER BY 1, 2, 3
                ON CONFLICT (tenant, course, day) DO UPDATE SET events = t.events + excluded.events""",
             *agg.course_days.values())
     if agg.course_hours_of_week["tenant"]:
         await conn.execute(
             """INSERT INTO course_hours_of_week AS t (tenant, course, hour_of_week, events)
                SELECT * FROM unnest($1::text[], $2::text[], $3::smallint[], $4::bigint[])
+                ORDER BY 1, 2, 3
                ON CONFLICT (tenant, course, hour_of_week) DO UPDATE SET events = t.events + excluded.events""",
             *agg.course_hours_of_week.values())

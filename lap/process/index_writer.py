@@ -168,7 +168,7 @@ class IndexWriter:
                        ON CONFLICT (tenant, event_id) DO UPDATE
                           SET batch_id = excluded.batch_id, status = excluded.status, reason = excluded.reason,
                               failed_at = now()""", failures)
-            await conn.executemany(ADD_STAGE_COUNT, [(*k, n) for k, n in counts.items()])
+            await conn.executemany(ADD_STAGE_COUNT, sorted((*k, n) for k, n in counts.items()))
             # compare-and-set: if the cursor was reset meanwhile, this batch's counts must not stand
             if cursor is None:
                 moved = await conn.execute(

@@ -1,0 +1,151 @@
+"""The Output API on the session's LAP: figures equal to what was sent, paging, bad parameters, tenant isolation."""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+
+import httpx
+import pytest
+
+from tests.conftest import run_lap
+from tests.test_pipeline import envelopes, expected_records, make_events, new_tenant, send, wait_for
+
+
+def key(lap_up, tenant: str, role: str) -> str:
+    return run_lap("keys", "create", "--tenant", tenant, "--role", role, config=lap_up.config).stdout.strip()
+
+
+def get(settings, token: str | None, path: str, **params) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    return httpx.get(f"{settings.api_url}/v1{path}", params=params, headers=headers, timeout=30)
+
+
+@pytest.fixture(scope="module")
+async def two_tenants(lap_up, settings):
+    """Tenant A with events (drained and indexed), tenant B with other events; a reader key for each."""
+    from lap.sinks.store import connect
+
+    a, a_sensor = new_tenant(lap_up)
+    b, b_sensor = new_tenant(lap_up)
+    a_events, b_events = make_events(400, learners=25, courses=3), make_events(100, learners=10, courses=2)
+    send(settings, a_sensor, envelopes(a_events))
+    send(settings, b_sensor, envelopes(b_events))
+    conn = await connect(settings)
+    try:
+        await wait_for(conn, a, {"archived": 400, "indexed": 400}, timeout=180)
+        await wait_for(conn, b, {"archived": 100, "indexed": 100}, timeout=180)
+    finally:
+        await conn.close()
+    return {"a": a, "b": b, "a_events": a_events, "b_events": b_events,
+            "a_reader": key(lap_up, a, "reader"), "b_reader": key(lap_up, b, "reader"), "a_sensor": a_sensor}
+
+
+def test_learner_summary_matches_what_was_sent(settings, two_tenants):
+    records = expected_records(two_tenants["a"], two_tenants["a_events"])
+    learner = Counter(r["meta"]["learner"] for r in records).most_common(1)[0][0]
+    mine = [r for r in records if r["meta"]["learner"] == learner]
+    reply = get(settings, two_tenants["a_reader"], "/learner-summary", learner=learner)
+    assert reply.status_code == 200, reply.text
+    body = reply.json()
+    courses = {c["course"]: c for c in body["courses"]}
+    by_course: dict = defaultdict(list)
+    for r in mine:
+        by_course[r["meta"]["course"]].append(r)
+    assert set(courses) == set(by_course)
+    for course, rs in by_course.items():
+        figures = courses[course]
+        assert figures["events"] == len(rs)
+        assert figures["actions"] == dict(Counter(r["meta"]["action"] for r in rs))
+        assert figures["submissions"] == sum(1 for r in rs if r["meta"]["type"] == "AssessmentEvent"
+                                             and r["meta"]["action"] == "Submitted")
+        graded = [r["item"]["generated"]["scoreGiven"] for r in rs
+                  if r["meta"]["type"] == "GradeEvent" and r["meta"]["action"] == "Graded"
+                  and isinstance(r["item"].get("generated"), dict) and "scoreGiven" in r["item"]["generated"]]
+        assert figures["scores"]["count"] == len(graded)
+        if graded:
+            assert figures["scores"]["max"] == max(graded)
+            assert figures["scores"]["mean"] == pytest.approx(sum(graded) / len(graded))
+    one = next(c for c in by_course if c)
+    only = get(settings, two_tenants["a_reader"], "/learner-summary", learner=learner, course=one).json()
+    assert [c["course"] for c in only["courses"]] == [one]
+
+
+def test_course_learners_pages_through_every_learner_once(settings, two_tenants):
+    records = expected_records(two_tenants["a"], two_tenants["a_events"])
+    course = Counter(r["meta"]["course"] for r in records if r["meta"]["course"]).most_common(1)[0][0]
+    expected = Counter(r["meta"]["learner"] for r in records if r["meta"]["course"] == course)
+    for sort in ("-events", "learner", "score_mean", "-last_active"):
+        seen, cursor = [], None
+        for _ in range(50):
+            params = {"course": course, "limit": 4, "sort": sort} | ({"cursor": cursor} if cursor else {})
+            reply = get(settings, two_tenants["a_reader"], "/course-learners", **params)
+            assert reply.status_code == 200, reply.text
+            body = reply.json()
+            seen += body["learners"]
+            cursor = body["next_cursor"]
+            if cursor is None:
+                break
+        assert Counter(r["learner"] for r in seen) == Counter(set(expected)), sort
+        assert {r["learner"]: r["events"] for r in seen} == dict(expected)
+        if sort == "-events":
+            assert [r["events"] for r in seen] == sorted((r["events"] for r in seen), reverse=True)
+
+
+def test_event_search_pages_and_filters(settings, two_tenants):
+    events = two_tenants["a_events"]
+    seen, cursor = [], None
+    for _ in range(20):
+        params = {"limit": 50} | ({"cursor": cursor} if cursor else {})
+        body = get(settings, two_tenants["a_reader"], "/events", **params).json()
+        seen += [e["event_id"] for e in body["events"]]
+        cursor = body["next_cursor"]
+        if cursor is None:
+            break
+    assert sorted(seen) == sorted(e["id"] for e in events)
+    kind = events[0]["type"]
+    typed = get(settings, two_tenants["a_reader"], "/events", type=kind, limit=1000).json()["events"]
+    assert {e["event_id"] for e in typed} == {e["id"] for e in events if e["type"] == kind}
+    one = get(settings, two_tenants["a_reader"], f"/events/{events[0]['id']}")
+    assert one.status_code == 200 and one.json()["event"]["id"] == events[0]["id"]
+
+
+def test_no_route_shows_another_tenants_data(settings, two_tenants):
+    b_reader = two_tenants["b_reader"]
+    a_records = expected_records(two_tenants["a"], two_tenants["a_events"])
+    a_learner = a_records[0]["meta"]["learner"]
+    a_course = next(r["meta"]["course"] for r in a_records if r["meta"]["course"])
+    a_event = two_tenants["a_events"][0]["id"]
+    # tenant B's own data is there ...
+    assert get(settings, b_reader, "/events", limit=1).json()["events"]
+    # ... and none of A's, whatever the parameters
+    assert get(settings, b_reader, "/learner-summary", learner=a_learner).status_code == 404
+    assert get(settings, b_reader, "/course-learners", course=a_course).json()["learners"] == []
+    assert get(settings, b_reader, f"/events/{a_event}").status_code == 404
+    assert get(settings, b_reader, "/events", actor=a_records[0]["item"]["actor"]["id"]).json()["events"] == []
+    found = get(settings, b_reader, "/events", limit=1000).json()["events"]
+    assert not {e["event_id"] for e in found} & {e["id"] for e in two_tenants["a_events"]}
+
+
+@pytest.mark.parametrize("path,params,status", [
+    ("/learner-summary", {}, 400),
+    ("/course-learners", {"course": "x", "sort": "nope"}, 400),
+    ("/course-learners", {"course": "x", "limit": 0}, 400),
+    ("/course-learners", {"course": "x", "limit": 100000}, 400),
+    ("/course-learners", {"course": "x", "cursor": "not-a-cursor"}, 400),
+    ("/course-learners", {"course": "x", "sort": "last_active", "cursor": "WzEsImEiXQ"}, 400),
+    ("/events", {"start": "2026-10-02T00:00:00Z", "end": "2026-10-01T00:00:00Z"}, 400),
+    ("/events", {"start": "yesterday"}, 400),
+    ("/events", {"cursor": "%%%"}, 400),
+])
+def test_bad_parameters_get_a_clear_4xx(settings, two_tenants, path, params, status):
+    reply = get(settings, two_tenants["a_reader"], path, **params)
+    assert reply.status_code == status, reply.text
+    assert reply.headers["content-type"].startswith("application/problem+json")
+    assert reply.json()["detail"]
+
+
+def test_keys_and_roles(settings, two_tenants):
+    missing = get(settings, None, "/events")
+    assert missing.status_code == 401 and missing.headers["www-authenticate"].startswith("Bearer")
+    assert get(settings, "lap_nope_nope", "/events").status_code == 401
+    assert get(settings, two_tenants["a_sensor"], "/events").status_code == 403  # a sensor key cannot read
