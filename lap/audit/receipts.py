@@ -17,7 +17,7 @@ import asyncpg
 
 log = logging.getLogger("lap.receipts")
 
-COLUMNS = ("event_id", "tenant", "sensor", "shard_id", "sequence_number", "received_at", "request_id")
+COLUMNS = ("event_id", "tenant", "sensor", "shard_id", "sequence_number", "received_at", "request_id", "kind")
 ADD_ACCEPTED = """
 INSERT INTO stage_counts (tenant, sensor, shard_id, received_hour, stage, events)
 VALUES ($1, $2, $3, $4, 'accepted', $5)
@@ -29,7 +29,7 @@ DO UPDATE SET events = stage_counts.events + excluded.events
 def accepted_counts(rows: list[tuple]) -> list[tuple]:
     """The receipts counted per tenant, sensor, shard and hour: the `accepted` stage of the audit."""
     counts: dict[tuple, int] = {}
-    for _, tenant, sensor, shard_id, _, received_at, _ in rows:
+    for _, tenant, sensor, shard_id, _, received_at, _, _ in rows:
         key = (tenant, sensor, shard_id, received_at.replace(minute=0, second=0, microsecond=0))
         counts[key] = counts.get(key, 0) + 1
     return sorted((*key, n) for key, n in counts.items())  # in key order: replicas never deadlock
@@ -45,11 +45,12 @@ class ReceiptWriter:
         self.dropped = 0
 
     def add(self, event_id: str, tenant: str, sensor: str, shard_id: str, sequence_number: str,
-            received_at: datetime, request_id: str) -> None:
+            received_at: datetime, request_id: str, kind: str = "event") -> None:
         if len(self._rows) >= self.max_buffered:  # Postgres has been away for long: keep memory bounded
             self.dropped += 1
             return
-        self._rows.append((event_id, tenant, sensor, shard_id, Decimal(sequence_number), received_at, request_id))
+        self._rows.append((event_id, tenant, sensor, shard_id, Decimal(sequence_number), received_at, request_id,
+                           kind))
 
     def start(self) -> None:
         if self._task is None:

@@ -333,7 +333,7 @@ class IngestAPI:
 
         for item, receipt in zip(envelope.items, receipts):
             deps.receipts.add(item.id, principal.tenant, envelope.sensor, receipt.shard_id,
-                              receipt.sequence_number, received_at, request_id)
+                              receipt.sequence_number, received_at, request_id, item.kind)
         if "return=representation" in request.headers.get("prefer", ""):
             return Response(orjson.dumps({"request_id": request_id, "receipts": [
                 {"event_id": item.id, "shard_id": r.shard_id, "sequence_number": r.sequence_number}

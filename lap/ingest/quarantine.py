@@ -67,13 +67,19 @@ class Quarantine:
         except Exception as exc:
             log.error("quarantine: could not store %s: %s", key, exc)
         try:
-            await self.pool.execute(
-                """INSERT INTO quarantine_counts (tenant, sensor, day, status, count, bytes)
-                   VALUES ($1, $2, $3, $4, 1, $5)
-                   ON CONFLICT (tenant, sensor, day, status)
-                   DO UPDATE SET count = quarantine_counts.count + 1, bytes = quarantine_counts.bytes + $5""",
-                tenant, sensor, received_at.date(), status, len(body),
-            )
+            async with self.pool.acquire() as conn, conn.transaction():
+                await conn.execute(
+                    """INSERT INTO quarantined (request_id, tenant, sensor, received_at, status, title, problems,
+                                                payload_bytes, object_key)
+                       VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb, $8, $9) ON CONFLICT (request_id) DO NOTHING""",
+                    request_id, tenant, sensor, received_at, status, title, orjson.dumps(problems).decode(),
+                    len(body), key)
+                await conn.execute(
+                    """INSERT INTO quarantine_counts (tenant, sensor, day, status, count, bytes)
+                       VALUES ($1, $2, $3, $4, 1, $5)
+                       ON CONFLICT (tenant, sensor, day, status)
+                       DO UPDATE SET count = quarantine_counts.count + 1, bytes = quarantine_counts.bytes + $5""",
+                    tenant, sensor, received_at.date(), status, len(body))
         except Exception as exc:
             log.error("quarantine: could not count request %s: %s", request_id, exc)
 

@@ -9,7 +9,8 @@ import asyncio
 import base64
 import binascii
 import logging
-from datetime import datetime
+from contextlib import AsyncExitStack
+from datetime import datetime, timedelta
 from typing import Any
 
 import orjson
@@ -20,7 +21,9 @@ from pydantic import BaseModel
 from ray import serve
 
 from lap import __version__
+from lap.audit.reconcile import Reconciler, Window
 from lap.auth import KeyCache, Principal, bearer_token
+from lap.aws import open_client
 from lap.health import HEALTH_RESPONSES, CachedHealth, HealthReport, health_reply
 from lap.settings import load_settings
 from lap.sinks.index import index_name, open_opensearch
@@ -123,7 +126,64 @@ class EventPage(BaseModel):
     next_cursor: str | None
 
 
+class ReconcileReport(BaseModel):
+    start: datetime
+    end: datetime
+    sensor: str | None
+    accepted: int
+    duplicates: int
+    quarantined: int
+    describes: int
+    archived: int
+    aggregated: int
+    indexed: int
+    missing: dict[str, int]
+    retention_lost: int
+    complete: bool
+    missing_ids: dict[str, list[str]] | None = None
+    next_cursor: str | None = None
+
+
+class ShardAudit(BaseModel):
+    shard_id: str
+    parent_ids: list[str]
+    finished: bool
+    checkpoint: str | None
+    indexed_to: str | None
+    lag_ms: int | None
+    counts: dict[str, int]
+
+
+class QuarantineEntry(BaseModel):
+    request_id: str
+    sensor: str
+    received_at: datetime
+    status: int
+    title: str
+    problems: list[dict[str, Any]]
+    payload_bytes: int
+    object_key: str
+
+
+class QuarantinePage(BaseModel):
+    entries: list[QuarantineEntry]
+    next_cursor: str | None
+
+
 # --- helpers ---------------------------------------------------------------------------
+
+MAX_WINDOW = timedelta(days=31)
+
+
+def check_window(start: datetime, end: datetime) -> None:
+    for name, value in (("start", start), ("end", end)):
+        if value.tzinfo is None:
+            raise Problem(400, "Bad Request", f"{name} must carry a timezone, e.g. 2026-11-27T00:00:00Z")
+    if end <= start:
+        raise Problem(400, "Bad Request", "end must be after start (start is included, end excluded)")
+    if end - start > MAX_WINDOW:
+        raise Problem(400, "Bad Request", f"the window is over {MAX_WINDOW.days} days; reconcile it in parts")
+
 
 NO_SCORE = -1e308  # sorts a learner without scores below every mean (a finite value, so it fits a JSON cursor)
 # sort name -> (SQL expression over the per-learner row, SQL type of its cursor value)
@@ -196,6 +256,8 @@ class OutputAPI:
                 self._pool = await create_pool(self.settings)
                 self._keys = KeyCache(self._pool, self.settings.auth.key_cache_ttl_s)
                 self._search = open_opensearch(self.settings)
+                self._clients = AsyncExitStack()
+                self._s3 = await open_client(self._clients, self.settings, "s3")
 
     async def caller(self, request: Request) -> Principal:
         """The reader or admin key's principal; its tenant scopes every query."""
@@ -295,6 +357,92 @@ class OutputAPI:
             CourseLearner(learner=r["learner"], events=int(r["events"]), submissions=int(r["submissions"]),
                           score_mean=r["score_mean"], time_on_task_s=r["time_on_task_s"],
                           last_active=r["last_active"]) for r in page])
+
+    @app.get("/audit/reconcile", response_model=ReconcileReport, responses=_PROBLEMS,
+             summary="What each stage holds of the events received in a window, and what is missing")
+    async def reconcile(
+        self, request: Request,
+        start: datetime = Query(..., description="received from (included), ISO 8601 with a timezone"),
+        end: datetime = Query(..., description="received until (excluded)"),
+        sensor: str | None = Query(None, max_length=2000),
+        detail: str | None = Query(None, pattern="^ids$", description="`ids`: list the missing ids per stage"),
+        limit: int = Query(1000, ge=1, le=10_000, description="missing ids per stage and page"),
+        cursor: str | None = Query(None, max_length=4000),
+    ):
+        tenant = (await self.caller(request)).tenant
+        check_window(start, end)
+        after: dict[str, str] = {}
+        if cursor:
+            values = decode_cursor(cursor, 3)
+            if not all(isinstance(v, str) for v in values):
+                raise Problem(400, "Bad Request", "cursor is not one this API handed out")
+            after = dict(zip(("archive", "aggregate", "index"), values))
+        try:
+            result = await Reconciler(self.settings, self._pool, self._s3, self._search).run(
+                Window(tenant, start, end, sensor), with_ids=detail == "ids", limit=limit, after=after)
+        except Exception as exc:
+            log.warning("reconcile failed: %s", exc)
+            raise Problem(503, "Service Unavailable", f"reconcile could not reach a store ({type(exc).__name__}); "
+                          "retry later", {"Retry-After": "5"}) from None
+        next_cursor = None
+        if result.missing_ids and any(len(ids) == limit for ids in result.missing_ids.values()):
+            next_cursor = encode_cursor([ids[-1] if ids else after.get(stage, "\uffff")
+                                         for stage, ids in result.missing_ids.items()])
+        return ReconcileReport(start=start, end=end, sensor=sensor, next_cursor=next_cursor, **result.as_dict())
+
+    @app.get("/audit/shards", response_model=list[ShardAudit], responses=_PROBLEMS,
+             summary="Each shard's checkpoint, lag, and this tenant's events per stage")
+    async def audit_shards(self, request: Request):
+        tenant = (await self.caller(request)).tenant
+        async with self._pool.acquire() as conn:
+            shards = await conn.fetch(
+                """SELECT c.shard_id, c.parent_ids, c.finished, c.sequence_number, i.last_seq, s.lag_ms
+                     FROM shard_checkpoints c
+                     LEFT JOIN index_cursors i ON i.stream = c.stream AND i.shard_id = c.shard_id
+                     LEFT JOIN shard_status s ON s.stream = c.stream AND s.shard_id = c.shard_id
+                    WHERE c.stream = $1 ORDER BY c.shard_id""", self.settings.stream.name)
+            counts = await conn.fetch(
+                """SELECT shard_id, stage, sum(events)::bigint AS n FROM stage_counts WHERE tenant = $1
+                    GROUP BY shard_id, stage""", tenant)
+        by_shard: dict[str, dict[str, int]] = {}
+        for c in counts:
+            by_shard.setdefault(c["shard_id"], {})[c["stage"]] = c["n"]
+        return [ShardAudit(shard_id=r["shard_id"], parent_ids=list(r["parent_ids"]), finished=r["finished"],
+                           checkpoint=None if r["sequence_number"] is None else str(r["sequence_number"]),
+                           indexed_to=None if r["last_seq"] is None else str(r["last_seq"]),
+                           lag_ms=r["lag_ms"], counts=by_shard.get(r["shard_id"], {})) for r in shards]
+
+    @app.get("/audit/quarantine", response_model=QuarantinePage, responses=_PROBLEMS,
+             summary="What was refused in a window, and why")
+    async def audit_quarantine(
+        self, request: Request, start: datetime = Query(...), end: datetime = Query(...),
+        sensor: str | None = Query(None, max_length=2000), limit: int = Query(100, ge=1, le=MAX_LIMIT),
+        cursor: str | None = Query(None, max_length=4000),
+    ):
+        tenant = (await self.caller(request)).tenant
+        check_window(start, end)
+        after_time, after_id = start, ""
+        if cursor:
+            when, request_id = decode_cursor(cursor, 2)
+            try:
+                after_time, after_id = datetime.fromisoformat(when), str(request_id)
+            except (TypeError, ValueError):
+                raise Problem(400, "Bad Request", "cursor is not one this API handed out") from None
+        async with self._pool.acquire() as conn:
+            rows = await conn.fetch(
+                """SELECT request_id, sensor, received_at, status, title, problems, payload_bytes, object_key
+                     FROM quarantined
+                    WHERE tenant = $1 AND received_at >= $2 AND received_at < $3 AND ($4::text IS NULL OR sensor = $4)
+                      AND (received_at, request_id) > ($5, $6)
+                    ORDER BY received_at, request_id LIMIT $7""",
+                tenant, start, end, sensor, after_time, after_id, limit + 1)
+        page = rows[:limit]
+        next_cursor = encode_cursor([page[-1]["received_at"].isoformat(), page[-1]["request_id"]]) \
+            if len(rows) > limit else None
+        return QuarantinePage(next_cursor=next_cursor, entries=[
+            QuarantineEntry(request_id=r["request_id"], sensor=r["sensor"], received_at=r["received_at"],
+                            status=r["status"], title=r["title"], problems=orjson.loads(r["problems"]),
+                            payload_bytes=r["payload_bytes"], object_key=r["object_key"]) for r in page])
 
     @app.get("/events/{event_id:path}", response_model=EventHit, responses=_PROBLEMS, summary="One event")
     async def event(self, request: Request, event_id: str):

@@ -49,3 +49,26 @@ async def list_shards(kinesis: Any, settings: Settings) -> list[dict[str, Any]]:
         if not token:
             return shards
         kwargs = {"NextToken": token}
+
+
+async def oldest_sequence(settings: Settings, shard_id: str) -> int | None:
+    """The sequence number of the oldest record a shard still holds (None: it holds none, or is gone)."""
+    from contextlib import AsyncExitStack
+
+    from lap.aws import open_client
+
+    async with AsyncExitStack() as stack:
+        kinesis = await open_client(stack, settings, "kinesis")
+        try:
+            iterator = (await kinesis.get_shard_iterator(
+                StreamName=settings.stream.name, ShardId=shard_id, ShardIteratorType="TRIM_HORIZON"))["ShardIterator"]
+        except kinesis.exceptions.ResourceNotFoundException:
+            return None
+        for _ in range(100):  # a trimmed shard can answer a few empty pages first
+            reply = await kinesis.get_records(ShardIterator=iterator, Limit=1)
+            if reply["Records"]:
+                return int(reply["Records"][0]["SequenceNumber"])
+            iterator = reply.get("NextShardIterator")
+            if not iterator or reply.get("MillisBehindLatest", 0) == 0:
+                return None
+    return None

@@ -1,0 +1,208 @@
+"""Reconcile: for a window of received time, what each stage holds of what was accepted, and what is missing.
+
+The truth per event:
+
+- accepted: the receipts (one per accepted copy; copies of one id beyond the
+  first are `duplicates`);
+- aggregated: the id has a dedup row (`seen_events`), which commits in the same
+  transaction as the aggregates;
+- archived: that row's batch names an archive object for the event's tenant and
+  hour, and the object is in S3;
+- indexed: a document with the id is in the tenant's index.
+
+Each stage should hold every accepted id once (accepted minus duplicates). An id
+missing from the aggregates whose stream record is older than the stream's
+oldest record can no longer be replayed from the stream: `retention_lost`.
+The SQL works on the window's receipts with an index on (tenant,
+received_at); the per-id lists are paged, in byte order (COLLATE "C", the
+order Python sorts in, whatever the database's locale).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from lap.settings import Settings
+from lap.sinks.index import index_name
+from lap.stream.kinesis import oldest_sequence
+
+STAGES = ("archive", "aggregate", "index")
+ID_SCAN_PAGE = 5000
+
+
+@dataclass
+class Window:
+    tenant: str
+    start: datetime
+    end: datetime
+    sensor: str | None = None
+
+
+@dataclass
+class Reconciliation:
+    accepted: int = 0
+    duplicates: int = 0
+    quarantined: int = 0
+    describes: int = 0
+    archived: int = 0
+    aggregated: int = 0
+    indexed: int = 0
+    missing: dict[str, int] = field(default_factory=dict)
+    retention_lost: int = 0
+    complete: bool = False
+    missing_ids: dict[str, list[str]] | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        out = {k: v for k, v in self.__dict__.items() if k != "missing_ids"}
+        if self.missing_ids is not None:
+            out["missing_ids"] = self.missing_ids
+        return out
+
+
+# the window's distinct ids with how they were stored; $1 tenant, $2 start, $3 end, $4 sensor
+_IDS = """
+WITH r AS (
+    SELECT event_id, kind, shard_id, sequence_number FROM receipts
+     WHERE tenant = $1 AND received_at >= $2 AND received_at < $3 AND ($4::text IS NULL OR sensor = $4)
+), ids AS (
+    SELECT event_id, count(*) AS copies, bool_or(kind = 'entity') AS describe,
+           min(shard_id) AS shard_id, min(sequence_number) AS sequence_number
+      FROM r GROUP BY event_id
+)
+"""
+
+
+class Reconciler:
+    def __init__(self, settings: Settings, pool, s3, search):
+        self.settings = settings
+        self.pool = pool
+        self.s3 = s3
+        self.search = search
+
+    async def run(self, window: Window, with_ids: bool = False, limit: int = 1000,
+                  after: dict[str, str] | None = None) -> Reconciliation:
+        """The counts for the window; with `with_ids`, up to `limit` missing ids per stage after `after`."""
+        after = after or {}
+        result = Reconciliation()
+        async with self.pool.acquire() as conn:
+            row = await conn.fetchrow(_IDS + """
+                SELECT count(*) AS ids, coalesce(sum(copies), 0) AS accepted,
+                       count(*) FILTER (WHERE describe) AS describes, count(s.event_id) AS stored
+                  FROM ids LEFT JOIN seen_events s ON s.tenant = $1 AND s.event_id = ids.event_id""",
+                *self._args(window))
+            result.quarantined = await conn.fetchval(
+                """SELECT count(*) FROM quarantined WHERE tenant = $1 AND received_at >= $2 AND received_at < $3
+                      AND ($4::text IS NULL OR sensor = $4)""", *self._args(window))
+            unarchived = await self._unarchived_ids(conn, window)
+        expected = int(row["ids"])
+        result.accepted = int(row["accepted"])
+        result.duplicates = result.accepted - expected
+        result.describes = int(row["describes"])
+        result.aggregated = int(row["stored"])
+        result.archived = result.aggregated - len(unarchived)
+        result.indexed = await self._indexed_count(window)
+        result.missing = {"archive": expected - result.archived, "aggregate": expected - result.aggregated,
+                          "index": max(0, expected - result.indexed)}
+        if result.missing["aggregate"]:
+            result.retention_lost = await self._retention_lost(window)
+        result.complete = not any(result.missing.values())
+        if with_ids:
+            # an id not aggregated is not archived either: its batch never committed (or was undone)
+            unstored = await self._unaggregated_ids(window, limit, after.get("archive", ""))
+            result.missing_ids = {
+                "archive": sorted({i for i in unarchived if i > after.get("archive", "")} | set(unstored))[:limit],
+                "aggregate": await self._unaggregated_ids(window, limit, after.get("aggregate", "")),
+                "index": await self._unindexed_ids(window, limit, after.get("index", ""))
+                if result.missing["index"] else [],
+            }
+        return result
+
+    @staticmethod
+    def _args(window: Window) -> tuple:
+        return window.tenant, window.start, window.end, window.sensor
+
+    async def _unaggregated_ids(self, window: Window, limit: int, after: str) -> list[str]:
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch(_IDS + """
+                SELECT ids.event_id FROM ids
+                 WHERE NOT EXISTS (SELECT 1 FROM seen_events s WHERE s.tenant = $1 AND s.event_id = ids.event_id)
+                   AND ids.event_id > $5 COLLATE "C"
+                 ORDER BY ids.event_id COLLATE "C" LIMIT $6""", *self._args(window), after, limit)
+        return [r["event_id"] for r in rows]
+
+    async def _unarchived_ids(self, conn, window: Window) -> set[str]:
+        """Stored ids whose archive object is not named by a manifest, or no longer in S3."""
+        rows = await conn.fetch(_IDS + """
+            SELECT ids.event_id, o.key FROM ids
+              JOIN seen_events s ON s.tenant = $1 AND s.event_id = ids.event_id
+              LEFT JOIN archive_objects o ON o.batch_id = s.batch_id AND o.tenant = $1
+                    AND o.received_hour = date_trunc('hour', s.received_at, 'UTC')""", *self._args(window))
+        keys = {r["key"] for r in rows if r["key"] is not None}
+        present = await self._keys_in_s3(keys)
+        return {r["event_id"] for r in rows if r["key"] is None or r["key"] not in present}
+
+    async def _keys_in_s3(self, keys: set[str]) -> set[str]:
+        """Which of `keys` exist, listing each tenant-and-hour prefix once (not one HEAD per object)."""
+        prefixes = {key.rsplit("/shard=", 1)[0] + "/" for key in keys}
+        present: set[str] = set()
+        paginator = self.s3.get_paginator("list_objects_v2")
+        for prefix in sorted(prefixes):
+            async for page in paginator.paginate(Bucket=self.settings.archive.bucket, Prefix=prefix):
+                present.update(o["Key"] for o in page.get("Contents", []))
+        return present & keys
+
+    def _index_query(self, window: Window) -> dict[str, Any]:
+        filters: list[dict] = [
+            {"term": {"tenant": window.tenant}},
+            {"range": {"received_at": {"gte": _iso(window.start), "lt": _iso(window.end)}}},
+        ]
+        if window.sensor:
+            filters.append({"term": {"sensor": window.sensor}})
+        return {"bool": {"filter": filters}}
+
+    async def _indexed_count(self, window: Window) -> int:
+        reply = await self.search.count(index=index_name(self.settings, window.tenant),
+                                        body={"query": self._index_query(window)}, ignore_unavailable=True)
+        return int(reply.get("count", 0))
+
+    async def _unindexed_ids(self, window: Window, limit: int, after: str) -> list[str]:
+        indexed: set[str] = set()
+        body: dict[str, Any] = {"size": ID_SCAN_PAGE, "_source": False, "query": self._index_query(window),
+                                "sort": [{"event_id": "asc"}], "docvalue_fields": ["event_id"]}
+        while True:
+            reply = await self.search.search(index=index_name(self.settings, window.tenant), body=body,
+                                             ignore_unavailable=True)
+            hits = reply.get("hits", {}).get("hits", [])
+            indexed.update(h["_id"] for h in hits)
+            if len(hits) < ID_SCAN_PAGE:
+                break
+            body["search_after"] = hits[-1]["sort"]
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch(_IDS + 'SELECT event_id FROM ids WHERE event_id > $5 COLLATE "C" '
+                                           'ORDER BY event_id COLLATE "C"', *self._args(window), after)
+        return [r["event_id"] for r in rows if r["event_id"] not in indexed][:limit]
+
+    async def _retention_lost(self, window: Window) -> int:
+        """Unaggregated ids whose stream record is older than the oldest record the stream still has."""
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch(_IDS + """
+                SELECT ids.shard_id, ids.sequence_number FROM ids
+                 WHERE NOT EXISTS (SELECT 1 FROM seen_events s WHERE s.tenant = $1 AND s.event_id = ids.event_id)""",
+                *self._args(window))
+        oldest: dict[str, int | None] = {}
+        lost = 0
+        for r in rows:
+            shard = r["shard_id"]
+            if shard not in oldest:
+                oldest[shard] = await oldest_sequence(self.settings, shard)
+            first = oldest[shard]
+            if first is None or int(r["sequence_number"]) < first:
+                lost += 1
+        return lost
+
+
+def _iso(moment: datetime) -> str:
+    return moment.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
+
