@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 from contextlib import AsyncExitStack
 from datetime import datetime, timedelta, timezone
@@ -11,10 +12,21 @@ import orjson
 import pytest
 
 from lap.aws import open_client
+from lap.process.aggregate import aggregate_python
+from lap.process.batch import write_aggregates
 from lap.samples import envelope
 from lap.sinks.index import index_name, open_opensearch
 from tests.test_output import get, key
-from tests.test_pipeline import envelopes, make_events, new_tenant, send, wait_for
+from tests.test_pipeline import (
+    archived_ids,
+    envelopes,
+    expected_records,
+    make_events,
+    new_tenant,
+    send,
+    stored_aggregates,
+    wait_for,
+)
 
 
 def window(started: datetime) -> dict[str, str]:
@@ -91,6 +103,13 @@ async def test_reconcile_finds_each_loss_by_id(settings, audited, db):
         "DELETE FROM archive_objects WHERE tenant = $1 AND batch_id = $2 RETURNING key", tenant, batch_id)]
     assert undone and undone_keys
 
+    # ... and its aggregates: the tenant's figures are those of the events still committed
+    kept_events = [e for e in audited["events"] if e["id"] not in set(undone)]
+    async with db.transaction():
+        for table in ("learner_days", "learner_day_actions", "course_days", "course_hours_of_week"):
+            await db.execute(f"DELETE FROM {table} WHERE tenant = $1", tenant)
+        await write_aggregates(db, aggregate_python(expected_records(tenant, kept_events)))
+
     # 3. an archive object of another batch vanishes from S3
     key = await db.fetchval(
         """SELECT o.key FROM archive_objects o WHERE o.tenant = $1 AND o.batch_id <> $2 ORDER BY o.key LIMIT 1""",
@@ -124,6 +143,53 @@ async def test_reconcile_finds_each_loss_by_id(settings, audited, db):
         if not cursor:
             break
     assert seen == report["missing_ids"]
+
+    # one replay (from the stream: the vanished object is in no archive) makes the window complete ...
+    first = await replay(settings, audited["admin"], audited["started"], ["archive", "aggregate", "index"], "stream")
+    assert first["status"] == "done", first
+    report = await reconcile(settings, reader, audited["started"])
+    assert report["complete"] is True, report
+    assert report["archived"] == report["aggregated"] == report["indexed"] == 301
+    await assert_aggregates(db, tenant, audited["events"])
+    # ... and a second one changes nothing
+    second = await replay(settings, audited["admin"], audited["started"], ["archive", "aggregate", "index"], "archive")
+    assert second["status"] == "done", second
+    assert second["result"]["replayed"] == {"restored": 0, "objects_rewritten": 0, "indexed": 0}
+    assert (await reconcile(settings, reader, audited["started"]))["complete"] is True
+    await assert_aggregates(db, tenant, audited["events"])
+    ids = await archived_ids(settings, db, tenant)
+    assert max(ids.values()) == 1 and len(ids) == 301
+
+
+async def assert_aggregates(db, tenant: str, events: list[dict]) -> None:
+    stored = (await stored_aggregates(db, tenant)).normalized()
+    assert stored == aggregate_python(expected_records(tenant, events)).normalized()
+
+
+async def replay(settings, admin: str, started: datetime, stages: list[str], source: str) -> dict:
+    span = window(started)
+    reply = httpx.post(f"{settings.api_url}/v1/audit/replay", timeout=30, headers={"Authorization": f"Bearer {admin}"},
+                       json={"start": span["start"], "end": span["end"], "stages": stages, "source": source})
+    assert reply.status_code == 202, reply.text
+    replay_id = reply.json()["id"]
+    for _ in range(240):
+        status = get(settings, admin, f"/audit/replay/{replay_id}").json()
+        if status["status"] != "running":
+            return status
+        await asyncio.sleep(0.5)
+    raise AssertionError(f"replay {replay_id} still running: {status}")
+
+
+def test_replay_needs_an_admin_key(settings, audited):
+    span = window(audited["started"])
+    body = {"start": span["start"], "end": span["end"], "stages": ["index"]}
+    reply = httpx.post(f"{settings.api_url}/v1/audit/replay", json=body, timeout=30,
+                       headers={"Authorization": f"Bearer {audited['reader']}"})
+    assert reply.status_code == 403
+    bad = httpx.post(f"{settings.api_url}/v1/audit/replay", json=body | {"stages": ["everything"]}, timeout=30,
+                     headers={"Authorization": f"Bearer {audited['admin']}"})
+    assert bad.status_code == 400 and bad.json()["detail"]
+    assert get(settings, audited["reader"], "/audit/replay/nope").status_code == 404
 
 
 @pytest.mark.parametrize("params", [

@@ -11,17 +11,18 @@ import binascii
 import logging
 from contextlib import AsyncExitStack
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from ray import serve
 
 from lap import __version__
 from lap.audit.reconcile import Reconciler, Window
+from lap.audit.replay import STAGES, Replayer, ReplayError, new_replay_id
 from lap.auth import KeyCache, Principal, bearer_token
 from lap.aws import open_client
 from lap.health import HEALTH_RESPONSES, CachedHealth, HealthReport, health_reply
@@ -170,6 +171,31 @@ class QuarantinePage(BaseModel):
     next_cursor: str | None
 
 
+class ReplayRequest(BaseModel):
+    start: datetime
+    end: datetime
+    stages: list[Literal["archive", "aggregate", "index"]] = Field(..., min_length=1)
+    source: Literal["archive", "stream"] = "archive"
+
+
+class ReplayAccepted(BaseModel):
+    id: str
+
+
+class ReplayStatus(BaseModel):
+    id: str
+    status: Literal["running", "done", "failed"]
+    start: datetime
+    end: datetime
+    stages: list[str]
+    source: str
+    requested_at: datetime
+    finished_at: datetime | None
+    progress: dict[str, Any]
+    result: dict[str, Any] | None
+    error: str | None
+
+
 # --- helpers ---------------------------------------------------------------------------
 
 MAX_WINDOW = timedelta(days=31)
@@ -258,6 +284,8 @@ class OutputAPI:
                 self._search = open_opensearch(self.settings)
                 self._clients = AsyncExitStack()
                 self._s3 = await open_client(self._clients, self.settings, "s3")
+                self._kinesis = await open_client(self._clients, self.settings, "kinesis")
+                self._jobs: dict[str, dict[str, Any]] = {}  # live progress of the replays this replica runs
 
     async def caller(self, request: Request) -> Principal:
         """The reader or admin key's principal; its tenant scopes every query."""
@@ -389,6 +417,65 @@ class OutputAPI:
             next_cursor = encode_cursor([ids[-1] if ids else after.get(stage, "\uffff")
                                          for stage, ids in result.missing_ids.items()])
         return ReconcileReport(start=start, end=end, sensor=sensor, next_cursor=next_cursor, **result.as_dict())
+
+    @app.post("/audit/replay", response_model=ReplayAccepted, status_code=202, responses=_PROBLEMS,
+              summary="Replay what reconcile finds missing in a window (admin keys)")
+    async def replay(self, request: Request, body: ReplayRequest):
+        principal = await self.caller(request)
+        if principal.role != "admin":
+            raise Problem(403, "Forbidden", "only an admin key can replay")
+        check_window(body.start, body.end)
+        replay_id = new_replay_id()
+        stages = sorted(set(body.stages), key=STAGES.index)
+        async with self._pool.acquire() as conn:
+            await conn.execute(
+                """INSERT INTO replays (id, tenant, window_start, window_end, stages, source, status)
+                   VALUES ($1, $2, $3, $4, $5, $6, 'running')""",
+                replay_id, principal.tenant, body.start, body.end, stages, body.source)
+        progress: dict[str, Any] = {}
+        self._jobs[replay_id] = progress
+        window = Window(principal.tenant, body.start, body.end)
+        asyncio.get_running_loop().create_task(self._run_replay(replay_id, window, stages, body.source, progress))
+        return ReplayAccepted(id=replay_id)
+
+    async def _run_replay(self, replay_id: str, window: Window, stages: list[str], source: str,
+                          progress: dict[str, Any]) -> None:
+        def report(step: str, done: int, total: int) -> None:
+            progress[step] = {"done": done, "total": total}
+
+        status, result, error = "done", None, None
+        try:
+            replayer = Replayer(self.settings, self._pool, self._s3, self._search, self._kinesis, report)
+            result = await replayer.run(replay_id, window, stages, source)
+        except ReplayError as exc:
+            status, error = "failed", str(exc)
+        except Exception as exc:  # a store went away: the replay can simply be asked for again
+            log.exception("replay %s failed", replay_id)
+            status, error = "failed", f"{type(exc).__name__}: {exc}"
+        try:
+            async with self._pool.acquire() as conn:
+                await conn.execute(
+                    """UPDATE replays SET status = $2, progress = $3::jsonb, result = $4::jsonb, error = $5,
+                                          finished_at = now() WHERE id = $1""",
+                    replay_id, status, orjson.dumps(progress).decode(),
+                    None if result is None else orjson.dumps(result, default=str).decode(), error)
+        finally:
+            self._jobs.pop(replay_id, None)
+
+    @app.get("/audit/replay/{replay_id}", response_model=ReplayStatus, responses=_PROBLEMS,
+             summary="A replay's progress, status and result")
+    async def replay_status(self, request: Request, replay_id: str):
+        tenant = (await self.caller(request)).tenant
+        async with self._pool.acquire() as conn:
+            row = await conn.fetchrow("SELECT * FROM replays WHERE id = $1 AND tenant = $2", replay_id, tenant)
+        if row is None:
+            raise Problem(404, "Not Found", "no replay with this id")
+        live = self._jobs.get(replay_id)
+        return ReplayStatus(
+            id=row["id"], status=row["status"], start=row["window_start"], end=row["window_end"],
+            stages=list(row["stages"]), source=row["source"], requested_at=row["requested_at"],
+            finished_at=row["finished_at"], progress=live if live is not None else orjson.loads(row["progress"]),
+            result=None if row["result"] is None else orjson.loads(row["result"]), error=row["error"])
 
     @app.get("/audit/shards", response_model=list[ShardAudit], responses=_PROBLEMS,
              summary="Each shard's checkpoint, lag, and this tenant's events per stage")

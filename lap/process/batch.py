@@ -98,9 +98,11 @@ def hour_of(moment: datetime) -> datetime:
     return moment.astimezone(timezone.utc).replace(minute=0, second=0, microsecond=0)
 
 
-def archive_key(settings: Settings, tenant: str, hour: datetime, shard_id: str, first: int, last: int) -> str:
+def archive_key(settings: Settings, tenant: str, hour: datetime, shard_id: str, first: int, last: int,
+                replay: str | None = None) -> str:
+    suffix = "" if replay is None else f"-r{replay}"
     return (f"{settings.archive.prefix}/tenant={quote(tenant, safe='')}/date={hour:%Y-%m-%d}/hour={hour:%H}/"
-            f"shard={shard_id}/{first}-{last}.jsonl.gz")
+            f"shard={shard_id}/{first}-{last}{suffix}.jsonl.gz")
 
 
 def archive_line(record: Decoded, shard_id: str) -> bytes:
@@ -109,15 +111,24 @@ def archive_line(record: Decoded, shard_id: str) -> bytes:
 
 
 class BatchWriter:
-    """Writes a shard's batches; one per consumer, holding that consumer's lease epoch."""
+    """Writes a shard's batches; one per consumer, holding that consumer's lease epoch.
 
-    def __init__(self, settings: Settings, pool: asyncpg.Pool, s3: Any, shard_id: str, epoch: int):
+    A replay (`replay` = its id) goes through the same steps for records read
+    again from the archive or the stream, but it holds no lease and moves no
+    checkpoint: its manifest rows belong to the stream "replay:<id>", its
+    objects' keys end in "-r<id>", and ids already committed are simply skipped
+    (not counted as new duplicates), so running a replay twice changes nothing.
+    """
+
+    def __init__(self, settings: Settings, pool: asyncpg.Pool, s3: Any, shard_id: str, epoch: int | None,
+                 replay: str | None = None):
         self.settings = settings
         self.pool = pool
         self.s3 = s3
-        self.stream = settings.stream.name
+        self.stream = settings.stream.name if replay is None else f"replay:{replay}"
         self.shard_id = shard_id
         self.epoch = epoch
+        self.replay = replay
 
     async def process(self, records: list[dict[str, Any]]) -> BatchResult:
         """Archive, aggregate and commit one batch of GetRecords records (in stream order)."""
@@ -126,6 +137,8 @@ class BatchWriter:
         decoded, undecodable = decode(records)
         for attempt in range(5):
             kept, duplicates = await self.dedup(decoded)
+            if self.replay is not None and not kept:
+                return BatchResult(first, last, len(records), 0, 0, 0, len(duplicates), undecodable)
             keys = await self.archive(kept, first, last)
             aggregates = aggregate_records([{"meta": r.meta, "item": r.item} for r in kept])
             try:
@@ -182,7 +195,7 @@ class BatchWriter:
         objects: dict[str, tuple[str, datetime, int, int]] = {}
         puts = []
         for (tenant, hour), lines in groups.items():
-            key = archive_key(self.settings, tenant, hour, self.shard_id, first, last)
+            key = archive_key(self.settings, tenant, hour, self.shard_id, first, last, self.replay)
             body = gzip.compress(b"\n".join(lines) + b"\n", compresslevel=GZIP_LEVEL, mtime=0)
             objects[key] = (tenant, hour, len(lines), len(body))
             puts.append(self.s3.put_object(Bucket=self.settings.archive.bucket, Key=key, Body=body,
@@ -195,11 +208,12 @@ class BatchWriter:
         window = timedelta(seconds=self.settings.process.dedup_window_s)
         describes = sum(1 for r in kept if r.meta.get("kind") == "entity")
         async with self.pool.acquire() as conn, conn.transaction():
-            epoch = await conn.fetchval(
-                "SELECT lease_epoch FROM shard_checkpoints WHERE stream = $1 AND shard_id = $2 FOR UPDATE",
-                self.stream, self.shard_id)
-            if epoch != self.epoch:
-                raise LeaseLost(f"shard {self.shard_id}: lease epoch is {epoch}, this consumer holds {self.epoch}")
+            if self.replay is None:
+                epoch = await conn.fetchval(
+                    "SELECT lease_epoch FROM shard_checkpoints WHERE stream = $1 AND shard_id = $2 FOR UPDATE",
+                    self.stream, self.shard_id)
+                if epoch != self.epoch:
+                    raise LeaseLost(f"shard {self.shard_id}: lease epoch is {epoch}, this consumer holds {self.epoch}")
             batch_id = await conn.fetchval(
                 """INSERT INTO batches (stream, shard_id, first_seq, last_seq, records, events, describes, duplicates)
                    VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING id""",
@@ -228,7 +242,10 @@ class BatchWriter:
                        VALUES ($1, $2, $3, $4, $5, $6)""",
                     [(key, batch_id, *info) for key, info in keys.items()])
             await write_aggregates(conn, aggregates)
-            await conn.executemany(ADD_STAGE_COUNT, stage_rows(self.shard_id, kept, duplicates))
+            await conn.executemany(ADD_STAGE_COUNT,
+                                   stage_rows(self.shard_id, kept, duplicates if self.replay is None else []))
+            if self.replay is not None:
+                return
             await conn.execute(
                 """UPDATE shard_checkpoints
                       SET sequence_number = $3, lease_expires = now() + $4::interval, updated_at = now()

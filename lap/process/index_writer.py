@@ -24,7 +24,7 @@ from botocore.exceptions import ClientError
 from lap.audit.actor import AUDIT_ACTOR, NAMESPACE
 from lap.aws import open_client
 from lap.process.batch import ADD_STAGE_COUNT, hour_of, parse_time
-from lap.settings import load_settings
+from lap.settings import Settings, load_settings
 from lap.sinks.index import index_name, open_opensearch
 from lap.sinks.store import create_pool
 
@@ -190,39 +190,43 @@ class IndexWriter:
             pass
 
     async def bulk(self, lines: list[dict[str, Any]]) -> tuple[list[dict], list[tuple[dict, int, str]]]:
-        """Index `lines`; returns (indexed, [(line, status, reason) refused for good]).
+        return await bulk_index(self.search, self.settings, lines)
 
-        Raises IndexOutage when OpenSearch cannot be reached or keeps failing whole items.
-        """
-        pending = lines
-        ok: list[dict] = []
-        refused: list[tuple[dict, int, str]] = []
-        delay = self.settings.process.index_retry_s
-        for attempt in range(ITEM_RETRIES + 1):
-            body = bytearray()
-            for line in pending:
-                meta = line["meta"]
-                body += orjson.dumps({"index": {"_index": index_name(self.settings, meta["tenant"]),
-                                                "_id": meta["event_id"]}})
-                body += b"\n" + orjson.dumps(document(line)) + b"\n"
-            reply = await self.search.bulk(body=bytes(body))
-            retry: list[dict] = []
-            for line, result in zip(pending, reply["items"]):
-                outcome = next(iter(result.values()))
-                status = outcome.get("status", 500)
-                if status < 300:
-                    ok.append(line)
-                elif status == 429 or status >= 500:
-                    retry.append(line)
-                else:
-                    error = outcome.get("error")
-                    reason = (error.get("reason") if isinstance(error, dict) else str(error)) or f"status {status}"
-                    refused.append((line, status, reason[:1000]))
-            if not retry:
-                return ok, refused
-            pending = retry
-            if attempt < ITEM_RETRIES:
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, MAX_BACKOFF_S)
-        raise IndexOutage(f"{len(pending)} documents still refused with 429/5xx after {ITEM_RETRIES} retries")
 
+async def bulk_index(search, settings: Settings,
+                     lines: list[dict[str, Any]]) -> tuple[list[dict], list[tuple[dict, int, str]]]:
+    """Index `lines`; returns (indexed, [(line, status, reason) refused for good]).
+
+    Raises IndexOutage when OpenSearch cannot be reached or keeps failing whole items.
+    """
+    pending = lines
+    ok: list[dict] = []
+    refused: list[tuple[dict, int, str]] = []
+    delay = settings.process.index_retry_s
+    for attempt in range(ITEM_RETRIES + 1):
+        body = bytearray()
+        for line in pending:
+            meta = line["meta"]
+            body += orjson.dumps({"index": {"_index": index_name(settings, meta["tenant"]),
+                                            "_id": meta["event_id"]}})
+            body += b"\n" + orjson.dumps(document(line)) + b"\n"
+        reply = await search.bulk(body=bytes(body))
+        retry: list[dict] = []
+        for line, result in zip(pending, reply["items"]):
+            outcome = next(iter(result.values()))
+            status = outcome.get("status", 500)
+            if status < 300:
+                ok.append(line)
+            elif status == 429 or status >= 500:
+                retry.append(line)
+            else:
+                error = outcome.get("error")
+                reason = (error.get("reason") if isinstance(error, dict) else str(error)) or f"status {status}"
+                refused.append((line, status, reason[:1000]))
+        if not retry:
+            return ok, refused
+        pending = retry
+        if attempt < ITEM_RETRIES:
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, MAX_BACKOFF_S)
+    raise IndexOutage(f"{len(pending)} documents still refused with 429/5xx after {ITEM_RETRIES} retries")
