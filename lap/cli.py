@@ -11,7 +11,9 @@ import time
 import urllib.error
 import urllib.request
 from contextlib import AsyncExitStack
+from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 import click
@@ -324,6 +326,143 @@ def keys_revoke(config_file: Path | None, key_id: str) -> None:
     if not _db_call(settings, lambda conn: revoke_key(conn, key_id)):
         raise click.ClickException(f"no active key with id {key_id!r} (see `lap keys list --all`)")
     click.echo(f"revoked key {key_id}", err=True)
+
+
+# --- reconcile / replay ------------------------------------------------------------
+
+
+class IsoTime(click.ParamType):
+    """An ISO 8601 date-time (a missing zone means UTC), or a date (its 00:00 UTC)."""
+
+    name = "ISO-8601"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, datetime):
+            return value
+        try:
+            moment = datetime.fromisoformat(str(value))
+        except ValueError:
+            self.fail(f"{value!r} is not an ISO 8601 date-time such as 2026-11-27T08:00:00Z", param, ctx)
+        return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+
+
+def _window_options(command):
+    command = click.option("--end", required=True, type=IsoTime(), help="received until (excluded)")(command)
+    command = click.option("--start", required=True, type=IsoTime(),
+                           help="received from (included), e.g. 2026-11-27T08:00:00Z or 2026-11-27")(command)
+    return click.option("--tenant", required=True, help="the tenant whose events are checked")(command)
+
+
+def _window(tenant: str, start: datetime, end: datetime, sensor: str | None = None):
+    from lap.audit.reconcile import Window
+
+    if end <= start:
+        raise click.ClickException("--end must be after --start (start is included, end excluded)")
+    return Window(tenant, start, end, sensor)
+
+
+async def _with_stores(settings: Settings, work):
+    """Run `work(pool, s3, search, kinesis)` with LAP's stores open, closing them after."""
+    from lap.aws import open_client
+    from lap.sinks.index import open_opensearch
+    from lap.sinks.store import create_pool
+
+    async with AsyncExitStack() as stack:
+        pool = await create_pool(settings)
+        stack.push_async_callback(pool.close)
+        s3 = await open_client(stack, settings, "s3")
+        kinesis = await open_client(stack, settings, "kinesis")
+        search = open_opensearch(settings)
+        stack.push_async_callback(search.close)
+        return await work(pool, s3, search, kinesis)
+
+
+def _run_store_work(settings: Settings, work):
+    try:
+        return asyncio.run(_with_stores(settings, work))
+    except (OSError, asyncio.TimeoutError) as exc:
+        raise click.ClickException(f"cannot reach LAP's stores ({type(exc).__name__}: {exc}); is LAP up?") from None
+
+
+def _print_reconciliation(result) -> None:
+    click.echo(f"accepted {result.accepted:,}  duplicates {result.duplicates:,}  describes {result.describes:,}  "
+               f"quarantined {result.quarantined:,}")
+    click.echo(f"archived {result.archived:,}  aggregated {result.aggregated:,}  indexed {result.indexed:,}")
+    click.echo("missing  " + "  ".join(f"{stage} {n:,}" for stage, n in result.missing.items())
+               + f"  retention_lost {result.retention_lost:,}")
+    click.echo("complete" if result.complete else "NOT complete: `lap replay` can repair what is missing")
+
+
+@main.command()
+@config_option
+@_window_options
+@click.option("--sensor", default=None, help="only this sensor's events")
+@click.option("--ids", "with_ids", is_flag=True, help="also list the missing event ids per stage")
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
+def reconcile(config_file: Path | None, tenant: str, start: datetime, end: datetime, sensor: str | None,
+              with_ids: bool, as_json: bool) -> None:
+    """Count each stage's events for a window of received time, and what is missing (exit 1 if any)."""
+    from lap.audit.reconcile import Reconciler
+
+    settings = _settings(config_file)
+    window = _window(tenant, start, end, sensor)
+
+    async def work(pool, s3, search, kinesis):
+        return await Reconciler(settings, pool, s3, search).run(window, with_ids=with_ids, limit=10_000_000)
+
+    result = _run_store_work(settings, work)
+    if as_json:
+        click.echo(json.dumps(result.as_dict(), indent=2))
+    else:
+        _print_reconciliation(result)
+        for stage, ids in (result.missing_ids or {}).items():
+            for event_id in ids:
+                click.echo(f"missing from {stage}: {event_id}")
+    sys.exit(0 if result.complete else 1)
+
+
+@main.command()
+@config_option
+@_window_options
+@click.option("--stages", default="archive,aggregate,index", show_default=True,
+              help="comma-separated: archive, aggregate, index")
+@click.option("--source", type=click.Choice(["archive", "stream"]), default="archive", show_default=True,
+              help="where missing events are read again from")
+def replay(config_file: Path | None, tenant: str, start: datetime, end: datetime, stages: str, source: str) -> None:
+    """Put back into each stage what reconcile finds missing in the window; a second run changes nothing."""
+    from lap.audit.replay import STAGES, Replayer, ReplayError, new_replay_id
+
+    settings = _settings(config_file)
+    window = _window(tenant, start, end)
+    chosen = [s.strip() for s in stages.split(",") if s.strip()]
+    unknown = [s for s in chosen if s not in STAGES]
+    if not chosen or unknown:
+        raise click.ClickException(f"--stages takes {', '.join(STAGES)}; got {stages!r}")
+    bars: dict[str, Any] = {}
+
+    def progress(step: str, done: int, total: int) -> None:
+        bar = bars.get(step)
+        if bar is None:
+            bar = bars[step] = click.progressbar(length=max(total, 1), label=f"{step:<12}", file=sys.stderr)
+            bar.__enter__()
+            bar.done = 0
+        bar.update(done - bar.done)
+        bar.done = done
+        if done >= total:
+            bar.__exit__(None, None, None)
+
+    async def work(pool, s3, search, kinesis):
+        return await Replayer(settings, pool, s3, search, kinesis, progress).run(new_replay_id(), window, chosen, source)
+
+    try:
+        result = _run_store_work(settings, work)
+    except ReplayError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo("replayed: " + ", ".join(f"{k} {v:,}" for k, v in result["replayed"].items()))
+    after = result["after"]
+    click.echo("after: missing " + ", ".join(f"{k} {v:,}" for k, v in after["missing"].items())
+               + ("; complete" if after["complete"] else "; NOT complete"))
+    sys.exit(0 if after["complete"] else 1)
 
 
 def _configure_logging() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import json
 from contextlib import AsyncExitStack
 from datetime import datetime, timedelta, timezone
 
@@ -16,6 +17,7 @@ from lap.process.aggregate import aggregate_python
 from lap.process.batch import write_aggregates
 from lap.samples import envelope
 from lap.sinks.index import index_name, open_opensearch
+from tests.conftest import run_lap
 from tests.test_output import get, key
 from tests.test_pipeline import (
     archived_ids,
@@ -213,3 +215,36 @@ async def test_another_tenant_sees_none_of_these_figures(lap_up, settings, audit
     assert report["missing_ids"] == {"archive": [], "aggregate": [], "index": []}
     shards = get(settings, key(lap_up, other, "reader"), "/audit/shards").json()
     assert all(s["counts"] == {} for s in shards)
+
+
+async def test_reconcile_and_replay_from_the_command_line(lap_up, settings, db):
+    started = datetime.now(timezone.utc)
+    tenant, sensor = new_tenant(lap_up)
+    events = make_events(100)
+    send(settings, sensor, envelopes(events))
+    await wait_for(db, tenant, {"accepted": 100, "archived": 100, "indexed": 100}, timeout=180)
+    span = window(started)
+    args = ["--tenant", tenant, "--start", span["start"], "--end", span["end"]]
+    clean = run_lap("reconcile", *args, "--json", config=lap_up.config)
+    assert json.loads(clean.stdout)["complete"] is True
+
+    lost = sorted(e["id"] for e in events)[:2]
+    search = open_opensearch(settings)
+    try:
+        for event_id in lost:
+            await search.delete(index=index_name(settings, tenant), id=event_id)
+    finally:
+        await search.close()
+    found = run_lap("reconcile", *args, "--ids", config=lap_up.config, check=False)
+    assert found.returncode == 1 and "NOT complete" in found.stdout
+    assert [line.split(": ")[1] for line in found.stdout.splitlines() if line.startswith("missing from index")] == lost
+
+    repaired = run_lap("replay", *args, "--stages", "index", config=lap_up.config)
+    assert "replayed: indexed 2" in repaired.stdout and "complete" in repaired.stdout
+    assert run_lap("reconcile", *args, config=lap_up.config).returncode == 0
+
+    wrong = run_lap("replay", *args, "--stages", "everything", config=lap_up.config, check=False)
+    assert wrong.returncode != 0 and "--stages takes" in wrong.stderr and "Traceback" not in wrong.stderr
+    backwards = run_lap("reconcile", "--tenant", tenant, "--start", span["end"], "--end", span["start"],
+                        config=lap_up.config, check=False)
+    assert backwards.returncode != 0 and "--end must be after --start" in backwards.stderr
