@@ -119,7 +119,11 @@ def test_no_route_shows_another_tenants_data(settings, two_tenants):
     assert get(settings, b_reader, "/events", limit=1).json()["events"]
     # ... and none of A's, whatever the parameters
     assert get(settings, b_reader, "/learner-summary", learner=a_learner).status_code == 404
-    assert get(settings, b_reader, "/course-learners", course=a_course).json()["learners"] == []
+    # the same course IRI may exist in B too (both sensors use the same LMS): B sees only its own learners there
+    b_records = expected_records(two_tenants["b"], two_tenants["b_events"])
+    b_learners = Counter(r["meta"]["learner"] for r in b_records if r["meta"]["course"] == a_course)
+    rows = get(settings, b_reader, "/course-learners", course=a_course, limit=1000).json()["learners"]
+    assert {r["learner"]: r["events"] for r in rows} == dict(b_learners)
     assert get(settings, b_reader, f"/events/{a_event}").status_code == 404
     assert get(settings, b_reader, "/events", actor=a_records[0]["item"]["actor"]["id"]).json()["events"] == []
     found = get(settings, b_reader, "/events", limit=1000).json()["events"]
@@ -149,3 +153,43 @@ def test_keys_and_roles(settings, two_tenants):
     assert missing.status_code == 401 and missing.headers["www-authenticate"].startswith("Bearer")
     assert get(settings, "lap_nope_nope", "/events").status_code == 401
     assert get(settings, two_tenants["a_sensor"], "/events").status_code == 403  # a sensor key cannot read
+
+
+def _course_events(two_tenants):
+    records = expected_records(two_tenants["a"], two_tenants["a_events"])
+    course = Counter(r["meta"]["course"] for r in records if r["meta"]["course"]).most_common(1)[0][0]
+    return course, [r for r in records if r["meta"]["course"] == course]
+
+
+SPAN = {"start": "2026-08-31T00:00:00Z", "end": "2026-09-06T00:00:00Z"}
+
+
+@pytest.mark.parametrize("granularity,width", [("day", 10), ("hour", 13)])
+def test_course_activity_per_day_and_hour(settings, two_tenants, granularity, width):
+    course, records = _course_events(two_tenants)
+    events: Counter = Counter()
+    learners: dict = defaultdict(set)
+    for r in records:
+        bucket = r["meta"]["event_time"][:width]  # "YYYY-MM-DD" or "YYYY-MM-DDTHH"
+        events[bucket] += 1
+        learners[bucket].add(r["meta"]["learner"])
+    reply = get(settings, two_tenants["a_reader"], "/course-activity", course=course, granularity=granularity, **SPAN)
+    assert reply.status_code == 200, reply.text
+    buckets = {b["start"][:width]: b for b in reply.json()["buckets"]}
+    assert {k: b["events"] for k, b in buckets.items()} == dict(events)
+    assert {k: b["active_learners"] for k, b in buckets.items()} == {k: len(v) for k, v in learners.items()}
+
+
+def test_course_heatmap(settings, two_tenants):
+    course, records = _course_events(two_tenants)
+    cells: Counter = Counter((r["meta"]["learner"], r["meta"]["event_time"][:10]) for r in records)
+    body = get(settings, two_tenants["a_reader"], "/course-heatmap", course=course, **SPAN).json()
+    got = {(row["learner"], day): n for row in body["learners"] for day, n in row["days"].items()}
+    assert got == dict(cells)
+    assert body["days"] == sorted({day for _, day in cells})
+    assert len(body["hour_of_week"]) == 168 and sum(body["hour_of_week"]) == len(records)
+    # the other tenant sees only its own events of this course IRI
+    b_records = [r for r in expected_records(two_tenants["b"], two_tenants["b_events"]) if r["meta"]["course"] == course]
+    other = get(settings, two_tenants["b_reader"], "/course-heatmap", course=course, **SPAN).json()
+    assert sum(n for row in other["learners"] for n in row["days"].values()) == len(b_records)
+    assert sum(other["hour_of_week"]) == len(b_records)

@@ -10,7 +10,7 @@ import base64
 import binascii
 import logging
 from contextlib import AsyncExitStack
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 import orjson
@@ -107,6 +107,30 @@ class CourseLearners(BaseModel):
     course: str
     learners: list[CourseLearner]
     next_cursor: str | None
+
+
+class ActivityBucket(BaseModel):
+    start: datetime
+    events: int
+    active_learners: int
+
+
+class CourseActivity(BaseModel):
+    course: str
+    granularity: Literal["day", "hour"]
+    buckets: list[ActivityBucket]
+
+
+class LearnerDays(BaseModel):
+    learner: str
+    days: dict[str, int]  # "YYYY-MM-DD" -> events
+
+
+class CourseHeatmap(BaseModel):
+    course: str
+    days: list[str]
+    learners: list[LearnerDays]
+    hour_of_week: list[int]  # 168 counts, Monday 00-01 UTC first; over all time (see the docs)
 
 
 class EventHit(BaseModel):
@@ -385,6 +409,80 @@ class OutputAPI:
             CourseLearner(learner=r["learner"], events=int(r["events"]), submissions=int(r["submissions"]),
                           score_mean=r["score_mean"], time_on_task_s=r["time_on_task_s"],
                           last_active=r["last_active"]) for r in page])
+
+    @app.get("/course-activity", response_model=CourseActivity, responses=_PROBLEMS,
+             summary="Events and active learners of a course per day or hour")
+    async def course_activity(
+        self, request: Request, course: str = Query(..., min_length=1, max_length=2000),
+        start: datetime = Query(..., description="event time from (included)"),
+        end: datetime = Query(..., description="event time to (excluded)"),
+        granularity: Literal["day", "hour"] = Query("day"),
+    ):
+        tenant = (await self.caller(request)).tenant
+        check_window(start, end)
+        if granularity == "day":
+            # days are whole UTC days: a day is in the window when its midnight is
+            async with self._pool.acquire() as conn:
+                rows = await conn.fetch(
+                    """SELECT day, sum(events)::bigint AS events, count(DISTINCT learner) AS learners
+                         FROM learner_days
+                        WHERE tenant = $1 AND course = $2
+                          AND day >= ($3 AT TIME ZONE 'UTC')::date + (($3 AT TIME ZONE 'UTC')::time > '00:00')::int
+                          AND day < ($4 AT TIME ZONE 'UTC')::date + (($4 AT TIME ZONE 'UTC')::time > '00:00')::int
+                        GROUP BY day ORDER BY day""", tenant, course, start, end)
+            buckets = [ActivityBucket(start=datetime(r["day"].year, r["day"].month, r["day"].day, tzinfo=UTC),
+                                      events=r["events"], active_learners=r["learners"]) for r in rows]
+        else:
+            # hours come from the search index (the aggregate tables are per day)
+            body = {"size": 0, "query": {"bool": {"filter": [
+                        {"term": {"tenant": tenant}}, {"term": {"course": course}},
+                        {"range": {"event_time": {"gte": start.isoformat(), "lt": end.isoformat()}}}]}},
+                    "aggs": {"hours": {"date_histogram": {"field": "event_time", "fixed_interval": "1h",
+                                                          "min_doc_count": 1},
+                                       "aggs": {"learners": {"cardinality": {"field": "learner",
+                                                                             "precision_threshold": 40000}}}}}}
+            try:
+                reply = await self._search.search(index=index_name(self.settings, tenant), body=body,
+                                                  ignore_unavailable=True)
+            except Exception as exc:
+                log.warning("activity search failed: %s", exc)
+                raise Problem(503, "Service Unavailable", "the search index is not reachable; retry later",
+                              {"Retry-After": "5"}) from None
+            hours = reply.get("aggregations", {}).get("hours", {}).get("buckets", [])
+            buckets = [ActivityBucket(start=datetime.fromtimestamp(b["key"] / 1000, UTC), events=b["doc_count"],
+                                      active_learners=b["learners"]["value"]) for b in hours]
+        return CourseActivity(course=course, granularity=granularity, buckets=buckets)
+
+    @app.get("/course-heatmap", response_model=CourseHeatmap, responses=_PROBLEMS,
+             summary="Learners x days activity of a course, and its hour-of-week activity")
+    async def course_heatmap(
+        self, request: Request, course: str = Query(..., min_length=1, max_length=2000),
+        start: datetime = Query(..., description="event time from (included); whole UTC days"),
+        end: datetime = Query(..., description="event time to (excluded)"),
+    ):
+        tenant = (await self.caller(request)).tenant
+        check_window(start, end)
+        async with self._pool.acquire() as conn:
+            rows = await conn.fetch(
+                """SELECT learner, day, events FROM learner_days
+                    WHERE tenant = $1 AND course = $2
+                      AND day >= ($3 AT TIME ZONE 'UTC')::date + (($3 AT TIME ZONE 'UTC')::time > '00:00')::int
+                      AND day < ($4 AT TIME ZONE 'UTC')::date + (($4 AT TIME ZONE 'UTC')::time > '00:00')::int
+                    ORDER BY learner, day""", tenant, course, start, end)
+            hours = await conn.fetch(
+                "SELECT hour_of_week, events FROM course_hours_of_week WHERE tenant = $1 AND course = $2",
+                tenant, course)
+        learners: dict[str, dict[str, int]] = {}
+        days: set[str] = set()
+        for r in rows:
+            day = r["day"].isoformat()
+            days.add(day)
+            learners.setdefault(r["learner"], {})[day] = int(r["events"])
+        week = [0] * 168
+        for h in hours:
+            week[h["hour_of_week"]] = int(h["events"])
+        return CourseHeatmap(course=course, days=sorted(days), hour_of_week=week,
+                             learners=[LearnerDays(learner=k, days=v) for k, v in learners.items()])
 
     @app.get("/audit/reconcile", response_model=ReconcileReport, responses=_PROBLEMS,
              summary="What each stage holds of the events received in a window, and what is missing")
