@@ -36,8 +36,16 @@ def window(started: datetime) -> dict[str, str]:
             "end": (datetime.now(timezone.utc) + timedelta(minutes=1)).isoformat()}
 
 
-async def reconcile(settings, token, started, **params) -> dict:
-    reply = get(settings, token, "/audit/reconcile", **window(started), **params)
+def wide_window(started: datetime) -> dict[str, str]:
+    """A window whose middle is whole hours (read from the hour counters), with partial hours at both edges."""
+    first = started.replace(minute=0, second=0, microsecond=0)
+    last = datetime.now(timezone.utc).replace(minute=0, second=0, microsecond=0) + timedelta(hours=1)
+    return {"start": (first - timedelta(minutes=30)).isoformat(), "end": (last + timedelta(minutes=30)).isoformat()}
+
+
+async def reconcile(settings, token, started, wide: bool = False, **params) -> dict:
+    span = wide_window(started) if wide else window(started)
+    reply = get(settings, token, "/audit/reconcile", **span, **params)
     assert reply.status_code == 200, reply.text
     return reply.json()
 
@@ -77,6 +85,9 @@ async def test_a_clean_window_is_complete(settings, audited):
     assert report["archived"] == report["aggregated"] == report["indexed"] == 301
     assert report["missing"] == {"archive": 0, "aggregate": 0, "index": 0}
     assert report["complete"] is True and report["retention_lost"] == 0
+    wide = await reconcile(settings, audited["reader"], audited["started"], wide=True)  # from the hour counters
+    assert {k: wide[k] for k in report if k not in ("start", "end")} == \
+        {k: report[k] for k in report if k not in ("start", "end")}
     shards = get(settings, audited["reader"], "/audit/shards").json()
     assert sum(s["counts"].get("archived", 0) for s in shards) == 301
     quarantine = get(settings, audited["reader"], "/audit/quarantine", **window(audited["started"])).json()
@@ -99,6 +110,18 @@ async def test_reconcile_finds_each_loss_by_id(settings, audited, db):
 
     # 2. a committed batch undone the way a failed commit leaves it: no dedup rows, no manifest entry
     batch_id = await db.fetchval("SELECT batch_id FROM seen_events WHERE tenant = $1 AND event_id = $2", tenant, ids[-1])
+    # the batch's audit counters go too: they commit in the same transaction
+    groups = await db.fetch(
+        """SELECT r.sensor, s.shard_id, date_trunc('hour', s.received_at, 'UTC') AS hour, count(*) AS n,
+                  count(*) FILTER (WHERE r.kind = 'entity') AS describes
+             FROM seen_events s JOIN receipts r ON r.tenant = s.tenant AND r.event_id = s.event_id
+                  AND r.received_at = s.received_at
+            WHERE s.tenant = $1 AND s.batch_id = $2 GROUP BY 1, 2, 3""", tenant, batch_id)
+    for g in groups:
+        for stage, n in (("archived", g["n"]), ("aggregated", g["n"]), ("describes", g["describes"])):
+            await db.execute(
+                """UPDATE stage_counts SET events = events - $6 WHERE tenant = $1 AND sensor = $2 AND shard_id = $3
+                      AND received_hour = $4 AND stage = $5""", tenant, g["sensor"], g["shard_id"], g["hour"], stage, n)
     undone = sorted(r["event_id"] for r in await db.fetch(
         "DELETE FROM seen_events WHERE tenant = $1 AND batch_id = $2 RETURNING event_id", tenant, batch_id))
     undone_keys = [r["key"] for r in await db.fetch(
@@ -132,6 +155,11 @@ async def test_reconcile_finds_each_loss_by_id(settings, audited, db):
     assert report["missing"] == {"archive": len(set(undone) | set(vanished)), "aggregate": len(undone),
                                  "index": len(gone_from_index)}
     assert report["retention_lost"] == 0  # the stream still has every record: replay from it is possible
+    # the counts alone (hour counters in the middle, single events at the edges) say the same
+    counts = await reconcile(settings, reader, audited["started"], wide=True)
+    assert counts["missing"] == report["missing"] and counts["complete"] is False
+    assert {k: counts[k] for k in ("accepted", "duplicates", "archived", "aggregated", "indexed")} == \
+        {k: report[k] for k in ("accepted", "duplicates", "archived", "aggregated", "indexed")}
 
     # paging the ids, a few at a time: the same lists
     seen: dict[str, list[str]] = {"archive": [], "aggregate": [], "index": []}
@@ -151,6 +179,7 @@ async def test_reconcile_finds_each_loss_by_id(settings, audited, db):
     assert first["status"] == "done", first
     report = await reconcile(settings, reader, audited["started"])
     assert report["complete"] is True, report
+    assert (await reconcile(settings, reader, audited["started"], wide=True))["complete"] is True
     assert report["archived"] == report["aggregated"] == report["indexed"] == 301
     await assert_aggregates(db, tenant, audited["events"])
     # ... and a second one changes nothing
