@@ -277,3 +277,20 @@ async def test_reconcile_and_replay_from_the_command_line(lap_up, settings, db):
     backwards = run_lap("reconcile", "--tenant", tenant, "--start", span["end"], "--end", span["start"],
                         config=lap_up.config, check=False)
     assert backwards.returncode != 0 and "--end must be after --start" in backwards.stderr
+
+
+async def test_window_edges_include_start_and_exclude_end(settings, audited, db):
+    """A window from one receipt's time to another's counts the first and not the second."""
+    times = sorted({r["received_at"] for r in await db.fetch(
+        "SELECT received_at FROM receipts WHERE tenant = $1", audited["tenant"])})
+    assert len(times) >= 3
+    start, end = times[1], times[-1]
+    expected = await db.fetchval(
+        "SELECT count(*) FROM receipts WHERE tenant = $1 AND received_at >= $2 AND received_at < $3",
+        audited["tenant"], start, end)
+    at_start = await db.fetchval("SELECT count(*) FROM receipts WHERE tenant = $1 AND received_at = $2",
+                                 audited["tenant"], start)
+    assert 0 < at_start < expected
+    reply = get(settings, audited["reader"], "/audit/reconcile", start=start.isoformat(), end=end.isoformat())
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["accepted"] == expected
