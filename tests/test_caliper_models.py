@@ -129,6 +129,17 @@ def test_grade_event_without_an_attempt_object_falls_back_to_the_actor():
     assert parse_envelope(body(envelope(doc))).items[0].learner == "https://example.edu/autograder"
 
 
+@pytest.mark.parametrize("score", [1.5e308, -2e15, 1e16])
+def test_decimals_beyond_1e15_are_refused(score: float):
+    """Sums of such scores would overflow the aggregates downstream (and no real score is that big)."""
+    doc = fixture("caliperEventGradeGraded.json")
+    doc["generated"]["scoreGiven"] = score
+    error = refused(body(envelope(doc)))
+    assert any(p.path == "$.data[0].generated.scoreGiven" and "1e15" in p.message for p in error.problems)
+    doc["generated"]["scoreGiven"] = 1e15
+    assert parse_envelope(body(envelope(doc))).items[0].doc["generated"]["scoreGiven"] == 1e15
+
+
 def test_thinned_event_gives_learner_and_course_from_iris():
     item = parse_envelope(wrap_raw((V1P2_DIR / "caliperEventForumSubscribedThinned.json").read_bytes())).items[0]
     assert (item.kind, item.action) == ("event", "Subscribed")

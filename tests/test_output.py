@@ -140,6 +140,8 @@ def test_no_route_shows_another_tenants_data(settings, two_tenants):
     ("/events", {"start": "2026-10-02T00:00:00Z", "end": "2026-10-01T00:00:00Z"}, 400),
     ("/events", {"start": "yesterday"}, 400),
     ("/events", {"cursor": "%%%"}, 400),
+    ("/events", {"start": "2026-10-02T00:00:00", "end": "2026-10-01T00:00:00Z"}, 400),  # naive start is UTC
+    ("/course-learners", {"course": "x", "cursor": "WzFlMzAsImEiXQ"}, 400),  # a tampered cursor: [1e30, "a"]
 ])
 def test_bad_parameters_get_a_clear_4xx(settings, two_tenants, path, params, status):
     reply = get(settings, two_tenants["a_reader"], path, **params)

@@ -20,7 +20,7 @@ import logging
 import uuid
 from collections import defaultdict
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 from typing import Any
 from urllib.parse import quote
 
@@ -55,6 +55,12 @@ class Replayer:
         self.progress = progress  # (step, done, total)
 
     async def run(self, replay_id: str, window: Window, stages: list[str], source: str) -> dict[str, Any]:
+        oldest = datetime.now(timezone.utc) - timedelta(seconds=self.settings.process.dedup_window_s) \
+            + timedelta(hours=1)
+        if window.start < oldest:
+            # beyond the dedup window the committed ids are forgotten: a replay would count events twice
+            raise ReplayError(f"a replay must start after {oldest:%Y-%m-%dT%H:%M}Z: older events are past the dedup "
+                              "window (process.dedup_window_s), so LAP can no longer tell which are stored")
         reconciler = Reconciler(self.settings, self.pool, self.s3, self.search)
         before = await reconciler.run(window, with_ids=True, limit=ALL_IDS)
         done: dict[str, int] = {}

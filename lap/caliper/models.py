@@ -61,10 +61,15 @@ DateTimeStr = Annotated[str, StringConstraints(pattern=DATETIME_PATTERN)]
 DurationStr = Annotated[str, StringConstraints(pattern=DURATION_PATTERN)]
 
 
+MAX_DECIMAL = 1e15  # far beyond any score or metric; keeps sums of them finite downstream
+
+
 def _decimal(value: Any) -> float:
     # JSON gives an int for "15" and a float for "15.0"; Caliper decimals must be the latter.
     if type(value) is float:
-        return value
+        if abs(value) <= MAX_DECIMAL:
+            return value
+        raise PydanticCustomError("caliper_decimal_range", "must be between -1e15 and 1e15")
     raise PydanticCustomError("caliper_decimal", "must be a decimal number with a fractional part (e.g. 15.0)")
 
 

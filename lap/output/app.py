@@ -13,6 +13,7 @@ from contextlib import AsyncExitStack
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
+import asyncpg
 import orjson
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -57,6 +58,13 @@ def problem_response(problem: Problem) -> Response:
 @app.exception_handler(Problem)
 async def _on_problem(request: Request, exc: Problem) -> Response:
     return problem_response(exc)
+
+
+@app.exception_handler(asyncpg.DataError)
+@app.exception_handler(OverflowError)
+async def _on_out_of_range(request: Request, exc: Exception) -> Response:
+    # a parameter or cursor value Postgres or datetime cannot hold (a tampered cursor, year 9999 minus an offset)
+    return problem_response(Problem(400, "Bad Request", f"a parameter is out of range: {str(exc)[:200]}"))
 
 
 @app.exception_handler(RequestValidationError)
@@ -310,6 +318,7 @@ class OutputAPI:
                 self._s3 = await open_client(self._clients, self.settings, "s3")
                 self._kinesis = await open_client(self._clients, self.settings, "kinesis")
                 self._jobs: dict[str, dict[str, Any]] = {}  # live progress of the replays this replica runs
+                self._tasks: set[asyncio.Task] = set()
 
     async def caller(self, request: Request) -> Principal:
         """The reader or admin key's principal; its tenant scopes every query."""
@@ -497,6 +506,10 @@ class OutputAPI:
     ):
         tenant = (await self.caller(request)).tenant
         check_window(start, end)
+        oldest = datetime.now(UTC) - timedelta(seconds=self.settings.process.dedup_window_s)
+        if detail == "ids" and start < oldest:
+            raise Problem(400, "Bad Request", f"missing ids are known only for events received after "
+                          f"{oldest:%Y-%m-%dT%H:%M}Z (the dedup window); ask for counts without detail=ids")
         after: dict[str, str] = {}
         if cursor:
             values = decode_cursor(cursor, 3)
@@ -533,7 +546,10 @@ class OutputAPI:
         progress: dict[str, Any] = {}
         self._jobs[replay_id] = progress
         window = Window(principal.tenant, body.start, body.end)
-        asyncio.get_running_loop().create_task(self._run_replay(replay_id, window, stages, body.source, progress))
+        task = asyncio.get_running_loop().create_task(
+            self._run_replay(replay_id, window, stages, body.source, progress))
+        self._tasks.add(task)  # asyncio keeps only a weak reference to a task
+        task.add_done_callback(self._tasks.discard)
         return ReplayAccepted(id=replay_id)
 
     async def _run_replay(self, replay_id: str, window: Window, stages: list[str], source: str,
@@ -557,6 +573,8 @@ class OutputAPI:
                                           finished_at = now() WHERE id = $1""",
                     replay_id, status, orjson.dumps(progress).decode(),
                     None if result is None else orjson.dumps(result, default=str).decode(), error)
+        except Exception:
+            log.exception("replay %s finished (%s) but its state could not be saved", replay_id, status)
         finally:
             self._jobs.pop(replay_id, None)
 
@@ -638,7 +656,7 @@ class OutputAPI:
             log.warning("event lookup failed: %s", exc)
             raise Problem(503, "Service Unavailable", "the search index is not reachable; retry later",
                           {"Retry-After": "5"}) from None
-        if not reply.get("found"):
+        if not reply.get("found") or reply["_source"].get("tenant") != tenant:
             raise Problem(404, "Not Found", "no such event (or it is not indexed yet)")
         return hit(reply["_source"])
 
@@ -655,6 +673,7 @@ class OutputAPI:
         cursor: str | None = Query(None, max_length=4000),
     ):
         tenant = (await self.caller(request)).tenant
+        start, end = (t if t is None or t.tzinfo else t.replace(tzinfo=UTC) for t in (start, end))
         filters: list[dict] = [{"term": {"tenant": tenant}}]
         for field, value in (("actor", actor), ("type", type), ("action", action), ("object", object),
                              ("course", group), ("sensor", sensor)):

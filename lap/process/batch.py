@@ -172,18 +172,20 @@ class BatchWriter:
         window = timedelta(seconds=self.settings.process.dedup_window_s)
         async with self.pool.acquire() as conn:
             rows = await conn.fetch(
-                """SELECT s.tenant, s.event_id, s.received_at
+                """SELECT s.tenant, s.event_id, s.received_at, s.shard_id, s.sequence_number
                      FROM seen_events s
                      JOIN unnest($1::text[], $2::text[]) AS b(tenant, event_id) USING (tenant, event_id)""",
                 [r.meta["tenant"] for r in unique], [r.meta["event_id"] for r in unique])
-        committed = {(row["tenant"], row["event_id"]): row["received_at"] for row in rows}
+        committed = {(row["tenant"], row["event_id"]): row for row in rows}
         kept: list[Decoded] = []
         for record in unique:
             before = committed.get(record.key)
-            if before is not None and record.received_at - before < window:
-                duplicates.append(record)
-            else:
+            if before is None or record.received_at - before["received_at"] >= window:
                 kept.append(record)
+            elif before["shard_id"] == self.shard_id and int(before["sequence_number"]) == record.sequence:
+                continue  # this very record is committed already (a replay got there first): not a duplicate
+            else:
+                duplicates.append(record)
         return kept, duplicates
 
     async def archive(self, kept: list[Decoded], first: int, last: int) -> dict[str, tuple[str, datetime, int, int]]:

@@ -50,13 +50,12 @@ def events_template(settings: Settings) -> dict[str, Any]:
 def index_name(settings: Settings, tenant: str) -> str:
     """Each tenant has its own index, so an event id sent by one tenant can never overwrite another's.
 
-    Index names are lower case; a tenant name with capitals gets a short hash so
-    that "Acme" and "acme" stay apart.
+    Index names are lower case, so the name also carries a short hash of the
+    tenant as written: "Acme" and "acme" (or a tenant named like another's
+    hashed name) never share an index.
     """
-    name = tenant.lower()
-    if name != tenant:
-        name += "-" + hashlib.sha256(tenant.encode()).hexdigest()[:8]
-    return f"{settings.index.index_prefix}-{name}"
+    digest = hashlib.sha256(tenant.encode()).hexdigest()[:8]
+    return f"{settings.index.index_prefix}-{tenant.lower()}-{digest}"
 
 
 def open_opensearch(settings: Settings) -> AsyncOpenSearch:
