@@ -412,7 +412,7 @@ def reconcile(config_file: Path | None, tenant: str, start: datetime, end: datet
 
     result = _run_store_work(settings, work)
     if as_json:
-        click.echo(json.dumps(result.as_dict(), indent=2))
+        click.echo(json.dumps(result.as_dict(), indent=2, default=str))
     else:
         _print_reconciliation(result)
         for stage, ids in (result.missing_ids or {}).items():

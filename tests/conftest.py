@@ -163,6 +163,16 @@ def tokens(lap_up: RunningLap) -> dict[str, str]:
     }
 
 
+@pytest.fixture(scope="session")
+def ray_driver(lap_up: RunningLap):
+    """This test process joined to the session's Ray, to reach the processing actors."""
+    import ray
+
+    ray.init(address=lap_up.state["ray_address"], namespace="lap", log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
 @pytest.fixture
 async def db(settings: Settings):
     from lap.sinks.store import connect

@@ -19,6 +19,7 @@ from lap.samples import envelope
 from lap.sinks.index import index_name, open_opensearch
 from tests.conftest import run_lap
 from tests.test_output import get, key
+from lap.process.coordinator import COORDINATOR
 from tests.test_pipeline import (
     archived_ids,
     envelopes,
@@ -95,7 +96,7 @@ async def test_a_clean_window_is_complete(settings, audited):
     assert quarantine["entries"][0]["problems"]
 
 
-async def test_reconcile_finds_each_loss_by_id(settings, audited, db):
+async def test_reconcile_finds_each_loss_by_id(settings, audited, db, ray_driver):
     tenant, reader = audited["tenant"], audited["reader"]
     ids = sorted(e["id"] for e in audited["events"])
 
@@ -155,8 +156,11 @@ async def test_reconcile_finds_each_loss_by_id(settings, audited, db):
     assert report["missing"] == {"archive": len(set(undone) | set(vanished)), "aggregate": len(undone),
                                  "index": len(gone_from_index)}
     assert report["retention_lost"] == 0  # the stream still has every record: replay from it is possible
-    # the counts alone (hour counters in the middle, single events at the edges) say the same
+    # the counts alone (hour counters in the middle, single events at the edges) say the same, once the
+    # coordinator's periodic check has seen the lost object (run here rather than waited for)
+    ray_driver.get(ray_driver.get_actor(COORDINATOR).sweep.remote(), timeout=120)
     counts = await reconcile(settings, reader, audited["started"], wide=True)
+    assert counts["archive_checked_at"] is not None
     assert counts["missing"] == report["missing"] and counts["complete"] is False
     assert {k: counts[k] for k in ("accepted", "duplicates", "archived", "aggregated", "indexed")} == \
         {k: report[k] for k in ("accepted", "duplicates", "archived", "aggregated", "indexed")}

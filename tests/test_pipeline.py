@@ -21,7 +21,6 @@ from contextlib import AsyncExitStack
 
 import httpx
 import orjson
-import pytest
 
 from lap.aws import open_client
 from lap.process.aggregate import Aggregates, aggregate_python
@@ -166,16 +165,6 @@ async def assert_exact(settings, db, tenant: str, events: list[dict]) -> None:
     ids = await archived_ids(settings, db, tenant)
     assert set(ids) == {e["id"] for e in events}
     assert max(ids.values()) == 1, [i for i, n in ids.items() if n > 1][:5]
-
-
-@pytest.fixture(scope="session")
-def ray_driver(lap_up):
-    """This test process joined to the session's Ray, to reach the processing actors."""
-    import ray
-
-    ray.init(address=lap_up.state["ray_address"], namespace="lap", log_to_driver=False)
-    yield ray
-    ray.shutdown()
 
 
 def consumer_pids(ray, shard_ids: list[str]) -> dict[str, int]:

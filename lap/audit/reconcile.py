@@ -26,6 +26,7 @@ from typing import Any
 
 from lap.process.batch import hour_of
 from lap.settings import Settings
+from lap.sinks.archive import keys_in_s3
 from lap.sinks.index import index_name
 from lap.stream.kinesis import oldest_sequence
 
@@ -53,6 +54,8 @@ class Reconciliation:
     missing: dict[str, int] = field(default_factory=dict)
     retention_lost: int = 0
     complete: bool = False
+    # counts of whole hours take lost archive objects from the sweep's last check (None: per-event, checked now)
+    archive_checked_at: datetime | None = None
     missing_ids: dict[str, list[str]] | None = None
 
     def as_dict(self) -> dict[str, Any]:
@@ -97,9 +100,9 @@ class Reconciler:
     async def counts(self, window: Window) -> Reconciliation:
         """Counts from `stage_counts` (committed with each batch) for whole hours, exact counts at the edges.
 
-        An archive object that vanished is found by listing the window's hour
-        prefixes against the manifest (one listing per tenant-hour, not one
-        request per event). Cost: the hours and objects of the window, plus the
+        Archive objects S3 lost in whole hours come from the coordinator's
+        periodic check (`lost_archive_objects`, as of `archive_checked_at`),
+        so no bucket listing is needed. Cost: the window's hours, plus the
         events of its partial edge hours.
         """
         first = hour_of(window.start)
@@ -114,15 +117,14 @@ class Reconciler:
                 """SELECT stage, sum(events)::bigint AS n FROM stage_counts
                     WHERE tenant = $1 AND received_hour >= $2 AND received_hour < $3 GROUP BY stage""",
                 window.tenant, first, last)
-            objects = await conn.fetch(
-                """SELECT key, records FROM archive_objects
+            lost = await conn.fetchval(
+                """SELECT coalesce(sum(records), 0) FROM lost_archive_objects
                     WHERE tenant = $1 AND received_hour >= $2 AND received_hour < $3""", window.tenant, first, last)
+            result.archive_checked_at = await conn.fetchval("SELECT checked_at FROM archive_checks")
             result.quarantined = await conn.fetchval(
                 "SELECT count(*) FROM quarantined WHERE tenant = $1 AND received_at >= $2 AND received_at < $3",
                 window.tenant, window.start, window.end)
         stage = {r["stage"]: int(r["n"]) for r in rows}
-        present = await self._keys_in_s3({o["key"] for o in objects})
-        lost = sum(o["records"] for o in objects if o["key"] not in present)
         accepted, duplicates = stage.get("accepted", 0), stage.get("duplicates", 0)
         describes, aggregated = stage.get("describes", 0), stage.get("aggregated", 0)
         archived = stage.get("archived", 0) - lost
@@ -206,14 +208,7 @@ class Reconciler:
         return {r["event_id"] for r in rows if r["key"] is None or r["key"] not in present}
 
     async def _keys_in_s3(self, keys: set[str]) -> set[str]:
-        """Which of `keys` exist, listing each tenant-and-hour prefix once (not one HEAD per object)."""
-        prefixes = {key.rsplit("/shard=", 1)[0] + "/" for key in keys}
-        present: set[str] = set()
-        paginator = self.s3.get_paginator("list_objects_v2")
-        for prefix in sorted(prefixes):
-            async for page in paginator.paginate(Bucket=self.settings.archive.bucket, Prefix=prefix):
-                present.update(o["Key"] for o in page.get("Contents", []))
-        return present & keys
+        return await keys_in_s3(self.settings, self.s3, keys)
 
     def _index_query(self, window: Window) -> dict[str, Any]:
         filters: list[dict] = [

@@ -166,6 +166,8 @@ class Replayer:
                               "(replay with source 'stream')")
         for n, obj in enumerate(lost, 1):
             await self.rebuild_object(window.tenant, obj)
+            async with self.pool.acquire() as conn:
+                await conn.execute("DELETE FROM lost_archive_objects WHERE key = $1", obj["key"])
             self.progress("archive", n, len(lost))
         return len(lost)
 

@@ -173,6 +173,7 @@ class ReconcileReport(BaseModel):
     missing: dict[str, int]
     retention_lost: int
     complete: bool
+    archive_checked_at: datetime | None = None
     missing_ids: dict[str, list[str]] | None = None
     next_cursor: str | None = None
 

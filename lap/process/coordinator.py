@@ -23,6 +23,7 @@ from lap.audit.actor import NAMESPACE
 from lap.aws import open_client
 from lap.process.consumer import ShardConsumer
 from lap.settings import Settings, load_settings
+from lap.sinks.archive import check_archive
 from lap.sinks.store import create_pool
 from lap.stream.kinesis import list_shards
 
@@ -127,11 +128,18 @@ class Coordinator:
             await asyncio.sleep(p.coordinator_interval_s)
 
     async def sweep(self, grace_s: float | None = None) -> int:
-        """Remove orphaned archive objects, and dedup rows that have left the window; returns the orphans."""
+        """Remove orphaned archive objects and dedup rows past the window, and record archive objects S3 lost.
+
+        Returns how many orphans were removed.
+        """
         await self._open()
         grace = self.settings.process.orphan_grace_s if grace_s is None else grace_s
         removed = await sweep_orphans(self.settings, self.pool, self.s3, grace)
         await prune_seen_events(self.pool, self.settings.process.dedup_window_s)
+        since = datetime.now(timezone.utc) - timedelta(seconds=self.settings.process.dedup_window_s)
+        lost = await check_archive(self.settings, self.pool, self.s3, since.replace(minute=0, second=0, microsecond=0))
+        if lost:
+            log.error("%d archive objects named by the manifest are gone from S3; reconcile and replay them", lost)
         return removed
 
     async def step(self) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 from botocore.exceptions import ClientError
@@ -25,3 +26,33 @@ async def ensure_bucket(s3: Any, settings: Settings) -> None:
     except ClientError as exc:
         if exc.response.get("Error", {}).get("Code") not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
             raise
+
+
+async def keys_in_s3(settings: Settings, s3: Any, keys: set[str]) -> set[str]:
+    """Which of these archive keys exist, listing each tenant-and-hour prefix once (not one HEAD per object)."""
+    prefixes = {key.rsplit("/shard=", 1)[0] + "/" for key in keys}
+    present: set[str] = set()
+    paginator = s3.get_paginator("list_objects_v2")
+    for prefix in sorted(prefixes):
+        async for page in paginator.paginate(Bucket=settings.archive.bucket, Prefix=prefix):
+            present.update(o["Key"] for o in page.get("Contents", []))
+    return present & keys
+
+
+async def check_archive(settings: Settings, pool: Any, s3: Any, since: datetime) -> int:
+    """Record the manifest's objects from `since` on that S3 no longer has; returns how many are lost now."""
+    async with pool.acquire() as conn:
+        objects = await conn.fetch(
+            "SELECT key, tenant, received_hour, records FROM archive_objects WHERE received_hour >= $1", since)
+    present = await keys_in_s3(settings, s3, {o["key"] for o in objects})
+    lost = [(o["key"], o["tenant"], o["received_hour"], o["records"]) for o in objects if o["key"] not in present]
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute("DELETE FROM lost_archive_objects WHERE received_hour >= $1", since)
+        await conn.executemany(
+            """INSERT INTO lost_archive_objects (key, tenant, received_hour, records) VALUES ($1, $2, $3, $4)
+               ON CONFLICT (key) DO NOTHING""", lost)
+        await conn.execute(
+            """INSERT INTO archive_checks (id, checked_at, since_hour) VALUES (true, now(), $1)
+               ON CONFLICT (id) DO UPDATE SET checked_at = excluded.checked_at, since_hour = excluded.since_hour""",
+            since)
+    return len(lost)
