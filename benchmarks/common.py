@@ -50,3 +50,12 @@ def lap(*args: str, config: Path, timeout: float = 400) -> subprocess.CompletedP
 
 def machine() -> dict:
     return {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()}
+
+
+def start_lap(config: Path) -> bool:
+    """`lap up --detach` with this config; prints why when it fails."""
+    print("starting LAP...", file=sys.stderr, flush=True)
+    up = lap("up", "--detach", config=config)
+    if up.returncode != 0:
+        print(up.stdout, up.stderr, file=sys.stderr)
+    return up.returncode == 0

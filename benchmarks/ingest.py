@@ -34,7 +34,7 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import lap, machine, write_private_config  # noqa: E402
+from common import lap, machine, start_lap, write_private_config  # noqa: E402
 
 from lap.samples import EventFactory, envelope  # noqa: E402
 
@@ -199,10 +199,7 @@ def main() -> int:
     folder = Path(tempfile.mkdtemp(prefix="lap-bench-ingest-"))
     config = write_private_config(folder, ray={"throughput_mode": args.throughput_mode})
     settings = load_settings(config)
-    print("starting LAP...", file=sys.stderr, flush=True)
-    up = lap("up", "--detach", config=config)
-    if up.returncode != 0:
-        print(up.stdout, up.stderr, file=sys.stderr)
+    if not start_lap(config):
         return 1
     try:
         token = lap("keys", "create", "--tenant", "bench", "--role", "sensor", config=config).stdout.strip()

@@ -37,7 +37,7 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import lap, machine, write_private_config  # noqa: E402
+from common import lap, machine, start_lap, write_private_config  # noqa: E402
 from ingest import load_process, pct  # noqa: E402
 
 TARGETS = {"processed_per_s": 5_000, "drain_s": 15}
@@ -115,10 +115,7 @@ def main() -> int:
     folder = Path(tempfile.mkdtemp(prefix="lap-bench-pipeline-"))
     config = write_private_config(folder, process={"index_enabled": False})
     settings = load_settings(config)
-    print("starting LAP...", file=sys.stderr, flush=True)
-    up = lap("up", "--detach", config=config)
-    if up.returncode != 0:
-        print(up.stdout, up.stderr, file=sys.stderr)
+    if not start_lap(config):
         return 1
     samples: list[dict] = []
     cpu_before = cpu_after = {}

@@ -338,6 +338,16 @@ class OutputAPI:
             raise Problem(403, "Forbidden", f"a {principal.role} key cannot read; use a reader or admin key")
         return principal
 
+    async def search(self, tenant: str, body: dict[str, Any]) -> dict[str, Any]:
+        """A search of the tenant's own index; a 503 problem when OpenSearch cannot answer."""
+        try:
+            return await self._search.search(index=index_name(self.settings, tenant), body=body,
+                                             ignore_unavailable=True)
+        except Exception as exc:
+            log.warning("search failed: %s", exc)
+            raise Problem(503, "Service Unavailable", "the search index is not reachable; retry later",
+                          {"Retry-After": "5"}) from None
+
     @app.get("/healthz", response_model=HealthReport, responses=HEALTH_RESPONSES)
     async def healthz(self):
         return await health_reply(self.health)
@@ -451,13 +461,7 @@ class OutputAPI:
                                                           "min_doc_count": 1},
                                        "aggs": {"learners": {"cardinality": {"field": "learner",
                                                                              "precision_threshold": 40000}}}}}}
-            try:
-                reply = await self._search.search(index=index_name(self.settings, tenant), body=body,
-                                                  ignore_unavailable=True)
-            except Exception as exc:
-                log.warning("activity search failed: %s", exc)
-                raise Problem(503, "Service Unavailable", "the search index is not reachable; retry later",
-                              {"Retry-After": "5"}) from None
+            reply = await self.search(tenant, body)
             hours = reply.get("aggregations", {}).get("hours", {}).get("buckets", [])
             buckets = [ActivityBucket(start=datetime.fromtimestamp(b["key"] / 1000, UTC), events=b["doc_count"],
                                       active_learners=b["learners"]["value"]) for b in hours]
@@ -693,13 +697,7 @@ class OutputAPI:
                                 "sort": [{"event_time": "desc"}, {"event_id": "asc"}]}
         if cursor:
             body["search_after"] = decode_cursor(cursor, 2)
-        try:
-            reply = await self._search.search(index=index_name(self.settings, tenant), body=body,
-                                              ignore_unavailable=True)
-        except Exception as exc:
-            log.warning("event search failed: %s", exc)
-            raise Problem(503, "Service Unavailable", "the search index is not reachable; retry later",
-                          {"Retry-After": "5"}) from None
+        reply = await self.search(tenant, body)
         hits = reply.get("hits", {}).get("hits", [])
         next_cursor = encode_cursor(hits[-1]["sort"]) if len(hits) == limit and "sort" in hits[-1] else None
         return EventPage(events=[hit(h["_source"]) for h in hits], next_cursor=next_cursor)
