@@ -17,6 +17,7 @@ import threading
 import time
 import uuid
 from collections import Counter
+from datetime import datetime, timezone
 from contextlib import AsyncExitStack
 
 import httpx
@@ -340,3 +341,28 @@ async def test_documents_opensearch_refuses_are_recorded_with_the_reason(lap_up,
     assert {f["event_id"] for f in failures} == {e["id"] for e in events}
     assert all(400 <= f["status"] < 500 and f["reason"] for f in failures)
     assert (await stage_totals(db, tenant)).get("indexed", 0) == 0
+
+
+async def test_a_record_committed_by_a_replay_is_not_a_duplicate_for_the_live_consumer(settings, db):
+    """The live consumer reaching a record a replay already committed skips it; a real resend stays a duplicate."""
+    from lap.process.batch import BatchWriter, Decoded
+
+    tenant = f"t{uuid.uuid4().hex[:10]}"
+    received = datetime.now(timezone.utc)
+    await db.execute(
+        """INSERT INTO seen_events (tenant, event_id, received_at, batch_id, shard_id, sequence_number)
+           VALUES ($1, 'urn:uuid:a', $2, 0, 'shard-x', 5)""", tenant, received)
+    writer = BatchWriter(settings, None, None, "shard-x", 0)
+
+    def record(sequence: int) -> Decoded:
+        return Decoded(sequence, {"tenant": tenant, "event_id": "urn:uuid:a"}, {}, received)
+
+    from lap.sinks.store import create_pool
+
+    writer.pool = await create_pool(settings)
+    try:
+        assert await writer.dedup([record(5)]) == ([], [])  # the very record: skipped, not counted
+        kept, duplicates = await writer.dedup([record(9)])  # the same id at another position: a resend
+        assert kept == [] and [d.sequence for d in duplicates] == [9]
+    finally:
+        await writer.pool.close()

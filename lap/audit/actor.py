@@ -96,4 +96,4 @@ class AuditActor:
         for (_, s), n in zip(dirty, sent):  # what went out is not sent again
             for c in counters:
                 s[c] -= n[c]
-            s["dirty"] = False
+            s["dirty"] = any(s[c] for c in counters)  # a report that came during the write goes out next time
