@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import random
 import sys
 import time
@@ -36,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from common import machine  # noqa: E402
+from common import machine, write_report  # noqa: E402
 
 from lap.process.aggregate import aggregate, aggregate_python, columns_from_records  # noqa: E402
 from lap.samples import EventFactory  # noqa: E402
@@ -124,8 +123,7 @@ def main() -> int:
     print("rows: learner-day rows out; agg x: aggregate() over aggregate_python(); "
           "e2e x: columns_from_records() + aggregate() over aggregate_python()")
 
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({
+    write_report(args.json, {
         "benchmark": "aggregate",
         "repeats": args.repeats,
         "shapes": SHAPES,
@@ -133,8 +131,7 @@ def main() -> int:
         "machine": machine(),
         "results": results,
         "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }, indent=2) + "\n")
-    print(f"written {args.json.relative_to(ROOT) if args.json.is_relative_to(ROOT) else args.json}")
+    })
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import socket
@@ -59,3 +60,10 @@ def start_lap(config: Path) -> bool:
     if up.returncode != 0:
         print(up.stdout, up.stderr, file=sys.stderr)
     return up.returncode == 0
+
+
+def write_report(path: Path, report: dict) -> None:
+    """The benchmark's JSON, next to the table it printed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    print(f"wrote {path}")

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import multiprocessing
 import shutil
 import sys
@@ -34,7 +33,7 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import lap, machine, start_lap, write_private_config  # noqa: E402
+from common import lap, machine, start_lap, write_private_config, write_report  # noqa: E402
 
 from lap.samples import EventFactory, envelope  # noqa: E402
 
@@ -268,9 +267,7 @@ def main() -> int:
         print(f"{name:<36} {value:>28}   {target}")
     print("\nCPU µs per event, by process: " + ", ".join(
         f"{k} {v}" for k, v in l["cpu_us_per_event_by_process"].items()))
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=2))
-    print(f"wrote {args.json}")
+    write_report(args.json, report)
     return 0
 
 

@@ -37,7 +37,7 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import lap, machine, start_lap, write_private_config  # noqa: E402
+from common import lap, machine, start_lap, write_private_config, write_report  # noqa: E402
 from ingest import load_process, pct  # noqa: E402
 
 TARGETS = {"processed_per_s": 5_000, "drain_s": 15}
@@ -207,10 +207,7 @@ def main() -> int:
         print(f"{name:<38} {value:>14}   {target}")
     print("\nCPU ms per event, by process: " + ", ".join(
         f"{k} {v:.3f}" for k, v in sorted(report["cpu_s_per_1k_events"].items(), key=lambda kv: -kv[1])))
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    report["samples"] = samples
-    args.json.write_text(json.dumps(report, indent=2))
-    print(f"wrote {args.json}")
+    write_report(args.json, report | {"samples": samples})
     return 0 if drained_at else 1
 
 

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import shutil
 import sys
 import tempfile
@@ -42,7 +41,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import lap, machine, start_lap, write_private_config  # noqa: E402
+from common import lap, machine, start_lap, write_private_config, write_report  # noqa: E402
 
 TENANT = "bench"
 DAY = datetime(2026, 11, 1, tzinfo=timezone.utc)
@@ -200,9 +199,7 @@ def main() -> int:
     print()
     for name, value, note in rows:
         print(f"{name:<52} {value:>16}   {note}")
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=2))
-    print(f"wrote {args.json}")
+    write_report(args.json, report)
     return 0
 
 

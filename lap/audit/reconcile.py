@@ -30,7 +30,6 @@ from lap.sinks.archive import keys_in_s3
 from lap.sinks.index import index_name
 from lap.stream.kinesis import oldest_sequence
 
-STAGES = ("archive", "aggregate", "index")
 ID_SCAN_PAGE = 5000
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any
@@ -60,15 +60,9 @@ class Decoded:
 
 @dataclass
 class BatchResult:
-    first_seq: int
     last_seq: int
-    records: int
-    kept: int
-    events: int
-    describes: int
+    kept: int  # archived and aggregated (events and describes)
     duplicates: int
-    undecodable: int
-    archive_keys: list[str] = field(default_factory=list)
 
 
 def parse_time(text: str) -> datetime:
@@ -134,11 +128,11 @@ class BatchWriter:
         """Archive, aggregate and commit one batch of GetRecords records (in stream order)."""
         first = int(records[0]["SequenceNumber"])
         last = int(records[-1]["SequenceNumber"])
-        decoded, undecodable = decode(records)
+        decoded, _ = decode(records)  # records that are not LAP's are logged there and skipped
         for attempt in range(5):
             kept, duplicates = await self.dedup(decoded)
             if self.replay is not None and not kept:
-                return BatchResult(first, last, len(records), 0, 0, 0, len(duplicates), undecodable)
+                return BatchResult(last, 0, len(duplicates))
             keys = await self.archive(kept, first, last)
             aggregates = aggregate_records([{"meta": r.meta, "item": r.item} for r in kept])
             try:
@@ -151,9 +145,7 @@ class BatchWriter:
                 log.warning("shard %s: batch %s hit a deadlock; committing it again", self.shard_id, first)
                 await asyncio.sleep(0.1 * (attempt + 1))
                 continue
-            describes = sum(1 for r in kept if r.meta.get("kind") == "entity")
-            return BatchResult(first, last, len(records), len(kept), len(kept) - describes, describes,
-                               len(duplicates), undecodable, list(keys))
+            return BatchResult(last, len(kept), len(duplicates))
         raise RuntimeError(f"shard {self.shard_id}: batch {first} kept racing with another consumer")
 
     async def dedup(self, decoded: list[Decoded]) -> tuple[list[Decoded], list[Decoded]]:

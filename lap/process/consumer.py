@@ -170,7 +170,6 @@ class ShardConsumer:
                 # a batch never spans more than batch_max_records: cut it there, keep the rest
                 batch, pending = pending[:p.batch_max_records], pending[p.batch_max_records:]
                 pending_bytes = sum(len(r["Data"]) for r in pending)
-                started = time.monotonic()
                 result = await writer.process(batch)
                 self.committed_batches += 1
                 renewed = time.monotonic()
@@ -179,12 +178,11 @@ class ShardConsumer:
                 # behind the tip: what Kinesis says, or the age of the newest record just committed
                 # (kinesalite always says 0 for an open shard)
                 age_ms = int((time.time() - float(batch[-1].get("ApproximateArrivalTimestamp", time.time()))) * 1000)
-                report(audit, self.shard_id, result=result, lag_ms=max(reader.lag_ms or 0, age_ms),
-                       commit_s=time.monotonic() - started)
+                report(audit, self.shard_id, result=result, lag_ms=max(reader.lag_ms or 0, age_ms))
                 continue
             if reader.closed and not pending:
                 await mark_finished(pool, self.settings, self.shard_id, epoch)
-                report(audit, self.shard_id, lag_ms=0, finished=True)
+                report(audit, self.shard_id, lag_ms=0)
                 log.info("shard %s: closed and fully processed", self.shard_id)
                 return "finished"
             if time.monotonic() - renewed > p.lease_ttl_s / 3:
@@ -225,14 +223,12 @@ def audit_handle():
         return None  # not running (a test drives a consumer alone): reports are skipped
 
 
-def report(audit, shard_id: str, result=None, lag_ms: int | None = None, commit_s: float | None = None,
-           finished: bool = False) -> None:
+def report(audit, shard_id: str, result=None, lag_ms: int | None = None) -> None:
     """Fire-and-forget: the audit actor's view is live status, the durable truth is in Postgres."""
     if audit is None:
         return
-    payload: dict[str, Any] = {"lag_ms": lag_ms, "finished": finished}
+    payload: dict[str, Any] = {"lag_ms": lag_ms}
     if result is not None:
-        payload.update(last_seq=str(result.last_seq), kept=result.kept, duplicates=result.duplicates,
-                       commit_s=commit_s)
+        payload.update(last_seq=str(result.last_seq), kept=result.kept, duplicates=result.duplicates)
     audit.consumer_report.remote(shard_id, payload)
 

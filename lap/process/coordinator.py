@@ -88,15 +88,11 @@ class Coordinator:
         self.settings = load_settings()
         self.consumers: dict[str, Any] = {}
         self.runs: dict[str, asyncio.Task] = {}
-        self.finished: set[str] = set()
         self._task: asyncio.Task | None = None
         self._clients: AsyncExitStack | None = None
 
     def ping(self) -> bool:
         return True
-
-    def status(self) -> dict[str, Any]:
-        return {"running": sorted(self.runs), "finished": sorted(self.finished)}
 
     async def run(self) -> None:
         """Watch shards and consumers until the actor stops (a second call waits on the first)."""
@@ -189,7 +185,4 @@ class Coordinator:
                 log.warning("consumer of shard %s ended with %s; starting it again", shard_id, exc)
                 self.consumers.pop(shard_id, None)
                 continue
-            if outcome == "finished":
-                self.finished.add(shard_id)
-            else:
-                log.info("consumer of shard %s stopped (%s)", shard_id, outcome)
+            log.info("consumer of shard %s stopped (%s)", shard_id, outcome)

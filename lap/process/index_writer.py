@@ -70,10 +70,6 @@ class IndexWriter:
     def __init__(self) -> None:
         self.settings = load_settings()
         self._task: asyncio.Task | None = None
-        self.indexed = 0
-
-    def info(self) -> dict[str, Any]:
-        return {"indexed": self.indexed}
 
     async def run(self) -> None:
         if self._task is None or self._task.done():
@@ -182,7 +178,6 @@ class IndexWriter:
                     self.settings.stream.name, batch["shard_id"], batch["last_seq"], cursor) != "UPDATE 1"
             if moved:
                 raise CursorMoved()
-        self.indexed += len(indexed)
         try:
             audit = ray.get_actor(AUDIT_ACTOR, namespace=NAMESPACE)
             audit.index_report.remote(batch["shard_id"], str(batch["last_seq"]), len(indexed))
