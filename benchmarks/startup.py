@@ -60,7 +60,7 @@ def main() -> int:
         "data_dir": str(folder / "data"),
         "local": {"postgres_port": free_port(), "kinesis_port": free_port(),
                   "s3_port": free_port(), "opensearch_port": free_port()},
-        "ray": {"http_port": http_port, "dashboard_port": free_port()},
+        "ray": {"http_port": http_port, "dashboard_port": free_port(), "metrics_port": free_port()},
     }))
     rows = []
     try:

@@ -210,7 +210,9 @@ def _serve_status(settings: Settings) -> dict:
 def _print_status(settings: Settings, report: dict) -> None:
     pid = report["supervisor_pid"]
     click.echo(f"LAP for {settings.data_dir}: " + (f"supervisor pid {pid}" if pid else "no local `lap up` running"))
-    click.echo(f"API {settings.api_url}   Ray dashboard {settings.dashboard_url}\n")
+    click.echo(f"API {settings.api_url}   Ray dashboard {settings.dashboard_url}")
+    click.echo(f"Metrics {settings.metrics_url} (ray_lap_*: ingest rate, refusals, lag, commits, backlog, "
+               "reconcile)\n")
     click.echo(f"{'component':<12} {'status':<6} {'ms':>7}  detail")
     for name, comp in report["components"].items():
         click.echo(f"{name:<12} {'ok' if comp['ok'] else 'DOWN':<6} {comp['latency_ms']:>7.1f}  {comp['detail']}")

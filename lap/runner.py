@@ -180,6 +180,7 @@ def check_ports_free(settings: Settings) -> None:
     ports = {"ray.http_port": settings.ray.http_port}
     if not settings.ray.address:
         ports["ray.dashboard_port"] = settings.ray.dashboard_port
+        ports["ray.metrics_port"] = settings.ray.metrics_port
     for name, port in ports.items():
         if port_is_open("127.0.0.1", port):
             raise RunError(f"port {port} ({name}) on 127.0.0.1 is already in use; stop what listens there "
@@ -208,6 +209,7 @@ def start_ray(settings: Settings) -> None:
         include_dashboard=True,
         dashboard_host=settings.ray.dashboard_host,
         dashboard_port=settings.ray.dashboard_port,
+        _metrics_export_port=settings.ray.metrics_port,
         _node_ip_address="127.0.0.1",
         **common,
     )
@@ -382,6 +384,7 @@ def startup_report(settings: Settings, stack: LocalStack, health: dict, seconds:
     ]
     if not settings.ray.address:
         lines.append(f"  Ray dashboard {settings.dashboard_url}")
+        lines.append(f"  Metrics       {settings.metrics_url}   (ray_lap_*; docs/operations.md)")
     lines += ["", f"  {'component':<12} {'status':<6} detail"]
     for name, comp in health.get("components", {}).items():
         where = f" (pid {stack.pids()[name]}, port {stack.ports()[name]})" if name in stack.pids() else ""

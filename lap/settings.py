@@ -121,6 +121,9 @@ class RaySettings(Section):
     num_cpus: int | None = Field(None, ge=1)
     dashboard_host: str = "127.0.0.1"
     dashboard_port: int = Field(8265, ge=1, le=65535)
+    # Ray's Prometheus endpoint on this node (`lap up` only), LAP's `ray_lap_*` metrics among Ray's own;
+    # a cluster sets it with `ray start --metrics-export-port`
+    metrics_port: int = Field(8090, ge=1, le=65535)
     http_host: str = "127.0.0.1"
     http_port: int = Field(8000, ge=1, le=65535)
     # HAProxy in front of the replicas: ~3x less CPU per request (DESIGN.md).
@@ -219,6 +222,10 @@ class Settings(BaseSettings):
     @property
     def dashboard_url(self) -> str:
         return f"http://{self.ray.dashboard_host}:{self.ray.dashboard_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.ray.metrics_port}/metrics"
 
     def local_services(self) -> list[str]:
         """The stand-ins `lap up` must start: those whose endpoint is the local default."""

@@ -114,7 +114,7 @@ def test_numpy_matches_python_on_a_realistic_batch():
     assert any(row[8] is None for row in learner_days) and any(row[8] is not None for row in learner_days)
     assert sum(row[5] for row in result["learner_day_actions"]) == events
     assert sum(row[3] for row in result["course_days"]) == events
-    assert sum(row[3] for row in result["course_hours_of_week"]) == events
+    assert sum(row[3] for row in result["course_hours"]) == events
 
 
 def test_columns_are_plain_python_lists_in_table_order():
@@ -133,7 +133,8 @@ def test_columns_are_plain_python_lists_in_table_order():
     # naive UTC datetimes, as the SQL reads them (AT TIME ZONE 'UTC')
     assert all(type(v) is datetime and v.tzinfo is None for v in ld["first_active"] + ld["last_active"])
     assert type(result.learner_day_actions["count"][0]) is int
-    assert type(result.course_hours_of_week["hour_of_week"][0]) is int
+    hours = result.course_hours["hour"]
+    assert all(type(v) is datetime and v.tzinfo is None and v.minute == v.second == v.microsecond == 0 for v in hours)
 
 
 def test_normalized_matches_rows_read_back_from_the_tables():
@@ -235,15 +236,16 @@ def test_groups_days_courses_and_actions():
     ]
 
 
-def test_hour_of_week():
+def test_course_hours():
     records = [
-        event(when="2026-11-23T00:00:00Z"),  # a Monday, first hour
-        event(when="2026-11-29T23:59:59.999Z"),  # a Sunday, last hour
-        event(when="2026-11-27T08:01:02.123Z"),  # a Friday
-        event(when="1969-12-28T23:30:00Z"),  # a Sunday before the epoch
+        event(when="2026-11-23T00:00:00Z"),
+        event(when="2026-11-23T00:59:59.999Z"),  # the same hour
+        event(when="2026-11-29T23:59:59.999Z"),  # days later, in one batch
+        event(when="1969-12-28T23:30:00Z"),  # before the epoch
     ]
-    assert both(records)["course_hours_of_week"] == [("t1", "c1", 0, 1), ("t1", "c1", 4 * 24 + 8, 1),
-                                                  ("t1", "c1", 167, 2)]
+    assert both(records)["course_hours"] == [("t1", "c1", datetime(1969, 12, 28, 23, tzinfo=UTC), 1),
+                                             ("t1", "c1", datetime(2026, 11, 23, 0, tzinfo=UTC), 2),
+                                             ("t1", "c1", datetime(2026, 11, 29, 23, tzinfo=UTC), 1)]
 
 
 def test_empty_batch_and_entities_only():

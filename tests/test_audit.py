@@ -24,9 +24,11 @@ from tests.test_pipeline import (
     archived_ids,
     envelopes,
     expected_records,
+    join_sender,
     make_events,
     new_tenant,
     send,
+    send_in_background,
     stored_aggregates,
     wait_for,
 )
@@ -38,7 +40,7 @@ def window(started: datetime) -> dict[str, str]:
 
 
 def wide_window(started: datetime) -> dict[str, str]:
-    """A window whose middle is whole hours (read from the hour counters), with partial hours at both edges."""
+    """A window of whole minutes (all read from the counters) that starts and ends in the middle of hours."""
     first = started.replace(minute=0, second=0, microsecond=0)
     last = datetime.now(timezone.utc).replace(minute=0, second=0, microsecond=0) + timedelta(hours=1)
     return {"start": (first - timedelta(minutes=30)).isoformat(), "end": (last + timedelta(minutes=30)).isoformat()}
@@ -86,7 +88,7 @@ async def test_a_clean_window_is_complete(settings, audited):
     assert report["archived"] == report["aggregated"] == report["indexed"] == 301
     assert report["missing"] == {"archive": 0, "aggregate": 0, "index": 0}
     assert report["complete"] is True and report["retention_lost"] == 0
-    wide = await reconcile(settings, audited["reader"], audited["started"], wide=True)  # from the hour counters
+    wide = await reconcile(settings, audited["reader"], audited["started"], wide=True)  # from the minute counters
     assert {k: wide[k] for k in report if k not in ("start", "end")} == \
         {k: report[k] for k in report if k not in ("start", "end")}
     shards = get(settings, audited["reader"], "/audit/shards").json()
@@ -110,31 +112,7 @@ async def test_reconcile_finds_each_loss_by_id(settings, audited, db, ray_driver
         await search.close()
 
     # 2. a committed batch undone the way a failed commit leaves it: no dedup rows, no manifest entry
-    batch_id = await db.fetchval("SELECT batch_id FROM seen_events WHERE tenant = $1 AND event_id = $2", tenant, ids[-1])
-    # the batch's audit counters go too: they commit in the same transaction
-    groups = await db.fetch(
-        """SELECT r.sensor, s.shard_id, date_trunc('hour', s.received_at, 'UTC') AS hour, count(*) AS n,
-                  count(*) FILTER (WHERE r.kind = 'entity') AS describes
-             FROM seen_events s JOIN receipts r ON r.tenant = s.tenant AND r.event_id = s.event_id
-                  AND r.received_at = s.received_at
-            WHERE s.tenant = $1 AND s.batch_id = $2 GROUP BY 1, 2, 3""", tenant, batch_id)
-    for g in groups:
-        for stage, n in (("archived", g["n"]), ("aggregated", g["n"]), ("describes", g["describes"])):
-            await db.execute(
-                """UPDATE stage_counts SET events = events - $6 WHERE tenant = $1 AND sensor = $2 AND shard_id = $3
-                      AND received_hour = $4 AND stage = $5""", tenant, g["sensor"], g["shard_id"], g["hour"], stage, n)
-    undone = sorted(r["event_id"] for r in await db.fetch(
-        "DELETE FROM seen_events WHERE tenant = $1 AND batch_id = $2 RETURNING event_id", tenant, batch_id))
-    undone_keys = [r["key"] for r in await db.fetch(
-        "DELETE FROM archive_objects WHERE tenant = $1 AND batch_id = $2 RETURNING key", tenant, batch_id)]
-    assert undone and undone_keys
-
-    # ... and its aggregates: the tenant's figures are those of the events still committed
-    kept_events = [e for e in audited["events"] if e["id"] not in set(undone)]
-    async with db.transaction():
-        for table in ("learner_days", "learner_day_actions", "course_days", "course_hours_of_week"):
-            await db.execute(f"DELETE FROM {table} WHERE tenant = $1", tenant)
-        await write_aggregates(db, aggregate_python(expected_records(tenant, kept_events)))
+    batch_id, undone = await undo_batch(db, tenant, audited["events"], ids[-1])
 
     # 3. an archive object of another batch vanishes from S3
     key = await db.fetchval(
@@ -156,14 +134,16 @@ async def test_reconcile_finds_each_loss_by_id(settings, audited, db, ray_driver
     assert report["missing"] == {"archive": len(set(undone) | set(vanished)), "aggregate": len(undone),
                                  "index": len(gone_from_index)}
     assert report["retention_lost"] == 0  # the stream still has every record: replay from it is possible
-    # the counts alone (hour counters in the middle, single events at the edges) say the same, once the
-    # coordinator's periodic check has seen the lost object (run here rather than waited for)
+    # the counts alone say the same, once the coordinator's periodic check has seen the lost object (run
+    # here rather than waited for): over whole hours (the lost object's hour inside the window), and over
+    # minutes with partial minutes at the edges (the window cuts the lost object's hour)
     ray_driver.get(ray_driver.get_actor(COORDINATOR).sweep.remote(), timeout=120)
-    counts = await reconcile(settings, reader, audited["started"], wide=True)
-    assert counts["archive_checked_at"] is not None
-    assert counts["missing"] == report["missing"] and counts["complete"] is False
-    assert {k: counts[k] for k in ("accepted", "duplicates", "archived", "aggregated", "indexed")} == \
-        {k: report[k] for k in ("accepted", "duplicates", "archived", "aggregated", "indexed")}
+    figures = ("accepted", "duplicates", "archived", "aggregated", "indexed", "missing")
+    for wide in (True, False):
+        counts = await reconcile(settings, reader, audited["started"], wide=wide)
+        assert counts["archive_checked_at"] is not None
+        assert {k: counts[k] for k in figures} == {k: report[k] for k in figures}, wide
+        assert counts["complete"] is False
 
     # paging the ids, a few at a time: the same lists
     seen: dict[str, list[str]] = {"archive": [], "aggregate": [], "index": []}
@@ -194,6 +174,40 @@ async def test_reconcile_finds_each_loss_by_id(settings, audited, db, ray_driver
     await assert_aggregates(db, tenant, audited["events"])
     ids = await archived_ids(settings, db, tenant)
     assert max(ids.values()) == 1 and len(ids) == 301
+
+
+async def undo_batch(db, tenant: str, events: list[dict], event_id: str) -> tuple[int, list[str]]:
+    """Undo the committed batch holding `event_id` the way a failed commit leaves it; its batch id and event ids.
+
+    Its dedup rows, manifest entries and audit counters go (they commit in one
+    transaction), and the tenant's aggregates become those of `events` minus the
+    batch's. Nothing else may write the tenant's aggregates meanwhile.
+    """
+    batch_id = await db.fetchval("SELECT batch_id FROM seen_events WHERE tenant = $1 AND event_id = $2",
+                                 tenant, event_id)
+    groups = await db.fetch(
+        """SELECT r.sensor, s.shard_id, date_trunc('minute', s.received_at, 'UTC') AS minute, count(*) AS n,
+                  count(*) FILTER (WHERE r.kind = 'entity') AS describes
+             FROM seen_events s JOIN receipts r ON r.tenant = s.tenant AND r.event_id = s.event_id
+                  AND r.received_at = s.received_at
+            WHERE s.tenant = $1 AND s.batch_id = $2 GROUP BY 1, 2, 3""", tenant, batch_id)
+    for g in groups:
+        for stage, n in (("archived", g["n"]), ("aggregated", g["n"]), ("describes", g["describes"])):
+            await db.execute(
+                """UPDATE stage_counts SET events = events - $6 WHERE tenant = $1 AND sensor = $2 AND shard_id = $3
+                      AND received_minute = $4 AND stage = $5""", tenant, g["sensor"], g["shard_id"], g["minute"],
+                stage, n)
+    undone = sorted(r["event_id"] for r in await db.fetch(
+        "DELETE FROM seen_events WHERE tenant = $1 AND batch_id = $2 RETURNING event_id", tenant, batch_id))
+    undone_keys = [r["key"] for r in await db.fetch(
+        "DELETE FROM archive_objects WHERE tenant = $1 AND batch_id = $2 RETURNING key", tenant, batch_id)]
+    assert undone and undone_keys
+    kept_events = [e for e in events if e["id"] not in set(undone)]
+    async with db.transaction():
+        for table in ("learner_days", "learner_day_actions", "course_days", "course_hours"):
+            await db.execute(f"DELETE FROM {table} WHERE tenant = $1", tenant)
+        await write_aggregates(db, aggregate_python(expected_records(tenant, kept_events)))
+    return batch_id, undone
 
 
 async def assert_aggregates(db, tenant: str, events: list[dict]) -> None:
@@ -281,6 +295,36 @@ async def test_reconcile_and_replay_from_the_command_line(lap_up, settings, db):
     backwards = run_lap("reconcile", "--tenant", tenant, "--start", span["end"], "--end", span["start"],
                         config=lap_up.config, check=False)
     assert backwards.returncode != 0 and "--end must be after --start" in backwards.stderr
+
+
+async def test_a_replay_while_live_traffic_goes_on(lap_up, settings, db):
+    """A replay that restores a lost batch runs while the same tenant sends more: both count once."""
+    started = datetime.now(timezone.utc)
+    tenant, sensor = new_tenant(lap_up)
+    admin, reader = key(lap_up, tenant, "admin"), key(lap_up, tenant, "reader")
+    first = make_events(200)
+    send(settings, sensor, envelopes(first))
+    await wait_for(db, tenant, {"accepted": 200, "archived": 200, "indexed": 200}, timeout=180)
+    _, undone = await undo_batch(db, tenant, first, min(e["id"] for e in first))
+
+    # the same learners and courses keep sending, a few envelopes a second, while the replay runs
+    more = make_events(400)
+    sender = send_in_background(settings, sensor, envelopes(more, per=10), pause_s=0.1)
+    await asyncio.sleep(1)
+    done = await replay(settings, admin, started, ["archive", "aggregate", "index"], "stream")
+    assert sender.is_alive(), "the replay must run while traffic is still coming in"
+    join_sender(sender)
+    assert done["status"] == "done", done
+    # the lost batch, and perhaps live events still in flight when it looked (the live consumer skips those)
+    assert done["result"]["replayed"]["restored"] >= len(undone)
+
+    await wait_for(db, tenant, {"accepted": 600, "archived": 600, "aggregated": 600, "indexed": 600},
+                   timeout=180)
+    report = await reconcile(settings, reader, started)
+    assert report["complete"] is True and report["accepted"] == 600 and report["duplicates"] == 0, report
+    await assert_aggregates(db, tenant, first + more)
+    ids = await archived_ids(settings, db, tenant)
+    assert len(ids) == 600 and max(ids.values()) == 1
 
 
 async def test_window_edges_include_start_and_exclude_end(settings, audited, db):

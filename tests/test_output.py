@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter, defaultdict
+from datetime import date, datetime
 
 import httpx
 import pytest
@@ -187,6 +188,15 @@ def test_course_activity_per_day_and_hour(settings, two_tenants, granularity, wi
     assert {k: b["active_learners"] for k, b in buckets.items()} == {k: len(v) for k, v in learners.items()}
 
 
+def week_of(records: list[dict]) -> list[int]:
+    """Events per hour of the week, Monday 00-01 UTC first."""
+    week = [0] * 168
+    for r in records:
+        moment = datetime.fromisoformat(r["meta"]["event_time"])
+        week[moment.weekday() * 24 + moment.hour] += 1
+    return week
+
+
 def test_course_heatmap(settings, two_tenants):
     course, records = _course_events(two_tenants)
     cells: Counter = Counter((r["meta"]["learner"], r["meta"]["event_time"][:10]) for r in records)
@@ -194,7 +204,14 @@ def test_course_heatmap(settings, two_tenants):
     got = {(row["learner"], day): n for row in body["learners"] for day, n in row["days"].items()}
     assert got == dict(cells)
     assert body["days"] == sorted({day for _, day in cells})
-    assert len(body["hour_of_week"]) == 168 and sum(body["hour_of_week"]) == len(records)
+    assert body["hour_of_week"] == week_of(records)
+    # a window cut mid-day holds the days that start inside it, in the cells and in the hours alike
+    first, last = date.fromisoformat(body["days"][0]), date.fromisoformat(body["days"][2])
+    narrow = {"start": f"{first}T06:00:00Z", "end": f"{last}T23:00:00Z"}
+    inside = [r for r in records if first < date.fromisoformat(r["meta"]["event_time"][:10]) <= last]
+    cut = get(settings, two_tenants["a_reader"], "/course-heatmap", course=course, **narrow).json()
+    assert cut["days"] == sorted({r["meta"]["event_time"][:10] for r in inside})
+    assert cut["hour_of_week"] == week_of(inside) and 0 < len(inside) < len(records)
     # the other tenant sees only its own events of this course IRI
     b_records = [r for r in expected_records(two_tenants["b"], two_tenants["b_events"]) if r["meta"]["course"] == course]
     other = get(settings, two_tenants["b_reader"], "/course-heatmap", course=course, **SPAN).json()

@@ -132,7 +132,7 @@ async def stored_aggregates(db, tenant: str) -> Aggregates:
         "SELECT tenant, learner, course, day, action, count FROM learner_day_actions WHERE tenant = $1", tenant)
     course_days = await db.fetch("SELECT tenant, course, day, events FROM course_days WHERE tenant = $1", tenant)
     hours = await db.fetch(
-        "SELECT tenant, course, hour_of_week, events FROM course_hours_of_week WHERE tenant = $1", tenant)
+        "SELECT tenant, course, hour, events FROM course_hours WHERE tenant = $1", tenant)
     return Aggregates.from_rows([tuple(r) for r in learner_days], [tuple(r) for r in actions],
                                 [tuple(r) for r in course_days], [tuple(r) for r in hours])
 
@@ -162,7 +162,7 @@ async def assert_exact(settings, db, tenant: str, events: list[dict]) -> None:
     assert stored["learner_days"] == expected["learner_days"]
     assert stored["learner_day_actions"] == expected["learner_day_actions"]
     assert stored["course_days"] == expected["course_days"]
-    assert stored["course_hours_of_week"] == expected["course_hours_of_week"]
+    assert stored["course_hours"] == expected["course_hours"]
     ids = await archived_ids(settings, db, tenant)
     assert set(ids) == {e["id"] for e in events}
     assert max(ids.values()) == 1, [i for i, n in ids.items() if n > 1][:5]

@@ -19,18 +19,18 @@ log = logging.getLogger("lap.receipts")
 
 COLUMNS = ("event_id", "tenant", "sensor", "shard_id", "sequence_number", "received_at", "request_id", "kind")
 ADD_ACCEPTED = """
-INSERT INTO stage_counts (tenant, sensor, shard_id, received_hour, stage, events)
+INSERT INTO stage_counts (tenant, sensor, shard_id, received_minute, stage, events)
 VALUES ($1, $2, $3, $4, 'accepted', $5)
-ON CONFLICT (tenant, received_hour, sensor, shard_id, stage)
+ON CONFLICT (tenant, received_minute, sensor, shard_id, stage)
 DO UPDATE SET events = stage_counts.events + excluded.events
 """
 
 
 def accepted_counts(rows: list[tuple]) -> list[tuple]:
-    """The receipts counted per tenant, sensor, shard and hour: the `accepted` stage of the audit."""
+    """The receipts counted per tenant, sensor, shard and minute: the `accepted` stage of the audit."""
     counts: dict[tuple, int] = {}
     for _, tenant, sensor, shard_id, _, received_at, _, _ in rows:
-        key = (tenant, sensor, shard_id, received_at.replace(minute=0, second=0, microsecond=0))
+        key = (tenant, sensor, shard_id, received_at.replace(second=0, microsecond=0))  # received_at is UTC
         counts[key] = counts.get(key, 0) + 1
     return sorted((*key, n) for key, n in counts.items())  # in key order: replicas never deadlock
 

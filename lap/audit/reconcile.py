@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from lap.process.batch import hour_of
+from lap.process.batch import hour_of, minute_of
 from lap.settings import Settings
 from lap.sinks.archive import keys_in_s3
 from lap.sinks.index import index_name
@@ -77,6 +77,17 @@ WITH r AS (
 """
 
 
+# archived events of tenant $1 in [$2, $3) whose object the last archive check found gone, in the
+# hours $4 that the window only partly covers: counted from the dedup rows of each object's batch
+_LOST_IN_PARTIAL_HOURS = """
+SELECT count(*) FROM lost_archive_objects l
+  JOIN archive_objects o ON o.key = l.key
+  JOIN seen_events s ON s.batch_id = o.batch_id AND s.tenant = $1
+       AND s.received_at >= greatest($2, l.received_hour) AND s.received_at < least($3, l.received_hour + interval '1 hour')
+ WHERE l.tenant = $1 AND l.received_hour = ANY($4::timestamptz[])
+"""
+
+
 class Reconciler:
     def __init__(self, settings: Settings, pool, s3, search):
         self.settings = settings
@@ -88,8 +99,8 @@ class Reconciler:
                   after: dict[str, str] | None = None) -> Reconciliation:
         """The counts for the window; with `with_ids`, up to `limit` missing ids per stage after `after`.
 
-        Counts alone read the hourly counters for the window's whole hours and
-        look at single events only in the partial hours at its edges (see
+        Counts alone read the counters of the window's whole minutes and look
+        at single events only in the partial minutes at its edges (see
         `counts`); the id lists, or a sensor filter, look at every event.
         """
         if not with_ids and window.sensor is None:
@@ -97,28 +108,29 @@ class Reconciler:
         return await self.exact(window, with_ids, limit, after or {})
 
     async def counts(self, window: Window) -> Reconciliation:
-        """Counts from `stage_counts` (committed with each batch) for whole hours, exact counts at the edges.
+        """Counts from `stage_counts` (committed with each batch) for whole minutes, exact counts at the edges.
 
-        Archive objects S3 lost in whole hours come from the coordinator's
-        periodic check (`lost_archive_objects`, as of `archive_checked_at`),
-        so no bucket listing is needed. Cost: the window's hours, plus the
-        events of its partial edge hours.
+        Archive objects S3 lost come from the coordinator's periodic check
+        (`lost_archive_objects`, as of `archive_checked_at`), so no bucket
+        listing is needed; an object holds an hour, so where the window covers
+        only part of that hour, the lost object's events inside the window are
+        counted from its batch's dedup rows. Cost: the window's minutes, plus
+        the events of its partial edge minutes (none for a window that starts
+        and ends on whole minutes).
         """
-        first = hour_of(window.start)
+        first = minute_of(window.start)
         if first < window.start:
-            first += timedelta(hours=1)
-        last = max(first, hour_of(window.end))
+            first += timedelta(minutes=1)
+        last = max(first, minute_of(window.end))
         result = Reconciliation()
-        if first >= last:  # no whole hour inside: the window is all edge
+        if first >= last:  # no whole minute inside: the window is all edge
             return await self.exact(window, False, 0, {})
         async with self.pool.acquire() as conn:
             rows = await conn.fetch(
                 """SELECT stage, sum(events)::bigint AS n FROM stage_counts
-                    WHERE tenant = $1 AND received_hour >= $2 AND received_hour < $3 GROUP BY stage""",
+                    WHERE tenant = $1 AND received_minute >= $2 AND received_minute < $3 GROUP BY stage""",
                 window.tenant, first, last)
-            lost = await conn.fetchval(
-                """SELECT coalesce(sum(records), 0) FROM lost_archive_objects
-                    WHERE tenant = $1 AND received_hour >= $2 AND received_hour < $3""", window.tenant, first, last)
+            lost = await self._lost_archived(conn, window.tenant, first, last)
             result.archive_checked_at = await conn.fetchval("SELECT checked_at FROM archive_checks")
             result.quarantined = await conn.fetchval(
                 "SELECT count(*) FROM quarantined WHERE tenant = $1 AND received_at >= $2 AND received_at < $3",
@@ -145,6 +157,25 @@ class Reconciler:
             result.retention_lost = await self._retention_lost(window)
         result.complete = not any(result.missing.values())
         return result
+
+    @staticmethod
+    async def _lost_archived(conn, tenant: str, first: datetime, last: datetime) -> int:
+        """Archived events in [first, last) whose objects the last check found gone from S3.
+
+        Whole hours add the lost objects' record counts; an hour the window
+        only partly covers counts its lost objects' events one by one.
+        """
+        whole_from = hour_of(first) if hour_of(first) == first else hour_of(first) + timedelta(hours=1)
+        whole_to = hour_of(last)
+        lost = 0
+        if whole_from < whole_to:
+            lost += await conn.fetchval(
+                """SELECT coalesce(sum(records), 0) FROM lost_archive_objects
+                    WHERE tenant = $1 AND received_hour >= $2 AND received_hour < $3""", tenant, whole_from, whole_to)
+        partial = {h for h in (hour_of(first), whole_to) if not (whole_from <= h < whole_to) and h < last}
+        if partial:
+            lost += await conn.fetchval(_LOST_IN_PARTIAL_HOURS, tenant, first, last, sorted(partial))
+        return int(lost)
 
     async def exact(self, window: Window, with_ids: bool, limit: int, after: dict[str, str]) -> Reconciliation:
         """Every event of the window, one by one."""

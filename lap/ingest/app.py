@@ -19,7 +19,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from ray import serve
 
-from lap import __version__
+from lap import __version__, metrics
 from lap.audit.receipts import ReceiptWriter
 from lap.auth import KeyCache, Principal, bearer_token
 from lap.aws import open_client
@@ -79,6 +79,7 @@ class Refused(Exception):
 
 
 def problem_response(refused: Refused, request_id: str) -> Response:
+    metrics.ingest_refusals().inc(tags={"status": str(refused.status)})
     body = {
         "type": f"urn:lap:problem:{refused.status}",
         "title": refused.title,
@@ -334,6 +335,7 @@ class IngestAPI:
         for item, receipt in zip(envelope.items, receipts):
             deps.receipts.add(item.id, principal.tenant, envelope.sensor, receipt.shard_id,
                               receipt.sequence_number, received_at, request_id, item.kind)
+        metrics.ingest_events().inc(len(receipts))
         if "return=representation" in request.headers.get("prefer", ""):
             return Response(orjson.dumps({"request_id": request_id, "receipts": [
                 {"event_id": item.id, "shard_id": r.shard_id, "sequence_number": r.sequence_number}

@@ -138,7 +138,7 @@ class CourseHeatmap(BaseModel):
     course: str
     days: list[str]
     learners: list[LearnerDays]
-    hour_of_week: list[int]  # 168 counts, Monday 00-01 UTC first; over all time (see the docs)
+    hour_of_week: list[int]  # 168 counts over the window's days, Monday 00-01 UTC first
 
 
 class EventHit(BaseModel):
@@ -242,6 +242,12 @@ def check_window(start: datetime, end: datetime) -> None:
         raise Problem(400, "Bad Request", "end must be after start (start is included, end excluded)")
     if end - start > MAX_WINDOW:
         raise Problem(400, "Bad Request", f"the window is over {MAX_WINDOW.days} days; reconcile it in parts")
+
+
+def _next_midnight(moment: datetime) -> datetime:
+    """The first UTC midnight at or after `moment`: per-day figures count a day only if it starts inside the window."""
+    midnight = moment.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    return midnight if midnight == moment else midnight + timedelta(days=1)
 
 
 NO_SCORE = -1e308  # sorts a learner without scores below every mean (a finite value, so it fits a JSON cursor)
@@ -476,16 +482,17 @@ class OutputAPI:
     ):
         tenant = (await self.caller(request)).tenant
         check_window(start, end)
+        first, last = _next_midnight(start), _next_midnight(end)  # the days that start inside the window
         async with self._pool.acquire() as conn:
             rows = await conn.fetch(
                 """SELECT learner, day, events FROM learner_days
-                    WHERE tenant = $1 AND course = $2
-                      AND day >= ($3 AT TIME ZONE 'UTC')::date + (($3 AT TIME ZONE 'UTC')::time > '00:00')::int
-                      AND day < ($4 AT TIME ZONE 'UTC')::date + (($4 AT TIME ZONE 'UTC')::time > '00:00')::int
-                    ORDER BY learner, day""", tenant, course, start, end)
+                    WHERE tenant = $1 AND course = $2 AND day >= $3 AND day < $4
+                    ORDER BY learner, day""", tenant, course, first.date(), last.date())
             hours = await conn.fetch(
-                "SELECT hour_of_week, events FROM course_hours_of_week WHERE tenant = $1 AND course = $2",
-                tenant, course)
+                """SELECT ((extract(isodow FROM hour AT TIME ZONE 'UTC') - 1) * 24
+                           + extract(hour FROM hour AT TIME ZONE 'UTC'))::int AS hour_of_week, sum(events) AS events
+                     FROM course_hours WHERE tenant = $1 AND course = $2 AND hour >= $3 AND hour < $4
+                    GROUP BY 1""", tenant, course, first, last)
         learners: dict[str, dict[str, int]] = {}
         days: set[str] = set()
         for r in rows:

@@ -6,7 +6,7 @@ then grouped and summed without any Python loop per event (``aggregate``).
 compare against, and as the baseline of ``benchmarks/aggregate.py``.
 
 Figures are kept per (tenant, learner, course, UTC day of the event time), per
-(tenant, course, day) and per (tenant, course, hour of week). Entities
+(tenant, course, day) and per (tenant, course, UTC hour). Entities
 (describes) are never aggregated. A missing course is written as "" because it
 is part of the tables' primary keys. Event times are UTC ending in "Z", as
 ingest writes them into the record's meta.
@@ -77,12 +77,12 @@ LEARNER_DAY_COLUMNS = ("tenant", "learner", "course", "day", "events", "submissi
                        "score_max", "max_score_sum", "time_on_task_s", "first_active", "last_active")
 LEARNER_DAY_ACTION_COLUMNS = ("tenant", "learner", "course", "day", "action", "count")
 COURSE_DAY_COLUMNS = ("tenant", "course", "day", "events")
-COURSE_HOUR_OF_WEEK_COLUMNS = ("tenant", "course", "hour_of_week", "events")
+COURSE_HOUR_COLUMNS = ("tenant", "course", "hour", "events")
 TABLES = {
     "learner_days": LEARNER_DAY_COLUMNS,
     "learner_day_actions": LEARNER_DAY_ACTION_COLUMNS,
     "course_days": COURSE_DAY_COLUMNS,
-    "course_hours_of_week": COURSE_HOUR_OF_WEEK_COLUMNS,
+    "course_hours": COURSE_HOUR_COLUMNS,
 }
 
 
@@ -109,7 +109,7 @@ class Aggregates:
 
     Columns rather than rows because the database takes one array per column,
     and numpy makes each list in one C call. The values are plain Python:
-    ``day`` a date; ``first_active``/``last_active`` NAIVE datetimes in UTC
+    ``day`` a date; ``first_active``/``last_active`` and ``hour`` NAIVE datetimes in UTC
     (the SQL reads them with AT TIME ZONE 'UTC'); ``score_max`` NaN for "no
     score" (the SQL turns NaN into NULL).
     """
@@ -117,7 +117,7 @@ class Aggregates:
     learner_days: dict[str, list]
     learner_day_actions: dict[str, list]
     course_days: dict[str, list]
-    course_hours_of_week: dict[str, list]
+    course_hours: dict[str, list]
 
     @classmethod
     def empty(cls) -> Aggregates:
@@ -125,10 +125,10 @@ class Aggregates:
 
     @classmethod
     def from_rows(cls, learner_days: list[tuple], learner_day_actions: list[tuple], course_days: list[tuple],
-                  course_hours_of_week: list[tuple]) -> Aggregates:
+                  course_hours: list[tuple]) -> Aggregates:
         """From row tuples in table column order, e.g. the tables read back by the tests."""
         return cls(*(_transpose(table, rows) for table, rows in
-                     zip(TABLES, (learner_days, learner_day_actions, course_days, course_hours_of_week))))
+                     zip(TABLES, (learner_days, learner_day_actions, course_days, course_hours))))
 
     def rows(self, table: str) -> list[tuple]:
         return list(zip(*getattr(self, table).values()))
@@ -315,13 +315,17 @@ def aggregate(columns: Columns) -> Aggregates:
         _pick(tenants, tenant[rep]), _pick(courses, course[rep]), _pick(dates, day_code[rep]),
         np.bincount(inv).tolist()))
 
-    # 1970-01-01 00:00 was hour 72 of its week (a Thursday, Monday being day 0)
-    hour_of_week = (time_us // HOUR_US + 72) % 168
-    inv, rep = _group((tenant, len(tenants)), (course, len(courses)), (hour_of_week, 168))
-    course_hours_of_week = _columns("course_hours_of_week", (
-        _pick(tenants, tenant[rep]), _pick(courses, course[rep]), hour_of_week[rep].tolist(),
+    hour = time_us // HOUR_US
+    first_hour = int(hour.min())
+    hour_code = hour - first_hour
+    span = int(hour_code.max()) + 1
+    inv, rep = _group((tenant, len(tenants)), (course, len(courses)), (hour_code, span))
+    starts = np.empty(span, dtype=object)  # a batch spans few hours: one datetime each, shared by reference
+    starts[:] = np.arange(first_hour, first_hour + span).astype("datetime64[h]").astype("datetime64[us]").tolist()
+    course_hours = _columns("course_hours", (
+        _pick(tenants, tenant[rep]), _pick(courses, course[rep]), _pick(starts, hour_code[rep]),
         np.bincount(inv).tolist()))
-    return Aggregates(learner_days, learner_day_actions, course_days, course_hours_of_week)
+    return Aggregates(learner_days, learner_day_actions, course_days, course_hours)
 
 
 def aggregate_records(records: list[dict]) -> Aggregates:
@@ -381,7 +385,7 @@ def aggregate_python(records: list[dict]) -> Aggregates:
         action_key = (*key, meta["action"])
         actions[action_key] = actions.get(action_key, 0) + 1
         course_days[tenant, course, day] = course_days.get((tenant, course, day), 0) + 1
-        hour_key = (tenant, course, when.weekday() * 24 + when.hour)
+        hour_key = (tenant, course, when.replace(minute=0, second=0, microsecond=0))
         hours[hour_key] = hours.get(hour_key, 0) + 1
     figures = list(learner_days.values())
     return Aggregates(
@@ -389,5 +393,5 @@ def aggregate_python(records: list[dict]) -> Aggregates:
                                   *(list(map(attrgetter(f.name), figures)) for f in fields(_Day)))),
         _columns("learner_day_actions", (*_unzip(actions, 5), list(actions.values()))),
         _columns("course_days", (*_unzip(course_days, 3), list(course_days.values()))),
-        _columns("course_hours_of_week", (*_unzip(hours, 3), list(hours.values()))),
+        _columns("course_hours", (*_unzip(hours, 3), list(hours.values()))),
     )

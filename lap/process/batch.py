@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import logging
+import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
@@ -28,6 +29,7 @@ from urllib.parse import quote
 import asyncpg
 import orjson
 
+from lap import metrics
 from lap.process.aggregate import Aggregates, aggregate_records
 from lap.settings import Settings
 
@@ -92,6 +94,11 @@ def hour_of(moment: datetime) -> datetime:
     return moment.astimezone(timezone.utc).replace(minute=0, second=0, microsecond=0)
 
 
+def minute_of(moment: datetime) -> datetime:
+    """The audit counters' bucket: reconcile counts whole minutes from them."""
+    return moment.astimezone(timezone.utc).replace(second=0, microsecond=0)
+
+
 def archive_key(settings: Settings, tenant: str, hour: datetime, shard_id: str, first: int, last: int,
                 replay: str | None = None) -> str:
     suffix = "" if replay is None else f"-r{replay}"
@@ -135,8 +142,10 @@ class BatchWriter:
                 return BatchResult(last, 0, len(duplicates))
             keys = await self.archive(kept, first, last)
             aggregates = aggregate_records([{"meta": r.meta, "item": r.item} for r in kept])
+            started = time.monotonic()
             try:
                 await self.commit(first, last, len(records), kept, duplicates, keys, aggregates)
+                metrics.batch_commit_seconds().observe(time.monotonic() - started, tags={"shard": self.shard_id})
             except DedupRace:
                 log.warning("shard %s: an id of batch %s was committed meanwhile; redoing it", self.shard_id, first)
                 await asyncio.sleep(0.1 * (attempt + 1))
@@ -248,9 +257,9 @@ class BatchWriter:
 
 
 ADD_STAGE_COUNT = """
-INSERT INTO stage_counts (tenant, sensor, shard_id, received_hour, stage, events)
+INSERT INTO stage_counts (tenant, sensor, shard_id, received_minute, stage, events)
 VALUES ($1, $2, $3, $4, $5, $6)
-ON CONFLICT (tenant, received_hour, sensor, shard_id, stage)
+ON CONFLICT (tenant, received_minute, sensor, shard_id, stage)
 DO UPDATE SET events = stage_counts.events + excluded.events
 """
 
@@ -261,7 +270,7 @@ def stage_rows(shard_id: str, kept: list[Decoded], duplicates: list[Decoded]) ->
     counts: dict[tuple, int] = {}
 
     def add(record: Decoded, stage: str) -> None:
-        key = (record.meta["tenant"], record.meta.get("sensor") or "", shard_id, hour_of(record.received_at), stage)
+        key = (record.meta["tenant"], record.meta.get("sensor") or "", shard_id, minute_of(record.received_at), stage)
         counts[key] = counts.get(key, 0) + 1
 
     for record in kept:
@@ -323,10 +332,11 @@ async def write_aggregates(conn: asyncpg.Connection, agg: Aggregates) -> None:
                 ORDER BY 1, 2, 3
                ON CONFLICT (tenant, course, day) DO UPDATE SET events = t.events + excluded.events""",
             *agg.course_days.values())
-    if agg.course_hours_of_week["tenant"]:
+    if agg.course_hours["tenant"]:
         await conn.execute(
-            """INSERT INTO course_hours_of_week AS t (tenant, course, hour_of_week, events)
-               SELECT * FROM unnest($1::text[], $2::text[], $3::smallint[], $4::bigint[])
+            """INSERT INTO course_hours AS t (tenant, course, hour, events)
+               SELECT tenant, course, hour AT TIME ZONE 'UTC', events
+                 FROM unnest($1::text[], $2::text[], $3::timestamp[], $4::bigint[]) AS x(tenant, course, hour, events)
                 ORDER BY 1, 2, 3
-               ON CONFLICT (tenant, course, hour_of_week) DO UPDATE SET events = t.events + excluded.events""",
-            *agg.course_hours_of_week.values())
+               ON CONFLICT (tenant, course, hour) DO UPDATE SET events = t.events + excluded.events""",
+            *agg.course_hours.values())

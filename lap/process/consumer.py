@@ -23,6 +23,7 @@ from typing import Any
 import ray
 from botocore.exceptions import ClientError
 
+from lap import metrics
 from lap.audit.actor import AUDIT_ACTOR, NAMESPACE
 from lap.aws import open_client
 from lap.process.batch import BatchWriter, LeaseLost
@@ -225,6 +226,8 @@ def audit_handle():
 
 def report(audit, shard_id: str, result=None, lag_ms: int | None = None) -> None:
     """Fire-and-forget: the audit actor's view is live status, the durable truth is in Postgres."""
+    if lag_ms is not None:
+        metrics.consumer_lag_ms().set(lag_ms, tags={"shard": shard_id})
     if audit is None:
         return
     payload: dict[str, Any] = {"lag_ms": lag_ms}

@@ -19,17 +19,22 @@ from typing import Any
 
 import ray
 
+from lap import metrics
 from lap.audit.actor import NAMESPACE
+from lap.audit.reconcile import Reconciler, Window
 from lap.aws import open_client
+from lap.process.batch import hour_of
 from lap.process.consumer import ShardConsumer
 from lap.settings import Settings, load_settings
 from lap.sinks.archive import check_archive
+from lap.sinks.index import open_opensearch
 from lap.sinks.store import create_pool
 from lap.stream.kinesis import list_shards
 
 log = logging.getLogger("lap.process")
 
 COORDINATOR = "lap-coordinator"
+RECONCILE_SETTLE_S = 300  # the reconcile metrics look at an hour only this long after it ended
 
 
 def consumer_name(shard_id: str) -> str:
@@ -107,6 +112,8 @@ class Coordinator:
             stack.push_async_callback(self.pool.close)
             self.kinesis = await open_client(stack, self.settings, "kinesis")
             self.s3 = await open_client(stack, self.settings, "s3")
+            self.search = open_opensearch(self.settings)
+            stack.push_async_callback(self.search.close)
             self._clients = stack
 
     async def _run(self) -> None:
@@ -136,7 +143,33 @@ class Coordinator:
         lost = await check_archive(self.settings, self.pool, self.s3, since.replace(minute=0, second=0, microsecond=0))
         if lost:
             log.error("%d archive objects named by the manifest are gone from S3; reconcile and replay them", lost)
+        await self.report_reconcile()
         return removed
+
+    async def report_reconcile(self, end: datetime | None = None) -> dict[str, dict[str, int]]:
+        """Reconcile each tenant's hour before `end` into the `lap_reconcile_*` metrics; tenant -> missing.
+
+        By default the last settled hour: the whole hour that ended at least
+        RECONCILE_SETTLE_S ago, so events still on their way are not reported
+        as missing.
+        """
+        await self._open()
+        if end is None:
+            end = hour_of(datetime.now(timezone.utc) - timedelta(seconds=RECONCILE_SETTLE_S))
+        start = end - timedelta(hours=1)
+        async with self.pool.acquire() as conn:
+            tenants = [r["tenant"] for r in await conn.fetch(
+                """SELECT DISTINCT tenant FROM stage_counts
+                    WHERE stage = 'accepted' AND received_minute >= $1 AND received_minute < $2""", start, end)]
+        reconciler = Reconciler(self.settings, self.pool, self.s3, self.search)
+        missing = {}
+        for tenant in tenants:
+            result = await reconciler.counts(Window(tenant, start, end))
+            missing[tenant] = result.missing
+            for stage, count in result.missing.items():
+                metrics.reconcile_missing().set(count, tags={"tenant": tenant, "stage": stage})
+            metrics.reconcile_complete().set(int(result.complete), tags={"tenant": tenant})
+        return missing
 
     async def step(self) -> None:
         stream = self.settings.stream.name

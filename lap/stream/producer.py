@@ -18,6 +18,8 @@ from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 
+from lap import metrics
+
 log = logging.getLogger("lap.producer")
 
 MAX_RECORDS_PER_CALL = 500
@@ -110,6 +112,7 @@ class Producer:
                 return receipts  # type: ignore[return-value]
             last_error = next((error for _, error in results if error), "")
             self.retried_records += len(pending)
+            metrics.putrecords_retries().inc(len(pending))
             attempt += 1
             pause = random.uniform(0, min(self.max_backoff_s, self.base_backoff_s * 2**attempt))
             if time.monotonic() + pause >= deadline:
