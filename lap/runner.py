@@ -216,7 +216,11 @@ def start_ray(settings: Settings) -> None:
 
 
 def serve_config(settings: Settings) -> dict[str, Any]:
-    """serve_config.yaml with the HTTP host and port taken from the settings."""
+    """serve_config.yaml with the HTTP host and port taken from the settings.
+
+    A local Ray (no `ray.address`) also gets the ingest autoscaling capped at
+    `ray.local_ingest_replicas`: the file's maximum is sized for a cluster.
+    """
     path = settings.ray.serve_config
     try:
         config = yaml.safe_load(path.read_text())
@@ -225,6 +229,15 @@ def serve_config(settings: Settings) -> dict[str, Any]:
     config.setdefault("http_options", {})
     config["http_options"]["host"] = settings.ray.http_host
     config["http_options"]["port"] = settings.ray.http_port
+    if not settings.ray.address:
+        cap = settings.ray.local_ingest_replicas
+        for app in config.get("applications", []):
+            for deployment in app.get("deployments", []):
+                autoscaling = deployment.get("autoscaling_config")
+                if deployment.get("name") == "IngestAPI" and autoscaling:
+                    for name in ("min_replicas", "initial_replicas", "max_replicas"):
+                        if name in autoscaling:
+                            autoscaling[name] = min(autoscaling[name], cap)
     return config
 
 

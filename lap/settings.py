@@ -132,6 +132,9 @@ class RaySettings(Section):
     haproxy_stats_port: int = Field(8404, ge=1, le=65535)
     haproxy_metrics_port: int = Field(9101, ge=1, le=65535)
     serve_config: Path = REPO_DIR / "serve_config.yaml"
+    # `lap up` on one machine caps the ingest autoscaling of serve_config.yaml at this many replicas:
+    # on 2 cores a third replica only competes for the same cores (docs/decisions.md)
+    local_ingest_replicas: int = Field(2, ge=1)
     ready_timeout_s: float = Field(180.0, gt=0)
 
 

@@ -250,6 +250,7 @@ def _next_midnight(moment: datetime) -> datetime:
     return midnight if midnight == moment else midnight + timedelta(days=1)
 
 
+PROGRESS_SAVE_S = 2.0  # how often a running replay's progress is written for the other replicas
 NO_SCORE = -1e308  # sorts a learner without scores below every mean (a finite value, so it fits a JSON cursor)
 # sort name -> (SQL expression over the per-learner row, SQL type of its cursor value)
 COURSE_LEARNER_SORTS = {
@@ -569,6 +570,17 @@ class OutputAPI:
         def report(step: str, done: int, total: int) -> None:
             progress[step] = {"done": done, "total": total}
 
+        async def save_progress() -> None:  # so that every replica can tell a running replay's progress
+            while True:
+                await asyncio.sleep(PROGRESS_SAVE_S)
+                try:
+                    async with self._pool.acquire() as conn:
+                        await conn.execute("UPDATE replays SET progress = $2::jsonb WHERE id = $1 AND status = 'running'",
+                                           replay_id, orjson.dumps(progress).decode())
+                except Exception as exc:  # only the progress is late; the result is saved at the end
+                    log.warning("replay %s: progress not saved: %s", replay_id, exc)
+
+        saver = asyncio.get_running_loop().create_task(save_progress())
         status, result, error = "done", None, None
         try:
             replayer = Replayer(self.settings, self._pool, self._s3, self._search, self._kinesis, report)
@@ -578,6 +590,8 @@ class OutputAPI:
         except Exception as exc:  # a store went away: the replay can simply be asked for again
             log.exception("replay %s failed", replay_id)
             status, error = "failed", f"{type(exc).__name__}: {exc}"
+        finally:
+            saver.cancel()
         try:
             async with self._pool.acquire() as conn:
                 await conn.execute(

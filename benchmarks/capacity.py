@@ -1,0 +1,194 @@
+"""Capacity and cost model: shards, nodes and monthly cost at a given event rate, from measured figures.
+
+Inputs, each traced to where it comes from:
+
+- CPU per event of LAP's own processes (ingest replicas with the Serve proxy,
+  shard consumers, Ray's overhead) and of Postgres, and the audit rows' bytes
+  per event: the JSON of `benchmarks/ingest.py`, `benchmarks/pipeline.py` and
+  `benchmarks/reconcile.py` in benchmarks/results/;
+- the bytes of a stream record and of an archived event (gzip JSON lines):
+  measured here, by running LAP's own record and archive code over
+  `lap.samples` events;
+- AWS limits and prices, and the few rates this machine cannot measure
+  (OpenSearch on real nodes): ASSUMPTIONS below, each named, to be replaced by
+  yours.
+
+It prints the tables of docs/capacity.md (markdown) and writes the JSON.
+
+    .venv/bin/python benchmarks/capacity.py [--rates 10000 100000 1000000 15000000] [--json benchmarks/results/capacity.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import math
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from common import machine, write_report  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+HOURS_PER_MONTH = 730
+SECONDS_PER_MONTH = HOURS_PER_MONTH * 3600
+
+# Not measurable here: AWS's published limits and on-demand list prices (us-east-1), and a planning
+# rate for OpenSearch. Replace them with your own region's prices and your own load tests.
+ASSUMPTIONS = {
+    "cpu_utilization_target": 0.6,            # plan nodes to run at 60% CPU, for bursts and a lost node
+    "worker_vcpus": 8,                        # c7i.2xlarge
+    "worker_usd_per_hour": 0.357,
+    "head_usd_per_hour": 0.2016,              # m7i.xlarge: GCS, dashboard, no replicas
+    "shard_records_per_s": 1000,              # Kinesis write limit per shard (records)
+    "shard_bytes_per_s": 1_048_576,           # ... and bytes
+    "shard_headroom": 1.25,                   # uneven partition keys and bursts
+    "shard_usd_per_hour": 0.015,              # provisioned mode
+    "put_payload_unit_bytes": 25_600,
+    "put_payload_usd_per_million": 0.014,
+    "s3_put_usd_per_1000": 0.005,
+    "s3_standard_usd_per_gb_month": 0.023,
+    "archive_objects_per_shard_per_s": 1.0,   # process.batch_max_wait_s = 1 and one tenant per batch
+    "opensearch_docs_per_s_per_data_node": 5000,  # planning figure for r6g.xlarge.search, replica 1: load-test it
+    "opensearch_node_usd_per_hour": 0.335,    # r6g.xlarge.search
+    "opensearch_index_days": 30,              # the index keeps 30 days; the archive keeps everything
+    "opensearch_bytes_per_doc_factor": 2.0,   # stored source plus fields, times one replica... of the record size
+    "opensearch_gp3_usd_per_gb_month": 0.122,
+    "rds_vcpus_per_instance_max": 64,         # db.r7g.16xlarge, the largest single Postgres
+    "rds_usd_per_vcpu_hour": 0.12,            # db.r7g on-demand, per vCPU, single-AZ
+    "rds_multi_az_factor": 2.0,
+    "rds_gp3_usd_per_gb_month": 0.115,
+    "dedup_window_days": 7,                   # process.dedup_window_s: receipts and dedup rows kept that long
+}
+
+
+def load(name: str) -> dict:
+    path = RESULTS / name
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise SystemExit(f"{path.relative_to(ROOT)} is missing: run the benchmark that writes it first") from None
+
+
+def measured_sizes(events: int = 5000) -> dict[str, float]:
+    """Bytes of a stream record and of an archived event (gzipped as one batch), through LAP's own code."""
+    import orjson
+
+    from lap.auth import Principal
+    from lap.caliper import parse_envelope
+    from lap.ingest.app import build_records
+    from lap.process.batch import archive_line, decode
+    from lap.samples import EventFactory, envelope
+
+    items = EventFactory(seed=3).events(events)
+    principal = Principal(key_id="k", tenant="capacity", role="sensor", sensor=None)
+    records = []
+    for start in range(0, events, 50):
+        parsed = parse_envelope(orjson.dumps(envelope(items[start:start + 50])))
+        records += build_records(parsed, principal, datetime.now(UTC), "r", 1_048_576)
+    stream = [{"SequenceNumber": str(n), "Data": r.data} for n, r in enumerate(records)]
+    decoded, _ = decode(stream)
+    archive = gzip.compress(b"\n".join(archive_line(d, "shardId-000000000000") for d in decoded))
+    return {"record_bytes": sum(r.size for r in records) / len(records), "archive_gz_bytes": len(archive) / len(records)}
+
+
+def inputs() -> dict[str, float]:
+    ingest = load("ingest-default.json")
+    pipeline = load("pipeline.json")["cpu_s_per_1k_events"]
+    reconcile = load("reconcile.json")["bytes_per_event"]
+    return {
+        # ms of CPU per 1,000 events = µs per event
+        "ingest_cpu_us": ingest["lap"]["cpu_us_per_event"],  # replicas + Serve proxy, ingest alone
+        "consumer_cpu_us": pipeline["shard consumers"] * 1000,
+        "ray_cpu_us": pipeline["other (Ray, supervisor)"] * 1000,
+        "postgres_cpu_us": pipeline["postgres"] * 1000,
+        "audit_bytes": reconcile["receipts"] + reconcile["seen_events"],
+        **measured_sizes(),
+    }
+
+
+def plan(rate: float, m: dict[str, float], a: dict[str, float]) -> dict[str, float]:
+    """Everything at `rate` events/s."""
+    per_shard = min(a["shard_records_per_s"], a["shard_bytes_per_s"] / m["record_bytes"])
+    shards = math.ceil(rate / per_shard * a["shard_headroom"])
+    node_cpu_us = m["ingest_cpu_us"] + m["consumer_cpu_us"] + m["ray_cpu_us"]
+    vcpus = rate * node_cpu_us / 1e6 / a["cpu_utilization_target"]
+    workers = max(2, math.ceil(vcpus / a["worker_vcpus"]))
+    units_per_record = math.ceil(m["record_bytes"] / a["put_payload_unit_bytes"])
+    kinesis = (shards * a["shard_usd_per_hour"] * HOURS_PER_MONTH
+               + rate * SECONDS_PER_MONTH * units_per_record / 1e6 * a["put_payload_usd_per_million"])
+    archive_gb_month = rate * SECONDS_PER_MONTH * m["archive_gz_bytes"] / 1e9
+    s3 = (shards * a["archive_objects_per_shard_per_s"] * SECONDS_PER_MONTH / 1000 * a["s3_put_usd_per_1000"]
+          + archive_gb_month * a["s3_standard_usd_per_gb_month"])
+    os_nodes = max(2, math.ceil(rate / a["opensearch_docs_per_s_per_data_node"]))
+    os_gb = rate * 86_400 * a["opensearch_index_days"] * m["record_bytes"] * a["opensearch_bytes_per_doc_factor"] / 1e9
+    opensearch = os_nodes * a["opensearch_node_usd_per_hour"] * HOURS_PER_MONTH + os_gb * a["opensearch_gp3_usd_per_gb_month"]
+    pg_vcpus = max(2, math.ceil(rate * m["postgres_cpu_us"] / 1e6 / a["cpu_utilization_target"]))
+    pg_gb = rate * 86_400 * a["dedup_window_days"] * m["audit_bytes"] / 1e9
+    pg_instances = math.ceil(pg_vcpus / a["rds_vcpus_per_instance_max"])
+    postgres = (pg_vcpus * a["rds_usd_per_vcpu_hour"] * a["rds_multi_az_factor"] * HOURS_PER_MONTH
+                + pg_gb * a["rds_gp3_usd_per_gb_month"] * a["rds_multi_az_factor"])
+    nodes = workers * a["worker_usd_per_hour"] * HOURS_PER_MONTH + a["head_usd_per_hour"] * HOURS_PER_MONTH
+    total = nodes + kinesis + s3 + opensearch + postgres
+    billion = rate * SECONDS_PER_MONTH / 1e9
+    return {
+        "events_per_s": rate, "shards": shards, "worker_vcpus": round(vcpus, 1), "worker_nodes": workers,
+        "shards_per_worker_node": round(shards / workers, 1),
+        "opensearch_data_nodes": os_nodes, "opensearch_gb": round(os_gb), "postgres_vcpus": pg_vcpus,
+        "postgres_instances": pg_instances, "postgres_audit_gb": round(pg_gb), "archive_gb_per_month": round(archive_gb_month),
+        "usd_per_month": {"ray_nodes": round(nodes), "kinesis": round(kinesis), "s3": round(s3),
+                          "opensearch": round(opensearch), "postgres": round(postgres), "total": round(total)},
+        "usd_per_billion_events": round(total / billion, 2),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rates", type=float, nargs="+", default=[10_000, 100_000, 1_000_000, 15_000_000])
+    parser.add_argument("--json", type=Path, default=RESULTS / "capacity.json")
+    args = parser.parse_args()
+
+    m = inputs()
+    a = ASSUMPTIONS
+    plans = [plan(rate, m, a) for rate in args.rates]
+    per_shard = min(a["shard_records_per_s"], a["shard_bytes_per_s"] / m["record_bytes"])
+    node_cpu_us = m["ingest_cpu_us"] + m["consumer_cpu_us"] + m["ray_cpu_us"]
+
+    print("Measured inputs (benchmarks/results/*.json, and sizes measured by this script):\n")
+    print("| input | value |\n|---|---:|")
+    for name, value in m.items():
+        print(f"| {name} | {value:,.1f} |")
+    print(f"\nPer shard: {per_shard:,.0f} events/s (Kinesis write limit at {m['record_bytes']:,.0f} B/record). "
+          f"One consumer per shard needs {per_shard * m['consumer_cpu_us'] / 1e6:.2f} vCPU at that rate; "
+          f"one {a['worker_vcpus']}-vCPU node at {a['cpu_utilization_target']:.0%} carries "
+          f"{a['worker_vcpus'] * a['cpu_utilization_target'] * 1e6 / node_cpu_us:,.0f} events/s of ingest + "
+          f"processing, or the consumers of "
+          f"{a['worker_vcpus'] * a['cpu_utilization_target'] * 1e6 / (m['consumer_cpu_us'] + m['ray_cpu_us']) / per_shard:,.0f}"
+          " full shards alone.\n")
+    print("| events/s | shards | worker vCPUs | worker nodes | OpenSearch data nodes | Postgres vCPUs (instances) "
+          "| audit rows in Postgres (GB) | archive GB/month |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for p in plans:
+        print(f"| {p['events_per_s']:,.0f} | {p['shards']:,} | {p['worker_vcpus']:,} | {p['worker_nodes']:,} "
+              f"| {p['opensearch_data_nodes']:,} | {p['postgres_vcpus']:,} ({p['postgres_instances']}) "
+              f"| {p['postgres_audit_gb']:,} | {p['archive_gb_per_month']:,} |")
+    print("\n| events/s | Ray nodes | Kinesis | S3 | OpenSearch | Postgres | total $/month | $ per billion events |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for p in plans:
+        c = p["usd_per_month"]
+        print(f"| {p['events_per_s']:,.0f} | {c['ray_nodes']:,} | {c['kinesis']:,} | {c['s3']:,} | {c['opensearch']:,} "
+              f"| {c['postgres']:,} | {c['total']:,} | {p['usd_per_billion_events']:,} |")
+
+    write_report(args.json, {"benchmark": "capacity", "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                             "machine": machine(), "measured": m, "assumptions": a, "plans": plans})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
