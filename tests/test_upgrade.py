@@ -1,0 +1,147 @@
+"""A rolling upgrade: `serve deploy` of a changed config while sensors send. Nothing acknowledged is lost."""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import httpx
+import orjson
+import yaml
+
+from lap.runner import serve_config
+from lap.samples import envelope
+from tests.test_output import get, key
+from tests.test_pipeline import assert_exact, make_events, new_tenant, wait_for
+
+APPS = ("ingest", "output", "processing")
+
+
+def serve_deploy(settings, config: dict, folder: Path) -> None:
+    """What an operator types, with the config written to a file."""
+    path = folder / "serve_config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    serve_cli = str(Path(sys.executable).with_name("serve"))
+    result = subprocess.run([serve_cli, "deploy", str(path), "-a", settings.dashboard_url], capture_output=True,
+                            text=True, timeout=120, env={**os.environ, "RAY_AUTH_MODE": "token"})
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def replica_pids(ray_driver) -> dict[str, set[int]]:
+    """The pids of each application's live replicas."""
+    from ray.util.state import list_actors
+
+    pids: dict[str, set[int]] = {app: set() for app in APPS}
+    for actor in list_actors(filters=[("state", "=", "ALIVE")], limit=10_000):
+        for app in APPS:
+            if actor.class_name.startswith(f"ServeReplica:{app}:"):
+                pids[app].add(actor.pid)
+    return pids
+
+
+def wait_settled(ray_driver, old: dict[str, set[int]], timeout: float = 240) -> dict[str, set[int]]:
+    """Every application RUNNING on replicas none of which is in `old`; returns their pids."""
+    from ray import serve
+
+    deadline = time.monotonic() + timeout
+    states, pids = {}, {}
+    while time.monotonic() < deadline:
+        apps = serve.status().applications
+        states = {name: (str(apps[name].status), {d: dict(s.replica_states) for d, s in apps[name].deployments.items()})
+                  for name in APPS if name in apps}
+        settled = len(states) == len(APPS) and all(
+            status.endswith("RUNNING") and all(set(r) == {"RUNNING"} for r in deployments.values())
+            for status, deployments in states.values())
+        if settled:
+            pids = replica_pids(ray_driver)
+            if all(pids[app] and pids[app].isdisjoint(old[app]) for app in APPS):
+                return pids
+        time.sleep(1)
+    raise AssertionError(f"Serve did not settle on new replicas within {timeout:.0f} s: {states}, {pids} vs {old}")
+
+
+class Sensor(threading.Thread):
+    """Sends envelopes until stopped, each until it is acknowledged, the way a sensor retries a 503 or 429."""
+
+    def __init__(self, settings, token: str, events: list[dict], per: int = 10):
+        super().__init__(daemon=True)
+        self.url = f"{settings.api_url}/caliper"
+        self.headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+        self.envelopes = [events[i:i + per] for i in range(0, len(events), per)]
+        self.acknowledged: list[dict] = []
+        self.statuses: Counter = Counter()
+        self.transport_errors: list[str] = []
+        self.stop = threading.Event()
+        self.deadline = time.monotonic() + 300
+
+    def run(self) -> None:
+        with httpx.Client(timeout=60) as client:
+            for items in self.envelopes:
+                if self.stop.is_set():
+                    return
+                body = orjson.dumps(envelope(items))
+                while time.monotonic() < self.deadline:
+                    try:
+                        reply = client.post(self.url, content=body, headers=self.headers)
+                    except httpx.TransportError as exc:
+                        self.transport_errors.append(repr(exc))
+                        time.sleep(0.5)
+                        continue
+                    self.statuses[reply.status_code] += 1
+                    if reply.status_code == 200:
+                        self.acknowledged += items
+                        break
+                    if reply.status_code not in (429, 503):
+                        return  # a reply a sensor cannot retry: the test fails on it
+                    time.sleep(min(float(reply.headers.get("retry-after", "1")), 1.0))
+                time.sleep(0.05)
+
+
+async def test_serve_deploy_of_a_changed_config_loses_nothing(lap_up, settings, db, ray_driver, tmp_path):
+    started = datetime.now(timezone.utc)
+    tenant, token = new_tenant(lap_up)
+    original = serve_config(settings)
+    changed = copy.deepcopy(original)
+    for app in changed["applications"]:  # a new environment for every application: new replicas throughout
+        app.setdefault("runtime_env", {}).setdefault("env_vars", {})["LAP_TEST_RELEASE"] = "2"
+    before = replica_pids(ray_driver)
+    assert all(before.values()), before
+
+    sensor = Sensor(settings, token, make_events(12_000))
+    sensor.start()
+    after = before
+    try:
+        time.sleep(3)
+        serve_deploy(settings, changed, tmp_path)
+        after = wait_settled(ray_driver, before)
+        sent_during_upgrade = len(sensor.acknowledged)
+        time.sleep(3)  # and traffic goes on on the new replicas
+    finally:
+        sensor.stop.set()
+        sensor.join(120)
+    try:
+        assert not sensor.is_alive()
+        assert set(sensor.statuses) <= {200, 429, 503}, sensor.statuses
+        assert not sensor.transport_errors, sensor.transport_errors[:3]
+        assert len(sensor.acknowledged) > sent_during_upgrade > 0
+
+        acknowledged = sensor.acknowledged
+        stages = await wait_for(db, tenant, {"archived": len(acknowledged), "aggregated": len(acknowledged),
+                                             "indexed": len(acknowledged)}, timeout=180)
+        # a 503 may come after some of an envelope's events were put: their retry is counted as duplicates
+        assert stages["accepted"] - stages.get("duplicates", 0) == len(acknowledged)
+        await assert_exact(settings, db, tenant, acknowledged)
+        span = {"start": (started - timedelta(minutes=1)).isoformat(),
+                "end": (datetime.now(timezone.utc) + timedelta(minutes=1)).isoformat()}
+        report = get(settings, key(lap_up, tenant, "reader"), "/audit/reconcile", **span).json()
+        assert report["complete"] is True, report
+    finally:
+        serve_deploy(settings, original, tmp_path)  # the session's LAP goes back to its own config
+        wait_settled(ray_driver, after)
