@@ -8,7 +8,7 @@ NODE_DIR := lap/local/node
 PY_STAMP := $(VENV)/.lap-installed
 NODE_STAMP := $(NODE_DIR)/node_modules/.lap-installed
 
-.PHONY: install run test check-tools clean
+.PHONY: install run test wheel check-tools clean
 
 install: check-tools $(PY_STAMP) $(NODE_STAMP)
 
@@ -37,6 +37,13 @@ run: install
 
 test: install
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+# The exact build that cluster.yaml installs on the Ray cluster's nodes:
+# dist/lap-<version of pyproject.toml>-py3-none-any.whl.
+wheel: $(PY_STAMP)
+	rm -rf build dist/lap-*.whl
+	$(VENV)/bin/python -m pip wheel --no-deps --quiet -w dist .
+	rm -rf build
 
 clean:
 	rm -rf $(VENV) $(NODE_DIR)/node_modules

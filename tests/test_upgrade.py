@@ -6,18 +6,14 @@ import copy
 import os
 import subprocess
 import sys
-import threading
 import time
-from collections import Counter
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-import httpx
-import orjson
 import yaml
 
 from lap.runner import serve_config
-from lap.samples import envelope
+from tests.sensors import Sensor
 from tests.test_output import get, key
 from tests.test_pipeline import assert_exact, make_events, new_tenant, wait_for
 
@@ -65,43 +61,6 @@ def wait_settled(ray_driver, old: dict[str, set[int]], timeout: float = 240) -> 
                 return pids
         time.sleep(1)
     raise AssertionError(f"Serve did not settle on new replicas within {timeout:.0f} s: {states}, {pids} vs {old}")
-
-
-class Sensor(threading.Thread):
-    """Sends envelopes until stopped, each until it is acknowledged, the way a sensor retries a 503 or 429."""
-
-    def __init__(self, settings, token: str, events: list[dict], per: int = 10):
-        super().__init__(daemon=True)
-        self.url = f"{settings.api_url}/caliper"
-        self.headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
-        self.envelopes = [events[i:i + per] for i in range(0, len(events), per)]
-        self.acknowledged: list[dict] = []
-        self.statuses: Counter = Counter()
-        self.transport_errors: list[str] = []
-        self.stop = threading.Event()
-        self.deadline = time.monotonic() + 300
-
-    def run(self) -> None:
-        with httpx.Client(timeout=60) as client:
-            for items in self.envelopes:
-                if self.stop.is_set():
-                    return
-                body = orjson.dumps(envelope(items))
-                while time.monotonic() < self.deadline:
-                    try:
-                        reply = client.post(self.url, content=body, headers=self.headers)
-                    except httpx.TransportError as exc:
-                        self.transport_errors.append(repr(exc))
-                        time.sleep(0.5)
-                        continue
-                    self.statuses[reply.status_code] += 1
-                    if reply.status_code == 200:
-                        self.acknowledged += items
-                        break
-                    if reply.status_code not in (429, 503):
-                        return  # a reply a sensor cannot retry: the test fails on it
-                    time.sleep(min(float(reply.headers.get("retry-after", "1")), 1.0))
-                time.sleep(0.05)
 
 
 async def test_serve_deploy_of_a_changed_config_loses_nothing(lap_up, settings, db, ray_driver, tmp_path):
