@@ -43,8 +43,8 @@ SECONDS_PER_MONTH = HOURS_PER_MONTH * 3600
 # rate for OpenSearch. Replace them with your own region's prices and your own load tests.
 ASSUMPTIONS = {
     "cpu_utilization_target": 0.6,            # plan nodes to run at 60% CPU, for bursts and a lost node
-    "worker_vcpus": 8,                        # c7i.2xlarge
-    "worker_usd_per_hour": 0.357,
+    "worker_vcpus": 4,                        # c7i.xlarge, as in cluster.yaml
+    "worker_usd_per_hour": 0.1785,
     "head_usd_per_hour": 0.2016,              # m7i.xlarge: GCS, dashboard, no replicas
     "shard_records_per_s": 1000,              # Kinesis write limit per shard (records)
     "shard_bytes_per_s": 1_048_576,           # ... and bytes
@@ -91,7 +91,7 @@ def measured_sizes(events: int = 5000) -> dict[str, float]:
     records = []
     for start in range(0, events, 50):
         parsed = parse_envelope(orjson.dumps(envelope(items[start:start + 50])))
-        records += build_records(parsed, principal, datetime.now(UTC), "r", 1_048_576)
+        records += build_records(parsed, principal, datetime(2026, 11, 27, tzinfo=UTC), "r", 1_048_576)
     stream = [{"SequenceNumber": str(n), "Data": r.data} for n, r in enumerate(records)]
     decoded, _ = decode(stream)
     archive = gzip.compress(b"\n".join(archive_line(d, "shardId-000000000000") for d in decoded))

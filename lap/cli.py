@@ -404,7 +404,7 @@ def _print_reconciliation(result) -> None:
 def reconcile(config_file: Path | None, tenant: str, start: datetime, end: datetime, sensor: str | None,
               with_ids: bool, as_json: bool) -> None:
     """Count each stage's events for a window of received time, and what is missing (exit 1 if any)."""
-    from lap.audit.reconcile import Reconciler
+    from lap.audit.reconcile import Reconciler, ReconcileRefused
 
     settings = _settings(config_file)
     window = _window(tenant, start, end, sensor)
@@ -412,7 +412,10 @@ def reconcile(config_file: Path | None, tenant: str, start: datetime, end: datet
     async def work(pool, s3, search, kinesis):
         return await Reconciler(settings, pool, s3, search).run(window, with_ids=with_ids, limit=10_000_000)
 
-    result = _run_store_work(settings, work)
+    try:
+        result = _run_store_work(settings, work)
+    except ReconcileRefused as exc:
+        raise click.ClickException(str(exc)) from None
     if as_json:
         click.echo(json.dumps(result.as_dict(), indent=2, default=str))
     else:

@@ -17,8 +17,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lap.process.aggregate import (
+    DAY_US,
+    HOUR_US,
     TABLES,
     Aggregates,
+    _calendar,
     _group,
     aggregate,
     aggregate_python,
@@ -317,3 +320,19 @@ def test_grouping_paths_number_groups_in_key_order(learners, days):
     distinct = sorted(set(pairs))
     assert inverse.tolist() == [distinct.index(pair) for pair in pairs]
     assert [pairs[r] for r in rep.tolist()] == distinct
+
+
+def test_event_times_centuries_apart_in_one_batch():
+    """Sensors set eventTime: a batch spanning years 1 to 9999 must not make a value per day in between."""
+    records = [event(when="0001-01-01T00:00:00Z"), event(when="9999-12-31T23:59:59.999Z"),
+               event(when="2026-11-27T08:00:00Z"), event(when="2026-11-27T08:30:00Z")]
+    columns = columns_from_records(records)
+    for units, unit in ((columns.time_us // DAY_US, "datetime64[D]"), (columns.time_us // HOUR_US, "datetime64[h]")):
+        codes, values = _calendar(units, unit)  # one value per day (hour) present, not per day in between
+        assert len(values) == 3 and codes.tolist() == [0, 2, 1, 1]
+    result = both(records)
+    assert [row[2:] for row in result["course_hours"]] == [
+        (datetime(1, 1, 1, 0, tzinfo=UTC), 1), (datetime(2026, 11, 27, 8, tzinfo=UTC), 2),
+        (datetime(9999, 12, 31, 23, tzinfo=UTC), 1)]
+    assert [row[2:] for row in result["course_days"]] == [
+        (date(1, 1, 1), 1), (date(2026, 11, 27), 2), (date(9999, 12, 31), 1)]

@@ -15,20 +15,19 @@ import pytest
 from lap.aws import open_client
 from lap.process.aggregate import aggregate_python
 from lap.process.batch import write_aggregates
+from lap.process.coordinator import COORDINATOR
 from lap.samples import envelope
 from lap.sinks.index import index_name, open_opensearch
 from tests.conftest import run_lap
+from tests.sensors import Sensor
 from tests.test_output import get, key
-from lap.process.coordinator import COORDINATOR
 from tests.test_pipeline import (
     archived_ids,
     envelopes,
     expected_records,
-    join_sender,
     make_events,
     new_tenant,
     send,
-    send_in_background,
     stored_aggregates,
     wait_for,
 )
@@ -255,6 +254,20 @@ def test_bad_reconcile_parameters_get_400(settings, audited, params):
     assert reply.json()["detail"]
 
 
+def test_windows_past_the_dedup_window_are_counted_on_whole_minutes_only(settings, audited):
+    """Receipts and dedup rows older than the dedup window are deleted: only the counters can answer."""
+    old = (datetime.now(timezone.utc) - timedelta(days=9)).replace(second=0, microsecond=0)
+    whole = {"start": old.isoformat(), "end": (old + timedelta(hours=2)).isoformat()}
+    counted = get(settings, audited["reader"], "/audit/reconcile", **whole)
+    assert counted.status_code == 200, counted.text
+    assert counted.json()["accepted"] == 0 and counted.json()["complete"] is True
+    for params, words in (({"start": (old + timedelta(seconds=30)).isoformat()}, "whole minutes"),
+                          ({"detail": "ids"}, "single events"), ({"sensor": "https://x.example/s"}, "single events")):
+        refused = get(settings, audited["reader"], "/audit/reconcile", **(whole | params))
+        assert refused.status_code == 400, refused.text
+        assert words in refused.json()["detail"]
+
+
 async def test_another_tenant_sees_none_of_these_figures(lap_up, settings, audited):
     other, _ = new_tenant(lap_up)
     report = await reconcile(settings, key(lap_up, other, "reader"), audited["started"], detail="ids")
@@ -307,24 +320,31 @@ async def test_a_replay_while_live_traffic_goes_on(lap_up, settings, db):
     await wait_for(db, tenant, {"accepted": 200, "archived": 200, "indexed": 200}, timeout=180)
     _, undone = await undo_batch(db, tenant, first, min(e["id"] for e in first))
 
-    # the same learners and courses keep sending, a few envelopes a second, while the replay runs
-    more = make_events(400)
-    sender = send_in_background(settings, sensor, envelopes(more, per=10), pause_s=0.1)
-    await asyncio.sleep(1)
-    done = await replay(settings, admin, started, ["archive", "aggregate", "index"], "stream")
-    assert sender.is_alive(), "the replay must run while traffic is still coming in"
-    join_sender(sender)
+    # the same learners and courses keep sending, envelope after envelope, until the replay is done
+    live = Sensor(settings, sensor, make_events(20_000))
+    live.start()
+    try:
+        await asyncio.sleep(1)
+        before = len(live.acknowledged)
+        done = await replay(settings, admin, started, ["archive", "aggregate", "index"], "stream")
+        during = len(live.acknowledged) - before
+    finally:
+        live.stop.set()
+        live.join(120)
     assert done["status"] == "done", done
+    assert during > 0, "live traffic must go on while the replay runs"
+    assert set(live.statuses) == {200}, live.statuses
     # the lost batch, and perhaps live events still in flight when it looked (the live consumer skips those)
     assert done["result"]["replayed"]["restored"] >= len(undone)
 
-    await wait_for(db, tenant, {"accepted": 600, "archived": 600, "aggregated": 600, "indexed": 600},
+    total = len(first) + len(live.acknowledged)
+    await wait_for(db, tenant, {"accepted": total, "archived": total, "aggregated": total, "indexed": total},
                    timeout=180)
     report = await reconcile(settings, reader, started)
-    assert report["complete"] is True and report["accepted"] == 600 and report["duplicates"] == 0, report
-    await assert_aggregates(db, tenant, first + more)
+    assert report["complete"] is True and report["accepted"] == total and report["duplicates"] == 0, report
+    await assert_aggregates(db, tenant, first + live.acknowledged)
     ids = await archived_ids(settings, db, tenant)
-    assert len(ids) == 600 and max(ids.values()) == 1
+    assert len(ids) == total and max(ids.values()) == 1
 
 
 async def test_window_edges_include_start_and_exclude_end(settings, audited, db):
@@ -342,3 +362,43 @@ async def test_window_edges_include_start_and_exclude_end(settings, audited, db)
     reply = get(settings, audited["reader"], "/audit/reconcile", start=start.isoformat(), end=end.isoformat())
     assert reply.status_code == 200, reply.text
     assert reply.json()["accepted"] == expected
+
+
+async def test_counts_take_a_lost_objects_events_inside_a_window_that_cuts_its_hour(settings, db):
+    """A lost archive object holds a whole hour; a window of whole minutes that cuts that hour loses only
+    the object's events inside the window. Seeded rows, so that the events sit on both sides of the edges."""
+    from lap.audit.reconcile import Reconciler, Window
+    from lap.sinks.store import create_pool
+
+    tenant = f"cut{datetime.now(timezone.utc):%H%M%S%f}"
+    hour = datetime.now(timezone.utc).replace(minute=0, second=0, microsecond=0) - timedelta(hours=2)
+    minutes = (5, 20, 40, 55)  # the window below is [:10, :50): two inside, two outside
+    batch = await db.fetchval("""INSERT INTO batches (stream, shard_id, first_seq, last_seq, records, events, describes,
+                                                      duplicates) VALUES ('seeded', $1, 1, 4, 4, 4, 0, 0) RETURNING id""",
+                              tenant)
+    key = f"archive/v1/tenant={tenant}/seeded.jsonl.gz"
+    await db.execute("""INSERT INTO archive_objects (key, batch_id, tenant, received_hour, records, bytes)
+                        VALUES ($1, $2, $3, $4, 4, 100)""", key, batch, tenant, hour)
+    await db.execute("""INSERT INTO lost_archive_objects (key, tenant, received_hour, records)
+                        VALUES ($1, $2, $3, 4)""", key, tenant, hour)
+    for n, minute in enumerate(minutes):
+        at = hour + timedelta(minutes=minute)
+        await db.execute("""INSERT INTO seen_events (tenant, event_id, received_at, batch_id, shard_id, sequence_number)
+                            VALUES ($1, $2, $3, $4, 'x', $5)""", tenant, f"urn:uuid:cut-{n}", at, batch, n + 1)
+        for stage in ("accepted", "archived", "aggregated"):
+            await db.execute("""INSERT INTO stage_counts (tenant, sensor, shard_id, received_minute, stage, events)
+                                VALUES ($1, 's', 'x', $2, $3, 1)""", tenant, at, stage)
+    pool = await create_pool(settings)
+    search = open_opensearch(settings)
+    try:
+        async with AsyncExitStack() as stack:
+            s3 = await open_client(stack, settings, "s3")
+            reconciler = Reconciler(settings, pool, s3, search)
+            cut = await reconciler.counts(Window(tenant, hour + timedelta(minutes=10), hour + timedelta(minutes=50)))
+            whole = await reconciler.counts(Window(tenant, hour, hour + timedelta(hours=1)))
+    finally:
+        await search.close()
+        await pool.close()
+    assert (cut.accepted, cut.aggregated, cut.archived) == (2, 2, 0)
+    assert cut.missing["archive"] == 2 and cut.missing["aggregate"] == 0
+    assert (whole.accepted, whole.archived, whole.missing["archive"]) == (4, 0, 4)

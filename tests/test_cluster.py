@@ -116,7 +116,7 @@ async def test_consumers_and_replicas_spread_and_survive_a_lost_node(cluster_lap
     started = datetime.now(timezone.utc)
     tenant = f"cluster{int(time.time())}"
     token = run_lap("keys", "create", "--tenant", tenant, "--role", "sensor", config=cluster_lap["config"]).stdout.strip()
-    sensor = Sensor(settings, token, make_events(8000), retry_any=True)
+    sensor = Sensor(settings, token, make_events(40_000), retry_any=True)  # more than it sends before stopped
     sensor.start()
     try:
         await asyncio.sleep(5)
@@ -137,10 +137,11 @@ async def test_consumers_and_replicas_spread_and_survive_a_lost_node(cluster_lap
     acknowledged = sensor.acknowledged
     db = await connect(settings)
     try:
-        stages = await wait_for(db, tenant, {"archived": len(acknowledged), "aggregated": len(acknowledged),
-                                             "indexed": len(acknowledged)}, timeout=240)
-        # a failed request may have put part of its envelope before the retry: those copies are duplicates
-        assert stages["accepted"] - stages.get("duplicates", 0) == len(acknowledged)
+        # Every acknowledged event stored once (a failed request may have put part of its envelope before the
+        # retry: those copies are duplicates). The accepted count may fall short: an ingest replica on the lost
+        # node loses its last half second of receipts (docs/decisions.md); reconcile counts those as extras.
+        await wait_for(db, tenant, {"archived": len(acknowledged), "aggregated": len(acknowledged),
+                                    "indexed": len(acknowledged)}, timeout=240)
         await assert_exact(settings, db, tenant, acknowledged)
     finally:
         await db.close()

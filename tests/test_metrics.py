@@ -44,7 +44,6 @@ async def eventually(settings, check, timeout: float = 90) -> dict:
 
 
 async def test_metrics_show_ingest_processing_and_reconcile(lap_up, settings, db, ray_driver):
-    started = datetime.now(timezone.utc)
     tenant, sensor = new_tenant(lap_up)
     events = make_events(120)
     send(settings, sensor, envelopes(events))
@@ -58,7 +57,6 @@ async def test_metrics_show_ingest_processing_and_reconcile(lap_up, settings, db
     end = datetime.now(timezone.utc) + timedelta(minutes=1)
     missing = ray_driver.get(coordinator.report_reconcile.remote(end), timeout=120)
     assert missing[tenant] == {"archive": 0, "aggregate": 0, "index": 0}
-    assert started >= end - timedelta(hours=1)  # the reconciled hour holds all of this tenant's events
 
     samples = await eventually(settings, lambda s: value(s, "ray_lap_reconcile_complete", tenant=tenant) == 1)
     assert value(samples, "ray_lap_ingest_events_total") >= 120

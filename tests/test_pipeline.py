@@ -17,7 +17,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from contextlib import AsyncExitStack
 
 import httpx
@@ -280,6 +280,14 @@ async def test_opensearch_outage_pauses_only_indexing(lap_up, settings, db):
 async def test_orphaned_archive_objects_are_swept(lap_up, settings, db, ray_driver):
     ray = ray_driver
     orphan = f"{settings.archive.prefix}/tenant=orphans/date=2026-01-01/hour=00/shard=x/1-2.jsonl.gz"
+    # receipts and dedup rows past the dedup window go with the sweep; newer ones stay
+    old, new = datetime.now(timezone.utc) - timedelta(days=8), datetime.now(timezone.utc) - timedelta(days=6)
+    for n, received in enumerate((old, new)):
+        await db.execute("""INSERT INTO receipts (event_id, tenant, sensor, shard_id, sequence_number, received_at,
+                                                  request_id, kind) VALUES ($1, 'pruned', 's', 'x', 1, $2, 'r', 'event')""",
+                         f"urn:uuid:prune-{n}", received)
+        await db.execute("""INSERT INTO seen_events (tenant, event_id, received_at, batch_id, shard_id, sequence_number)
+                            VALUES ('pruned', $1, $2, 0, 'x', 1)""", f"urn:uuid:prune-{n}", received)
     async with AsyncExitStack() as stack:
         s3 = await open_client(stack, settings, "s3")
         await s3.put_object(Bucket=settings.archive.bucket, Key=orphan, Body=gzip.compress(b"{}\n"))
@@ -292,6 +300,9 @@ async def test_orphaned_archive_objects_are_swept(lap_up, settings, db, ray_driv
         assert committed
         for key in committed:  # nothing the manifest names was touched
             await s3.head_object(Bucket=settings.archive.bucket, Key=key)
+    for table in ("receipts", "seen_events"):
+        kept = await db.fetch(f"SELECT event_id FROM {table} WHERE tenant = 'pruned'")
+        assert [r["event_id"] for r in kept] == ["urn:uuid:prune-1"], table
 
 
 async def test_split_shard_mid_run_loses_nothing(lap_up, settings, db):

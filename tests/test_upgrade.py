@@ -73,7 +73,7 @@ async def test_serve_deploy_of_a_changed_config_loses_nothing(lap_up, settings, 
     before = replica_pids(ray_driver)
     assert all(before.values()), before
 
-    sensor = Sensor(settings, token, make_events(12_000))
+    sensor = Sensor(settings, token, make_events(40_000))  # more than it can send before it is stopped
     sensor.start()
     after = before
     try:

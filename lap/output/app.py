@@ -22,7 +22,7 @@ from pydantic import BaseModel, Field
 from ray import serve
 
 from lap import __version__
-from lap.audit.reconcile import Reconciler, Window
+from lap.audit.reconcile import ReconcileRefused, Reconciler, Window
 from lap.audit.replay import STAGES, Replayer, ReplayError, new_replay_id
 from lap.auth import KeyCache, Principal, bearer_token
 from lap.aws import open_client
@@ -519,10 +519,6 @@ class OutputAPI:
     ):
         tenant = (await self.caller(request)).tenant
         check_window(start, end)
-        oldest = datetime.now(UTC) - timedelta(seconds=self.settings.process.dedup_window_s)
-        if detail == "ids" and start < oldest:
-            raise Problem(400, "Bad Request", f"missing ids are known only for events received after "
-                          f"{oldest:%Y-%m-%dT%H:%M}Z (the dedup window); ask for counts without detail=ids")
         after: dict[str, str] = {}
         if cursor:
             values = decode_cursor(cursor, 3)
@@ -532,6 +528,8 @@ class OutputAPI:
         try:
             result = await Reconciler(self.settings, self._pool, self._s3, self._search).run(
                 Window(tenant, start, end, sensor), with_ids=detail == "ids", limit=limit, after=after)
+        except ReconcileRefused as exc:
+            raise Problem(400, "Bad Request", str(exc)) from None
         except Exception as exc:
             log.warning("reconcile failed: %s", exc)
             raise Problem(503, "Service Unavailable", f"reconcile could not reach a store ({type(exc).__name__}); "

@@ -242,6 +242,27 @@ def _group(*parts: tuple[np.ndarray, int]) -> tuple[np.ndarray, np.ndarray]:
     return inverse, order[starts]
 
 
+def _calendar(units: np.ndarray, unit: str) -> tuple[np.ndarray, np.ndarray]:
+    """Codes of the distinct days (or hours) present, in order, and each one's Python date or naive datetime.
+
+    Only the values present: event times come from sensors, and a batch may hold
+    years far apart, whose span of days would not fit in memory.
+    """
+    first = int(units.min())
+    span = int(units.max()) - first + 1
+    if span <= 2 * len(units):  # the usual batch: a few consecutive days or hours, numbered without a sort
+        present = np.zeros(span, dtype=bool)
+        present[units - first] = True
+        numbers = np.cumsum(present) - 1
+        codes, values = numbers[units - first], np.flatnonzero(present) + first
+    else:
+        values, codes = np.unique(units, return_inverse=True)
+    objects = np.empty(len(values), dtype=object)  # one object per value, shared by reference
+    as_time = values.astype(unit)
+    objects[:] = (as_time if unit == "datetime64[D]" else as_time.astype("datetime64[us]")).tolist()
+    return codes, objects
+
+
 def _pick(values: np.ndarray, codes: np.ndarray) -> list:
     """values[codes] as a list; a single value (one tenant, one day) is just repeated, which is cheaper."""
     return [values[0]] * len(codes) if len(values) == 1 else values[codes].tolist()
@@ -262,12 +283,8 @@ def aggregate(columns: Columns) -> Aggregates:
     courses = np.array(columns.courses, dtype=object)
     actions = np.array(columns.actions, dtype=object)
     time_us = columns.time_us
-    day = time_us // DAY_US
-    first_day = int(day.min())
-    day_code = day - first_day
-    days = int(day_code.max()) + 1
-    dates = np.empty(days, dtype=object)
-    dates[:] = np.arange(first_day, first_day + days).astype("datetime64[D]").tolist()
+    day_code, dates = _calendar(time_us // DAY_US, "datetime64[D]")
+    days = len(dates)
 
     # Group by learner-day and action at once. Groups come in key order, action last, so a learner-day's
     # action groups are consecutive: the learner-days are their runs, found without a second sort.
@@ -315,13 +332,8 @@ def aggregate(columns: Columns) -> Aggregates:
         _pick(tenants, tenant[rep]), _pick(courses, course[rep]), _pick(dates, day_code[rep]),
         np.bincount(inv).tolist()))
 
-    hour = time_us // HOUR_US
-    first_hour = int(hour.min())
-    hour_code = hour - first_hour
-    span = int(hour_code.max()) + 1
-    inv, rep = _group((tenant, len(tenants)), (course, len(courses)), (hour_code, span))
-    starts = np.empty(span, dtype=object)  # a batch spans few hours: one datetime each, shared by reference
-    starts[:] = np.arange(first_hour, first_hour + span).astype("datetime64[h]").astype("datetime64[us]").tolist()
+    hour_code, starts = _calendar(time_us // HOUR_US, "datetime64[h]")
+    inv, rep = _group((tenant, len(tenants)), (course, len(courses)), (hour_code, len(starts)))
     course_hours = _columns("course_hours", (
         _pick(tenants, tenant[rep]), _pick(courses, course[rep]), _pick(starts, hour_code[rep]),
         np.bincount(inv).tolist()))

@@ -35,6 +35,7 @@ log = logging.getLogger("lap.process")
 
 COORDINATOR = "lap-coordinator"
 RECONCILE_SETTLE_S = 300  # the reconcile metrics look at an hour only this long after it ended
+RECONCILE_REPORT_TIMEOUT_S = 120
 
 
 def consumer_name(shard_id: str) -> str:
@@ -72,14 +73,19 @@ async def sweep_orphans(settings: Settings, pool, s3, grace_s: float) -> int:
     return removed
 
 
-async def prune_seen_events(pool, window_s: float, chunk: int = 50_000) -> int:
-    """Delete dedup rows older than the window (an id that old is no longer a duplicate anyway)."""
+async def prune_older_than(pool, table: str, window_s: float, chunk: int = 50_000) -> int:
+    """Delete the rows of `table` (seen_events or receipts) received before the dedup window, a chunk at a time.
+
+    An id that old is no longer a duplicate anyway, and reconcile counts such
+    windows from the counters (it refuses to look at their single events).
+    """
+    assert table in ("seen_events", "receipts")
     removed = 0
     while True:
         async with pool.acquire() as conn:
             done = await conn.execute(
-                """DELETE FROM seen_events WHERE ctid IN (
-                       SELECT ctid FROM seen_events WHERE received_at < now() - $1::interval LIMIT $2)""",
+                f"""DELETE FROM {table} WHERE ctid IN (
+                        SELECT ctid FROM {table} WHERE received_at < now() - $1::interval LIMIT $2)""",
                 timedelta(seconds=window_s), chunk)
         count = int(done.split()[-1])
         removed += count
@@ -95,6 +101,7 @@ class Coordinator:
         self.runs: dict[str, asyncio.Task] = {}
         self._task: asyncio.Task | None = None
         self._clients: AsyncExitStack | None = None
+        self.reconciled_tenants: set[str] = set()
 
     def ping(self) -> bool:
         return True
@@ -131,19 +138,23 @@ class Coordinator:
             await asyncio.sleep(p.coordinator_interval_s)
 
     async def sweep(self, grace_s: float | None = None) -> int:
-        """Remove orphaned archive objects and dedup rows past the window, and record archive objects S3 lost.
+        """Remove orphaned archive objects, and dedup rows and receipts past the window; record lost archive objects.
 
         Returns how many orphans were removed.
         """
         await self._open()
         grace = self.settings.process.orphan_grace_s if grace_s is None else grace_s
         removed = await sweep_orphans(self.settings, self.pool, self.s3, grace)
-        await prune_seen_events(self.pool, self.settings.process.dedup_window_s)
+        for table in ("seen_events", "receipts"):
+            await prune_older_than(self.pool, table, self.settings.process.dedup_window_s)
         since = datetime.now(timezone.utc) - timedelta(seconds=self.settings.process.dedup_window_s)
         lost = await check_archive(self.settings, self.pool, self.s3, since.replace(minute=0, second=0, microsecond=0))
         if lost:
             log.error("%d archive objects named by the manifest are gone from S3; reconcile and replay them", lost)
-        await self.report_reconcile()
+        try:  # the figures of a dashboard must not hold up the sweep, nor the consumers' restarts
+            await asyncio.wait_for(self.report_reconcile(), RECONCILE_REPORT_TIMEOUT_S)
+        except Exception as exc:
+            log.warning("reconcile metrics not updated: %s", exc)
         return removed
 
     async def report_reconcile(self, end: datetime | None = None) -> dict[str, dict[str, int]]:
@@ -157,18 +168,25 @@ class Coordinator:
         if end is None:
             end = hour_of(datetime.now(timezone.utc) - timedelta(seconds=RECONCILE_SETTLE_S))
         start = end - timedelta(hours=1)
-        async with self.pool.acquire() as conn:
-            tenants = [r["tenant"] for r in await conn.fetch(
-                """SELECT DISTINCT tenant FROM stage_counts
-                    WHERE stage = 'accepted' AND received_minute >= $1 AND received_minute < $2""", start, end)]
+        async with self.pool.acquire() as conn:  # by the counters' primary key, tenant first
+            tenants = [r["name"] for r in await conn.fetch(
+                """SELECT name FROM tenants t WHERE EXISTS (
+                       SELECT 1 FROM stage_counts s WHERE s.tenant = t.name
+                          AND s.received_minute >= $1 AND s.received_minute < $2 AND s.stage = 'accepted')""",
+                start, end)]
         reconciler = Reconciler(self.settings, self.pool, self.s3, self.search)
         missing = {}
         for tenant in tenants:
             result = await reconciler.counts(Window(tenant, start, end))
             missing[tenant] = result.missing
-            for stage, count in result.missing.items():
+        # a tenant reported before and quiet in this hour has nothing missing in it: no stale alarm stays up
+        for tenant in self.reconciled_tenants - set(missing):
+            missing[tenant] = {stage: 0 for stage in ("archive", "aggregate", "index")}
+        for tenant, stages in missing.items():
+            for stage, count in stages.items():
                 metrics.reconcile_missing().set(count, tags={"tenant": tenant, "stage": stage})
-            metrics.reconcile_complete().set(int(result.complete), tags={"tenant": tenant})
+            metrics.reconcile_complete().set(int(not any(stages.values())), tags={"tenant": tenant})
+        self.reconciled_tenants |= set(missing)
         return missing
 
     async def step(self) -> None:

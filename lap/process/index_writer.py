@@ -117,8 +117,11 @@ class IndexWriter:
         except Exception as exc:  # Postgres away: the next pass reports it
             log.warning("index backlog not measured: %s", exc)
             return
-        for row in rows:
-            metrics.index_backlog_batches().set(row["batches"], tags={"shard": row["shard_id"]})
+        try:
+            for row in rows:
+                metrics.index_backlog_batches().set(row["batches"], tags={"shard": row["shard_id"]})
+        except Exception as exc:  # a metric must never stop indexing
+            log.warning("index backlog not reported: %s", exc)
 
     async def pass_once(self) -> int:
         """Index the next committed batches of every shard; returns how many batches were indexed."""
