@@ -45,7 +45,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import lap, machine, start_lap, write_private_config, write_report  # noqa: E402
 
 TENANT = "bench"
-DAY = datetime(2026, 11, 1, tzinfo=timezone.utc)
+# a day inside the dedup window (7 days): reconcile looks at single events of such days only
+DAY = (datetime.now(timezone.utc) - timedelta(days=3)).replace(hour=0, minute=0, second=0, microsecond=0)
 
 
 async def fill(settings, rate: int, shards: int, events: int, hours_in_s3: int) -> dict:
@@ -67,11 +68,11 @@ async def fill(settings, rate: int, shards: int, events: int, hours_in_s3: int) 
                  FROM generate_series(0, 86399) s, generate_series(0, $2 - 1) sh""", rate, shards)
         await conn.execute(
             """INSERT INTO archive_objects (key, batch_id, tenant, received_hour, records, bytes)
-               SELECT 'archive/v1/tenant=bench/date=2026-11-01/hour=' || lpad(div(b.first_seq, 360000000)::text, 2, '0')
+               SELECT 'archive/v1/tenant=bench/date=' || $3::text || '/hour=' || lpad(div(b.first_seq, 360000000)::text, 2, '0')
                       || '/shard=' || b.shard_id || '/' || b.first_seq || '-' || b.last_seq || '.jsonl.gz',
                       b.id, $1, $2::timestamptz + div(b.first_seq, 360000000)::int * interval '1 hour',
                       b.records, 1000
-                 FROM batches b WHERE b.stream = 'bench'""", TENANT, DAY)
+                 FROM batches b WHERE b.stream = 'bench'""", TENANT, DAY, f"{DAY:%Y-%m-%d}")
         # one more hour of single events: receipts and their dedup rows
         extra = DAY + timedelta(days=1)
         await conn.execute(
@@ -141,7 +142,7 @@ async def measure(settings, events: int, hours_in_s3: int) -> dict:
                      for t in ("receipts", "seen_events")}
 
         # 3. one listing page of 1,000 keys
-        prefix = "archive/v1/tenant=bench/date=2026-11-01/hour=00/"
+        prefix = f"archive/v1/tenant=bench/date={DAY:%Y-%m-%d}/hour=00/"
         started = time.monotonic()
         page = await s3.list_objects_v2(Bucket=settings.archive.bucket, Prefix=prefix, MaxKeys=1000)
         page_s = time.monotonic() - started

@@ -399,6 +399,9 @@ async def test_counts_take_a_lost_objects_events_inside_a_window_that_cuts_its_h
     finally:
         await search.close()
         await pool.close()
+        for table in ("lost_archive_objects", "seen_events", "stage_counts", "archive_objects"):
+            await db.execute(f"DELETE FROM {table} WHERE tenant = $1", tenant)  # seeded rows name no real object
+        await db.execute("DELETE FROM batches WHERE id = $1", batch)
     assert (cut.accepted, cut.aggregated, cut.archived) == (2, 2, 0)
     assert cut.missing["archive"] == 2 and cut.missing["aggregate"] == 0
     assert (whole.accepted, whole.archived, whole.missing["archive"]) == (4, 0, 4)
