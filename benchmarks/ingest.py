@@ -10,7 +10,10 @@ creates a sensor key, then:
    --seconds;
 
 and prints a table and writes JSON. CPU per event is read from /proc for LAP's
-own processes: the Serve proxy (or HAProxy) and the ingest replicas.
+own processes: the Serve proxy (or HAProxy) and the ingest replicas. The
+shard consumers run meanwhile, as they always do, reading the same stand-in;
+the index writer is off, so that the in-memory OpenSearch stand-in does not
+take a core from ingest (benchmarks/pipeline.py measures indexing).
 
     .venv/bin/python benchmarks/ingest.py [--seconds 20] [--connections 32] [--throughput-mode]
 """
@@ -196,7 +199,8 @@ def main() -> int:
     from lap.settings import load_settings
 
     folder = Path(tempfile.mkdtemp(prefix="lap-bench-ingest-"))
-    config = write_private_config(folder, ray={"throughput_mode": args.throughput_mode})
+    config = write_private_config(folder, ray={"throughput_mode": args.throughput_mode},
+                                  process={"index_enabled": False})
     settings = load_settings(config)
     if not start_lap(config):
         return 1
