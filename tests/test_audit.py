@@ -254,14 +254,14 @@ def test_bad_reconcile_parameters_get_400(settings, audited, params):
     assert reply.json()["detail"]
 
 
-def test_windows_past_the_dedup_window_are_counted_on_whole_minutes_only(settings, audited):
-    """Receipts and dedup rows older than the dedup window are deleted: only the counters can answer."""
-    old = (datetime.now(timezone.utc) - timedelta(days=9)).replace(second=0, microsecond=0)
+def test_windows_past_the_dedup_window_are_counted_on_whole_hours_only(settings, audited):
+    """Receipts and dedup rows older than the dedup window are deleted: only the hourly counters can answer."""
+    old = (datetime.now(timezone.utc) - timedelta(days=9)).replace(minute=0, second=0, microsecond=0)
     whole = {"start": old.isoformat(), "end": (old + timedelta(hours=2)).isoformat()}
     counted = get(settings, audited["reader"], "/audit/reconcile", **whole)
     assert counted.status_code == 200, counted.text
     assert counted.json()["accepted"] == 0 and counted.json()["complete"] is True
-    for params, words in (({"start": (old + timedelta(seconds=30)).isoformat()}, "whole minutes"),
+    for params, words in (({"start": (old + timedelta(minutes=30)).isoformat()}, "whole hours"),
                           ({"detail": "ids"}, "single events"), ({"sensor": "https://x.example/s"}, "single events")):
         refused = get(settings, audited["reader"], "/audit/reconcile", **(whole | params))
         assert refused.status_code == 400, refused.text

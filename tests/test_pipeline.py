@@ -288,6 +288,11 @@ async def test_orphaned_archive_objects_are_swept(lap_up, settings, db, ray_driv
                          f"urn:uuid:prune-{n}", received)
         await db.execute("""INSERT INTO seen_events (tenant, event_id, received_at, batch_id, shard_id, sequence_number)
                             VALUES ('pruned', $1, $2, 0, 'x', 1)""", f"urn:uuid:prune-{n}", received)
+    # and past the window the minute counters fold into one row per hour, at its first minute
+    hour = old.replace(minute=0, second=0, microsecond=0)
+    for at, n in ((hour + timedelta(minutes=5), 3), (hour + timedelta(minutes=35), 4), (new.replace(second=0), 5)):
+        await db.execute("""INSERT INTO stage_counts (tenant, sensor, shard_id, received_minute, stage, events)
+                            VALUES ('pruned', 's', 'x', $1, 'accepted', $2)""", at.replace(microsecond=0), n)
     async with AsyncExitStack() as stack:
         s3 = await open_client(stack, settings, "s3")
         await s3.put_object(Bucket=settings.archive.bucket, Key=orphan, Body=gzip.compress(b"{}\n"))
@@ -305,6 +310,9 @@ async def test_orphaned_archive_objects_are_swept(lap_up, settings, db, ray_driv
     for table in ("receipts", "seen_events"):
         kept = await db.fetch(f"SELECT event_id FROM {table} WHERE tenant = 'pruned'")
         assert [r["event_id"] for r in kept] == ["urn:uuid:prune-1"], table
+    counters = await db.fetch("SELECT received_minute, events FROM stage_counts WHERE tenant = 'pruned' "
+                              "ORDER BY received_minute")
+    assert [(r["received_minute"], r["events"]) for r in counters] == [(hour, 7), (new.replace(second=0, microsecond=0), 5)]
 
 
 async def test_split_shard_mid_run_loses_nothing(lap_up, settings, db):

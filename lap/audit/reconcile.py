@@ -115,7 +115,8 @@ class Reconciler:
     def check_kept(self, window: Window, with_ids: bool) -> None:
         """Refuse what needs receipts and dedup rows older than the dedup window: the sweep deletes them.
 
-        Counts of whole minutes come from the counters, which are kept.
+        Counts of whole hours come from the counters, which are kept (folded
+        into hours past the window).
         """
         oldest = datetime.now(timezone.utc) - timedelta(seconds=self.settings.process.dedup_window_s)
         if window.start >= oldest:
@@ -124,11 +125,11 @@ class Reconciler:
         if with_ids or window.sensor is not None:
             raise ReconcileRefused(f"missing ids and sensor filters need single events, kept only for those "
                                    f"received after {kept_from} (process.dedup_window_s); ask for the counts alone")
-        partial = [edge for edge in (window.start, window.end) if edge < oldest and minute_of(edge) != edge]
+        partial = [edge for edge in (window.start, window.end) if edge < oldest and hour_of(edge) != edge]
         if partial:
-            raise ReconcileRefused(f"before {kept_from} only whole minutes can be counted (single events are no "
-                                   f"longer kept): start and end the window on a minute, e.g. "
-                                   f"{minute_of(partial[0]):%Y-%m-%dT%H:%M}Z")
+            raise ReconcileRefused(f"before {kept_from} only whole hours can be counted (single events are no "
+                                   f"longer kept): start and end the window on the hour, e.g. "
+                                   f"{hour_of(partial[0]):%Y-%m-%dT%H:00}Z")
 
     async def counts(self, window: Window) -> Reconciliation:
         """Counts from `stage_counts` (committed with each batch) for whole minutes, exact counts at the edges.
@@ -189,7 +190,8 @@ class Reconciler:
 
         Whole hours add the lost objects' record counts; an hour the window
         only partly covers counts its lost objects' events one by one, from
-        their dedup rows, which are kept for the dedup window only.
+        their dedup rows (kept for the dedup window: `check_kept` makes older
+        windows start and end on the hour).
         """
         whole_from = hour_of(first) if hour_of(first) == first else hour_of(first) + timedelta(hours=1)
         whole_to = hour_of(last)
@@ -199,12 +201,6 @@ class Reconciler:
                 """SELECT coalesce(sum(records), 0) FROM lost_archive_objects
                     WHERE tenant = $1 AND received_hour >= $2 AND received_hour < $3""", tenant, whole_from, whole_to)
         partial = {h for h in (hour_of(first), whole_to) if not (whole_from <= h < whole_to) and h < last}
-        oldest = datetime.now(timezone.utc) - timedelta(seconds=self.settings.process.dedup_window_s)
-        for hour in sorted(h for h in partial if h < oldest):
-            if await conn.fetchval("SELECT count(*) FROM lost_archive_objects WHERE tenant = $1 AND received_hour = $2",
-                                   tenant, hour):
-                raise ReconcileRefused(f"S3 lost archive objects of {hour:%Y-%m-%dT%H}:00Z, an hour older than the "
-                                       "dedup window: count whole hours there (start and end on the hour)")
         if partial:
             lost += await conn.fetchval(_LOST_IN_PARTIAL_HOURS, tenant, first, last, sorted(partial))
         return int(lost)

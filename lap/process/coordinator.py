@@ -23,7 +23,7 @@ from lap import metrics
 from lap.audit.actor import NAMESPACE
 from lap.audit.reconcile import Reconciler, Window
 from lap.aws import open_client
-from lap.process.batch import hour_of
+from lap.process.batch import ADD_STAGE_COUNT, hour_of
 from lap.process.consumer import ShardConsumer
 from lap.settings import Settings, load_settings
 from lap.sinks.archive import check_archive
@@ -93,6 +93,28 @@ async def prune_older_than(pool, table: str, window_s: float, chunk: int = 50_00
             return removed
 
 
+async def roll_up_counters(pool, window_s: float) -> int:
+    """Fold the audit counters of whole hours past the dedup window into one row per hour (its first minute).
+
+    Reconcile reads minutes only where it can also read single events, inside
+    the window; beyond it, it counts whole hours, so 60 rows an hour become one.
+    Returns how many minute rows were folded.
+    """
+    before = (datetime.now(timezone.utc) - timedelta(seconds=window_s)).replace(minute=0, second=0, microsecond=0)
+    async with pool.acquire() as conn, conn.transaction():
+        folded = await conn.fetch(
+            """DELETE FROM stage_counts
+                WHERE received_minute < $1 AND received_minute <> date_trunc('hour', received_minute, 'UTC')
+            RETURNING tenant, sensor, shard_id, date_trunc('hour', received_minute, 'UTC') AS hour, stage, events""",
+            before)
+        sums: dict[tuple, int] = {}
+        for r in folded:
+            key = (r["tenant"], r["sensor"], r["shard_id"], r["hour"], r["stage"])
+            sums[key] = sums.get(key, 0) + r["events"]
+        await conn.executemany(ADD_STAGE_COUNT, sorted((*key, n) for key, n in sums.items()))
+    return len(folded)
+
+
 @ray.remote(max_restarts=-1, max_task_retries=-1)
 class Coordinator:
     def __init__(self) -> None:
@@ -138,7 +160,8 @@ class Coordinator:
             await asyncio.sleep(p.coordinator_interval_s)
 
     async def sweep(self, grace_s: float | None = None) -> int:
-        """Remove orphaned archive objects, and dedup rows and receipts past the window; record lost archive objects.
+        """Remove orphaned archive objects, and dedup rows and receipts past the window; fold the counters
+        past it into hours; record lost archive objects.
 
         Returns how many orphans were removed.
         """
@@ -147,6 +170,7 @@ class Coordinator:
         removed = await sweep_orphans(self.settings, self.pool, self.s3, grace)
         for table in ("seen_events", "receipts"):
             await prune_older_than(self.pool, table, self.settings.process.dedup_window_s)
+        await roll_up_counters(self.pool, self.settings.process.dedup_window_s)
         since = datetime.now(timezone.utc) - timedelta(seconds=self.settings.process.dedup_window_s)
         lost = await check_archive(self.settings, self.pool, self.s3, since.replace(minute=0, second=0, microsecond=0))
         if lost:
