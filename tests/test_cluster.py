@@ -45,9 +45,10 @@ def cluster_lap():
             elif deployment["name"] == "OutputAPI":
                 deployment["num_replicas"] = 1
     (folder / "serve_config.yaml").write_text(yaml.safe_dump(serve))
-    config = write_config(folder / "lap", ray={"serve_config": str(folder / "serve_config.yaml")},
-                          process={"batch_max_wait_s": 0.5, "coordinator_interval_s": 1.0, "idle_poll_s": 0.1,
-                                   "max_poll_s": 0.5, "lease_ttl_s": 10.0})
+    ray_settings = {"serve_config": str(folder / "serve_config.yaml")}
+    process = {"batch_max_wait_s": 0.5, "coordinator_interval_s": 1.0, "idle_poll_s": 0.1, "max_poll_s": 0.5,
+               "lease_ttl_s": 10.0}
+    config = write_config(folder / "lap", ray=ray_settings, process=process)
     # The nodes' environment is what replicas and actors inherit: as on EC2 (cluster.yaml), LAP_CONFIG is set
     # before the nodes start; and Ray keeps the nodes' 127.0.0.1 instead of swapping in the machine's address.
     saved = {name: os.environ.get(name) for name in ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "LAP_CONFIG")}
@@ -59,9 +60,8 @@ def cluster_lap():
     up = False
     try:
         workers = [cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1") for _ in range(2)]
-        settings = yaml.safe_load(config.read_text())
-        settings["ray"]["address"] = cluster.address
-        config.write_text(yaml.safe_dump(settings))
+        # the same file, now with the cluster's address and ports picked after Ray took its own
+        write_config(folder / "lap", ray=ray_settings | {"address": cluster.address}, process=process)
         up = True
         result = run_lap("up", "--detach", config=config, timeout=400)
         assert "LAP is up" in result.stdout, result.stdout + result.stderr
