@@ -103,12 +103,7 @@ async def test_reconcile_finds_each_loss_by_id(settings, audited, db, ray_driver
 
     # 1. documents deleted from the index
     gone_from_index = ids[:3]
-    search = open_opensearch(settings)
-    try:
-        for event_id in gone_from_index:
-            await search.delete(index=index_name(settings, tenant), id=event_id)
-    finally:
-        await search.close()
+    await delete_documents(settings, tenant, gone_from_index)
 
     # 2. a committed batch undone the way a failed commit leaves it: no dedup rows, no manifest entry
     batch_id, undone = await undo_batch(db, tenant, audited["events"], ids[-1])
@@ -173,6 +168,16 @@ async def test_reconcile_finds_each_loss_by_id(settings, audited, db, ray_driver
     await assert_aggregates(db, tenant, audited["events"])
     ids = await archived_ids(settings, db, tenant)
     assert max(ids.values()) == 1 and len(ids) == 301
+
+
+async def delete_documents(settings, tenant: str, event_ids: list[str]) -> None:
+    """Lose these events from the tenant's search index, as an OpenSearch mishap would."""
+    search = open_opensearch(settings)
+    try:
+        for event_id in event_ids:
+            await search.delete(index=index_name(settings, tenant), id=event_id)
+    finally:
+        await search.close()
 
 
 async def undo_batch(db, tenant: str, events: list[dict], event_id: str) -> tuple[int, list[str]]:
@@ -289,12 +294,7 @@ async def test_reconcile_and_replay_from_the_command_line(lap_up, settings, db):
     assert json.loads(clean.stdout)["complete"] is True
 
     lost = sorted(e["id"] for e in events)[:2]
-    search = open_opensearch(settings)
-    try:
-        for event_id in lost:
-            await search.delete(index=index_name(settings, tenant), id=event_id)
-    finally:
-        await search.close()
+    await delete_documents(settings, tenant, lost)
     found = run_lap("reconcile", *args, "--ids", config=lap_up.config, check=False)
     assert found.returncode == 1 and "NOT complete" in found.stdout
     assert [line.split(": ")[1] for line in found.stdout.splitlines() if line.startswith("missing from index")] == lost

@@ -10,7 +10,7 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from lap.process.coordinator import COORDINATOR
-from lap.sinks.index import index_name, open_opensearch
+from tests.test_audit import delete_documents
 from tests.test_pipeline import envelopes, make_events, new_tenant, send, wait_for
 
 
@@ -68,11 +68,7 @@ async def test_metrics_show_ingest_processing_and_reconcile(lap_up, settings, db
     assert value(samples, "ray_lap_reconcile_missing", tenant=tenant, stage="index") == 0
 
     # a document lost from the index shows in the reconcile metrics
-    search = open_opensearch(settings)
-    try:
-        await search.delete(index=index_name(settings, tenant), id=events[0]["id"])
-    finally:
-        await search.close()
+    await delete_documents(settings, tenant, [events[0]["id"]])
     missing = ray_driver.get(coordinator.report_reconcile.remote(end), timeout=120)
     assert missing[tenant] == {"archive": 0, "aggregate": 0, "index": 1}
     samples = await eventually(settings, lambda s: value(s, "ray_lap_reconcile_complete", tenant=tenant) == 0)
