@@ -51,6 +51,8 @@ class StreamSettings(Section):
     name: str = "lap-events"
     shards: int = Field(4, ge=1, le=500, description="shard count when LAP creates the stream")
     endpoint_url: str | None = None
+    # Ingest lists the open shards again this often (and at once when a reply shows a split or merge)
+    shard_map_ttl_s: float = Field(60.0, gt=0)
 
 
 class ArchiveSettings(Section):
@@ -96,7 +98,8 @@ class LimitsSettings(Section):
 class ProcessSettings(Section):
     """Stream processing: shard consumers, dedup, the index writer and the orphan sweeper."""
 
-    batch_max_records: int = Field(5000, ge=1, le=100_000, description="records per committed batch at most")
+    batch_max_events: int = Field(10_000, ge=1, le=100_000, description="events per committed batch at most "
+                                  "(a batch holds whole stream records: one record's events may pass it)")
     batch_max_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="stream bytes per batch at most")
     batch_max_wait_s: float = Field(1.0, gt=0, description="a batch commits at the latest this long after its first record")
     get_records_limit: int = Field(2000, ge=1, le=10_000, description="records per GetRecords call (Kinesis: 10,000)")

@@ -405,3 +405,63 @@ async def test_counts_take_a_lost_objects_events_inside_a_window_that_cuts_its_h
     assert (cut.accepted, cut.aggregated, cut.archived) == (2, 2, 0)
     assert cut.missing["archive"] == 2 and cut.missing["aggregate"] == 0
     assert (whole.accepted, whole.archived, whole.missing["archive"]) == (4, 0, 4)
+
+
+async def test_one_event_records_of_lap_0_1_and_new_records_in_one_stream(lap_up, settings, db):
+    """Records of format 0 (one event each, from before this release) and format 1 in one stream: exact
+    aggregates, a complete reconcile, and a replay from the stream that reads both."""
+    from lap.audit.receipts import ReceiptWriter
+    from lap.sinks.store import create_pool
+    from lap.stream.producer import Producer, Record, partition_key_for
+    from lap.stream.records_client import RecordsClient
+
+    started = datetime.now(timezone.utc)
+    tenant, sensor = new_tenant(lap_up)
+    admin, reader = key(lap_up, tenant, "admin"), key(lap_up, tenant, "reader")
+    events = make_events(400)
+    old, new = events[:200], events[200:]
+
+    # format 0, written the way LAP 0.1's ingest wrote it: one record per event, and its receipt
+    received_at = datetime.now(timezone.utc)
+    records = []
+    for line in expected_records(tenant, old):
+        line["meta"] |= {"sensor": "https://lms.example.edu/sensors/lms", "key_id": "old", "request_id": "old-req",
+                         "received_at": received_at.isoformat().replace("+00:00", "Z"),
+                         "data_version": "http://purl.imsglobal.org/ctx/caliper/v1p2"}
+        records.append(Record(orjson.dumps(line), partition_key_for(line["meta"]["learner"])))
+    client = RecordsClient(settings)
+    pool = await create_pool(settings)
+    try:
+        put = await Producer(client, settings.stream.name, 30.0).put(records)
+        receipts = ReceiptWriter(pool)
+        for event, receipt in zip(old, put):
+            receipts.add_record(tenant, "https://lms.example.edu/sensors/lms", received_at, "old-req",
+                                receipt.shard_id, receipt.sequence_number, [(event["id"], "event")])
+        assert await receipts.flush() == 200
+    finally:
+        await client.close()
+        await pool.close()
+    send(settings, sensor, envelopes(new))  # format 1
+    await wait_for(db, tenant, {"accepted": 400, "archived": 400, "aggregated": 400, "indexed": 400}, timeout=180)
+    await assert_aggregates(db, tenant, events)
+    ids = await archived_ids(settings, db, tenant)
+    assert set(ids) == {e["id"] for e in events} and max(ids.values()) == 1
+    report = await reconcile(settings, reader, started)
+    assert report["complete"] is True and report["accepted"] == 400 and report["duplicates"] == 0, report
+
+    # lose a batch of each format, then replay them from the stream
+    _, undone_old = await undo_batch(db, tenant, events, old[0]["id"])
+    remaining = [e for e in events if e["id"] not in set(undone_old)]
+    other = next(e["id"] for e in reversed(new) if e["id"] not in set(undone_old))
+    _, undone_new = await undo_batch(db, tenant, remaining, other)
+    assert set(undone_old) & {e["id"] for e in old} and set(undone_new) & {e["id"] for e in new}
+    report = await reconcile(settings, reader, started)
+    assert report["missing"]["aggregate"] == len(undone_old) + len(undone_new), report
+    done = await replay(settings, admin, started, ["archive", "aggregate", "index"], "stream")
+    assert done["status"] == "done", done
+    assert done["result"]["replayed"]["restored"] == len(undone_old) + len(undone_new)
+    report = await reconcile(settings, reader, started)
+    assert report["complete"] is True and report["accepted"] == 400, report
+    await assert_aggregates(db, tenant, events)
+    ids = await archived_ids(settings, db, tenant)
+    assert set(ids) == {e["id"] for e in events} and max(ids.values()) == 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
+import os
 import uuid
 from contextlib import AsyncExitStack
 from pathlib import Path
@@ -16,6 +17,8 @@ import pytest
 from lap.aws import open_client
 from lap.caliper import CALIPER_V1P1, CALIPER_V1P2
 from lap.samples import EventFactory, envelope
+from lap.stream import record_format
+from lap.stream.shard_map import ShardMap
 
 FIXTURES = Path(__file__).parent / "fixtures" / "caliper"
 
@@ -53,33 +56,44 @@ async def test_accepted_envelope_is_durably_in_the_stream_with_receipts(api, set
     assert reply.status_code == 200, reply.text
     receipts = reply.json()["receipts"]
     assert [r["event_id"] for r in receipts] == [e["id"] for e in events]
+    # one record per shard the request touched, each event at its own position inside it
+    records = {(r["shard_id"], r["sequence_number"]) for r in receipts}
+    assert len(records) <= settings.stream.shards
+    assert len({r["shard_id"] for r in receipts}) == len(records)
+    for shard, seq in records:
+        positions = [r["position"] for r in receipts if (r["shard_id"], r["sequence_number"]) == (shard, seq)]
+        assert positions == list(range(len(positions)))
 
     async with AsyncExitStack() as stack:
         kinesis = await open_client(stack, settings, "kinesis")
-        for event, receipt in list(zip(events, receipts))[::10]:
+        shards = ShardMap((await kinesis.list_shards(StreamName=settings.stream.name))["Shards"])
+        for shard, seq in sorted(records):
             it = await kinesis.get_shard_iterator(
-                StreamName=settings.stream.name, ShardId=receipt["shard_id"],
-                ShardIteratorType="AT_SEQUENCE_NUMBER", StartingSequenceNumber=receipt["sequence_number"])
+                StreamName=settings.stream.name, ShardId=shard,
+                ShardIteratorType="AT_SEQUENCE_NUMBER", StartingSequenceNumber=seq)
             record = (await kinesis.get_records(ShardIterator=it["ShardIterator"], Limit=1))["Records"][0]
-            stored = orjson.loads(record["Data"])
-            assert stored["item"] == event  # the event exactly as sent
-            meta = stored["meta"]
-            assert meta["event_id"] == event["id"] and meta["tenant"] == "acme" and meta["kind"] == "event"
-            assert meta["sensor"] == "https://lms.example.edu/sensors/lms" and meta["request_id"]
-            learner = event["object"]["assignee"] if event["type"] == "GradeEvent" else event["actor"]["id"]
-            assert meta["learner"] == learner and record["PartitionKey"] == learner
-            assert meta["course"] == event["group"]["id"]
+            assert record["Data"][:4] == b"LAP\x01"
+            stored = record_format.decode(record["Data"])
+            mine = [r for r in receipts if (r["shard_id"], r["sequence_number"]) == (shard, seq)]
+            for (meta, item), receipt in zip(stored, mine, strict=True):
+                event = next(e for e in events if e["id"] == receipt["event_id"])
+                assert item == event  # the event exactly as sent
+                assert meta["event_id"] == event["id"] and meta["tenant"] == "acme" and meta["kind"] == "event"
+                assert meta["sensor"] == "https://lms.example.edu/sensors/lms" and meta["request_id"]
+                learner = event["object"]["assignee"] if event["type"] == "GradeEvent" else event["actor"]["id"]
+                assert meta["learner"] == learner and meta["course"] == event["group"]["id"]
+                assert shards.shard_ids[shards.slot(learner)] == shard  # on the learner's own shard
 
     # Receipts reach the audit trail shortly after, off the request path.
     ids = [e["id"] for e in events]
     for _ in range(50):
-        rows = await db.fetch("SELECT event_id, shard_id, sequence_number::text AS seq FROM receipts "
+        rows = await db.fetch("SELECT event_id, shard_id, sequence_number::text AS seq, position FROM receipts "
                               "WHERE event_id = ANY($1::text[])", ids)
         if len(rows) == len(ids):
             break
         await asyncio.sleep(0.2)
-    assert {r["event_id"]: (r["shard_id"], r["seq"]) for r in rows} == {
-        r["event_id"]: (r["shard_id"], r["sequence_number"]) for r in receipts}
+    assert {r["event_id"]: (r["shard_id"], r["seq"], r["position"]) for r in rows} == {
+        r["event_id"]: (r["shard_id"], r["sequence_number"], r["position"]) for r in receipts}
 
 
 async def test_plain_success_has_an_empty_body(api, tokens):
@@ -225,9 +239,9 @@ async def test_oversized_bodies_and_records_get_413(api, settings, tokens):
     bomb = gzip.compress(b" " * (limit + 1000))
     assert_problem(await api.post("/caliper", content=bomb,
                                   headers=headers(tokens["sensor"], **{"Content-Encoding": "gzip"})), 413)
-    # One event over the record limit, in an envelope under the body limit.
+    # One event over the record limit even compressed, in an envelope under the body limit.
     events = fresh_events(3)
-    events[2]["extensions"] = {"padding": "x" * settings.limits.max_record_bytes}
+    events[2]["extensions"] = {"noise": os.urandom(settings.limits.max_record_bytes).hex()}
     body = assert_problem(await api.post("/caliper", content=orjson.dumps(envelope(events)),
                                          headers=headers(tokens["sensor"])), 413)
     assert [e["index"] for e in body["errors"]] == [2]

@@ -28,6 +28,7 @@ from lap.process.aggregate import Aggregates, aggregate_python
 from lap.process.coordinator import COORDINATOR, consumer_name
 from lap.samples import EventFactory, envelope
 from lap.sinks.index import index_name, open_opensearch
+from lap.stream.shard_map import ShardMap
 from tests.conftest import run_lap
 
 DRAIN_TIMEOUT_S = 120
@@ -319,16 +320,25 @@ async def test_split_shard_mid_run_loses_nothing(lap_up, settings, db):
     tenant, token = new_tenant(lap_up)
     events = make_events(3000, learners=400)
     parent = (await open_shards(settings))[0]
-    sender = send_in_background(settings, token, envelopes(events), pause_s=0.05)
+    sender = send_in_background(settings, token, envelopes(events), pause_s=0.1)
     await asyncio.sleep(1.5)
     low, high = int(parent["HashKeyRange"]["StartingHashKey"]), int(parent["HashKeyRange"]["EndingHashKey"])
     async with AsyncExitStack() as stack:
         kinesis = await open_client(stack, settings, "kinesis")
         await kinesis.split_shard(StreamName=settings.stream.name, ShardToSplit=parent["ShardId"],
                                   NewStartingHashKey=str((low + high) // 2))
+    split_at = datetime.now(timezone.utc)
     join_sender(sender)
     await wait_for(db, tenant, {"accepted": 3000, "archived": 3000, "aggregated": 3000}, timeout=180)
     await assert_exact(settings, db, tenant, events)
+
+    # ingest followed the split: a second after it, each learner's events go to the child that owns the learner
+    shards = ShardMap(await open_shards(settings))
+    learner_of = {r["meta"]["event_id"]: r["meta"]["learner"] for r in expected_records(tenant, events)}
+    later = await db.fetch("SELECT event_id, shard_id FROM receipts WHERE tenant = $1 AND received_at > $2",
+                           tenant, split_at + timedelta(seconds=1))
+    assert len(later) > 300, "the sender must still be sending after the split"
+    assert [r["event_id"] for r in later if r["shard_id"] != shards.shard_ids[shards.slot(learner_of[r["event_id"]])]] == []
 
     children = await db.fetch("SELECT shard_id FROM shard_checkpoints WHERE $1 = ANY(parent_ids)", parent["ShardId"])
     assert len(children) == 2
@@ -375,15 +385,17 @@ async def test_a_record_committed_by_a_replay_is_not_a_duplicate_for_the_live_co
            VALUES ($1, 'urn:uuid:a', $2, 0, 'shard-x', 5)""", tenant, received)
     writer = BatchWriter(settings, None, None, "shard-x", 0)
 
-    def record(sequence: int) -> Decoded:
-        return Decoded(sequence, {"tenant": tenant, "event_id": "urn:uuid:a"}, {}, received)
+    def record(sequence: int, position: int = 0) -> Decoded:
+        return Decoded(sequence, position, {"tenant": tenant, "event_id": "urn:uuid:a"}, {}, received)
 
     from lap.sinks.store import create_pool
 
     writer.pool = await create_pool(settings)
     try:
         assert await writer.dedup([record(5)]) == ([], [])  # the very record: skipped, not counted
-        kept, duplicates = await writer.dedup([record(9)])  # the same id at another position: a resend
+        kept, duplicates = await writer.dedup([record(9)])  # the same id in another record: a resend
         assert kept == [] and [d.sequence for d in duplicates] == [9]
+        kept, duplicates = await writer.dedup([record(5, 3)])  # another position of the same record: a resend
+        assert kept == [] and [(d.sequence, d.position) for d in duplicates] == [(5, 3)]
     finally:
         await writer.pool.close()

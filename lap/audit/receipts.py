@@ -17,7 +17,8 @@ import asyncpg
 
 log = logging.getLogger("lap.receipts")
 
-COLUMNS = ("event_id", "tenant", "sensor", "shard_id", "sequence_number", "received_at", "request_id", "kind")
+COLUMNS = ("event_id", "tenant", "sensor", "shard_id", "sequence_number", "position", "received_at", "request_id",
+           "kind")
 ADD_ACCEPTED = """
 INSERT INTO stage_counts (tenant, sensor, shard_id, received_minute, stage, events)
 VALUES ($1, $2, $3, $4, 'accepted', $5)
@@ -29,7 +30,7 @@ DO UPDATE SET events = stage_counts.events + excluded.events
 def accepted_counts(rows: list[tuple]) -> list[tuple]:
     """The receipts counted per tenant, sensor, shard and minute: the `accepted` stage of the audit."""
     counts: dict[tuple, int] = {}
-    for _, tenant, sensor, shard_id, _, received_at, _, _ in rows:
+    for _, tenant, sensor, shard_id, _, _, received_at, _, _ in rows:
         key = (tenant, sensor, shard_id, received_at.replace(second=0, microsecond=0))  # received_at is UTC
         counts[key] = counts.get(key, 0) + 1
     return sorted((*key, n) for key, n in counts.items())  # in key order: replicas never deadlock
@@ -44,13 +45,15 @@ class ReceiptWriter:
         self._task: asyncio.Task | None = None
         self.dropped = 0
 
-    def add(self, event_id: str, tenant: str, sensor: str, shard_id: str, sequence_number: str,
-            received_at: datetime, request_id: str, kind: str = "event") -> None:
+    def add_record(self, tenant: str, sensor: str, received_at: datetime, request_id: str, shard_id: str,
+                   sequence_number: str, events: list[tuple[str, str]]) -> None:
+        """The receipts of one stream record: `events` are (event id, kind) in position order."""
         if len(self._rows) >= self.max_buffered:  # Postgres has been away for long: keep memory bounded
-            self.dropped += 1
+            self.dropped += len(events)
             return
-        self._rows.append((event_id, tenant, sensor, shard_id, Decimal(sequence_number), received_at, request_id,
-                           kind))
+        seq = Decimal(sequence_number)
+        self._rows.extend((event_id, tenant, sensor, shard_id, seq, position, received_at, request_id, kind)
+                          for position, (event_id, kind) in enumerate(events))
 
     def start(self) -> None:
         if self._task is None:

@@ -27,9 +27,10 @@ from urllib.parse import quote
 import orjson
 
 from lap.audit.reconcile import Reconciler, Window
-from lap.process.batch import BatchWriter, archive_line, decode, hour_of
+from lap.process.batch import GZIP_LEVEL, BatchWriter, Decoded, archive_line, decode_record, hour_of, parse_time
 from lap.process.index_writer import bulk_index
 from lap.settings import Settings
+from lap.stream.record_format import NotLapRecord
 
 log = logging.getLogger("lap.replay")
 
@@ -43,6 +44,26 @@ class ReplayError(Exception):
 
 def new_replay_id() -> str:
     return uuid.uuid4().hex[:12]
+
+
+class StreamRecords:
+    """Events read back from the stream by record and position, each record read once."""
+
+    def __init__(self, replayer: "Replayer"):
+        self.replayer = replayer
+        self.records: dict[tuple[str, str], list[Decoded] | None] = {}
+
+    async def event(self, shard_id: str, sequence: str, position: int) -> Decoded | None:
+        key = (shard_id, sequence)
+        if key not in self.records:
+            record = await self.replayer.stream_record(shard_id, sequence)
+            try:
+                self.records[key] = decode_record(record) if record is not None else None
+            except NotLapRecord as exc:
+                log.error("record %s/%s is not a LAP record: %s", shard_id, sequence, exc)
+                self.records[key] = None
+        events = self.records[key]
+        return events[position] if events is not None and 0 <= position < len(events) else None
 
 
 class Replayer:
@@ -80,26 +101,27 @@ class Replayer:
         if not ids:
             return 0
         wanted = set(ids)
-        records = await (self.from_archive(window, wanted) if source == "archive" else self.from_stream(window, wanted))
-        by_shard: dict[str, list[dict[str, Any]]] = defaultdict(list)
-        for shard, record in records:
-            by_shard[shard].append(record)
+        events = await (self.from_archive(window, wanted) if source == "archive" else self.from_stream(window, wanted))
+        by_shard: dict[str, list[Decoded]] = defaultdict(list)
+        for shard, event in events:
+            by_shard[shard].append(event)
         restored = 0
-        total = len(records)
-        for shard, shard_records in sorted(by_shard.items()):
-            shard_records.sort(key=lambda r: int(r["SequenceNumber"]))
+        total = len(events)
+        for shard, shard_events in sorted(by_shard.items()):
+            shard_events.sort(key=lambda e: (e.sequence, e.position))
             writer = BatchWriter(self.settings, self.pool, self.s3, shard, None, replay=replay_id)
-            result = await writer.process(shard_records)
+            result = await writer.process_events(shard_events[0].sequence, shard_events[-1].sequence,
+                                                 len({e.sequence for e in shard_events}), shard_events)
             restored += result.kept
             self.progress("aggregate", restored, total)
-        missing = len(wanted) - len(records)
+        missing = len(wanted) - len(events)
         if missing:
             log.warning("replay %s: %d of %d ids were not found in the %s", replay_id, missing, len(wanted), source)
         return restored
 
-    async def from_archive(self, window: Window, wanted: set[str]) -> list[tuple[str, dict[str, Any]]]:
-        """Lines of any object (committed or orphaned) under the window's hours, for the wanted ids."""
-        found: dict[str, tuple[str, dict[str, Any]]] = {}
+    async def from_archive(self, window: Window, wanted: set[str]) -> list[tuple[str, Decoded]]:
+        """Events of any object (committed or orphaned) under the window's hours, for the wanted ids."""
+        found: dict[str, tuple[str, Decoded]] = {}
         paginator = self.s3.get_paginator("list_objects_v2")
         hour = hour_of(window.start)
         while hour < window.end:
@@ -110,24 +132,26 @@ class Replayer:
                     for line in await self.read_object(obj["Key"]):
                         meta = line["meta"]
                         if meta["event_id"] in wanted and meta["event_id"] not in found:
-                            shard, seq = meta.pop("shard_id"), meta.pop("sequence_number")
-                            data = orjson.dumps({"meta": meta, "item": line["item"]})
-                            found[meta["event_id"]] = (shard, {"SequenceNumber": seq, "Data": data})
+                            shard, seq = meta.pop("shard_id"), int(meta.pop("sequence_number"))
+                            position = int(meta.pop("position", 0))  # archived before records held many events
+                            found[meta["event_id"]] = (shard, Decoded(seq, position, meta, line["item"],
+                                                                      parse_time(meta["received_at"])))
             hour += timedelta(hours=1)
         return list(found.values())
 
-    async def from_stream(self, window: Window, wanted: set[str]) -> list[tuple[str, dict[str, Any]]]:
-        """Each wanted id's record, read at the shard and sequence number of its first receipt."""
+    async def from_stream(self, window: Window, wanted: set[str]) -> list[tuple[str, Decoded]]:
+        """Each wanted id's event, read at the shard, record and position of its first receipt."""
         async with self.pool.acquire() as conn:
             rows = await conn.fetch(
-                """SELECT DISTINCT ON (event_id) event_id, shard_id, sequence_number FROM receipts
+                """SELECT DISTINCT ON (event_id) event_id, shard_id, sequence_number, position FROM receipts
                     WHERE tenant = $1 AND received_at >= $2 AND received_at < $3 AND event_id = ANY($4)
                     ORDER BY event_id, received_at""", window.tenant, window.start, window.end, list(wanted))
         found = []
+        records = StreamRecords(self)
         for n, row in enumerate(rows, 1):
-            record = await self.stream_record(row["shard_id"], str(row["sequence_number"]))
-            if record is not None:
-                found.append((row["shard_id"], record))
+            event = await records.event(row["shard_id"], str(row["sequence_number"]), row["position"])
+            if event is not None and event.meta["event_id"] == row["event_id"]:
+                found.append((row["shard_id"], event))
             self.progress("read stream", n, len(rows))
         return found
 
@@ -172,21 +196,21 @@ class Replayer:
         return len(lost)
 
     async def rebuild_object(self, tenant: str, obj) -> None:
-        """The same lines as the lost object: the batch's committed records of this tenant and hour."""
+        """The same lines as the lost object: the batch's committed events of this tenant and hour."""
         async with self.pool.acquire() as conn:
             kept = await conn.fetch(
-                """SELECT shard_id, sequence_number FROM seen_events
+                """SELECT shard_id, sequence_number, position FROM seen_events
                     WHERE tenant = $1 AND batch_id = $2 AND date_trunc('hour', received_at, 'UTC') = $3
-                    ORDER BY sequence_number""", tenant, obj["batch_id"], obj["received_hour"])
-        records = []
+                    ORDER BY sequence_number, position""", tenant, obj["batch_id"], obj["received_hour"])
+        records = StreamRecords(self)
+        lines = []
         for row in kept:
-            record = await self.stream_record(row["shard_id"], str(row["sequence_number"]))
-            if record is None:
-                raise ReplayError(f"record {row['sequence_number']} of {obj['key']} is no longer in the stream")
-            records.append(record)
-        decoded, _ = decode(records)
-        body = gzip.compress(b"\n".join(archive_line(r, obj["shard_id"]) for r in decoded) + b"\n",
-                             compresslevel=3, mtime=0)
+            event = await records.event(row["shard_id"], str(row["sequence_number"]), row["position"])
+            if event is None:
+                raise ReplayError(f"event {row['sequence_number']}/{row['position']} of {obj['key']} is no longer "
+                                  "in the stream")
+            lines.append(archive_line(event, obj["shard_id"]))
+        body = gzip.compress(b"\n".join(lines) + b"\n", compresslevel=GZIP_LEVEL, mtime=0)
         await self.s3.put_object(Bucket=self.settings.archive.bucket, Key=obj["key"], Body=body,
                                  ContentType="application/x-ndjson", ContentEncoding="gzip")
 

@@ -27,16 +27,12 @@ from lap.caliper import SUPPORTED_VERSIONS, CaliperError, Envelope, Problem, par
 from lap.health import HEALTH_RESPONSES, CachedHealth, HealthReport, health_reply
 from lap.ingest.limits import RateLimiter, retry_after
 from lap.ingest.quarantine import Quarantine
+from lap.ingest.records import RecordTooLarge, pack
 from lap.settings import Settings, load_settings
 from lap.sinks.store import create_pool
-from lap.stream.producer import (
-    Producer,
-    PutDeadlineExceeded,
-    Record,
-    StreamRejected,
-    partition_key_for,
-)
+from lap.stream.producer import Producer, PutDeadlineExceeded, StreamRejected
 from lap.stream.records_client import RecordsClient
+from lap.stream.shard_map import ShardMapCache
 
 log = logging.getLogger("lap.ingest")
 
@@ -107,6 +103,7 @@ class Deps:
     """What a replica opens once and reuses for every request."""
 
     producer: Producer
+    shards: ShardMapCache
     keys: KeyCache
     limiter: RateLimiter
     receipts: ReceiptWriter
@@ -153,30 +150,14 @@ def check_content_type(value: str | None) -> None:
                   f"Content-Type must be application/json, not {value or 'missing'!r}")
 
 
-def build_records(envelope: Envelope, principal: Principal, received_at: datetime, request_id: str,
-                  max_record_bytes: int) -> list[Record]:
-    """One stream record per event or describe: the item as sent, plus ingest metadata."""
-    received = received_at.isoformat(timespec="microseconds").replace("+00:00", "Z")
-    records: list[Record] = []
-    too_big: list[Problem] = []
-    for item in envelope.items:
-        meta = {
-            "event_id": item.id, "kind": item.kind, "type": item.type, "action": item.action,
-            "tenant": principal.tenant, "sensor": envelope.sensor, "key_id": principal.key_id,
-            "received_at": received, "request_id": request_id, "data_version": envelope.data_version,
-            "learner": item.learner, "course": item.course,
-            "event_time": item.event_time.isoformat().replace("+00:00", "Z") if item.event_time else None,
-        }
-        data = orjson.dumps({"meta": meta, "item": item.doc})
-        record = Record(data=data, partition_key=partition_key_for(item.learner or item.id))
-        if record.size > max_record_bytes:
-            too_big.append(Problem(item.index, f"$.data[{item.index}]",
-                                   f"this item makes a stream record of {record.size} bytes; "
-                                   f"the limit is {max_record_bytes} bytes"))
-        records.append(record)
-    if too_big:
-        raise Refused(413, "Payload Too Large", "an event is over the stream's record size limit", too_big)
-    return records
+def receipt_list(items, packed, receipts) -> list[dict]:
+    """Per event, in the envelope's order: where the stream holds it (record, then position inside it)."""
+    out: list[dict | None] = [None] * len(items)
+    for members, receipt in zip(packed.members, receipts):
+        for position, i in enumerate(members):
+            out[i] = {"event_id": items[i].id, "shard_id": receipt.shard_id,
+                      "sequence_number": receipt.sequence_number, "position": position}
+    return out  # type: ignore[return-value]
 
 
 def _detail(exc: CaliperError) -> str:
@@ -229,6 +210,7 @@ class IngestAPI:
         receipts.start()
         return Deps(
             producer=Producer(kinesis, s.stream.name, s.limits.put_deadline_s),
+            shards=ShardMapCache(lambda: kinesis.list_shards(StreamName=s.stream.name), s.stream.shard_map_ttl_s),
             keys=KeyCache(pool, s.auth.key_cache_ttl_s),
             limiter=RateLimiter(s.limits.requests_per_s),
             receipts=receipts,
@@ -311,10 +293,14 @@ class IngestAPI:
             if principal.sensor and envelope.sensor != principal.sensor:
                 raise unauthorized(f"this key may send only for the sensor {principal.sensor!r}, "
                                    f"not {envelope.sensor!r}")
-            records = build_records(envelope, principal, received_at, request_id,
-                                    self.settings.limits.max_record_bytes)
             try:
-                receipts = await deps.producer.put(records)
+                packed = pack(envelope, principal, received_at, request_id, await deps.shards.get(),
+                              self.settings.limits.max_record_bytes)
+            except RecordTooLarge as exc:
+                raise Refused(413, "Payload Too Large", "an event is over the stream's record size limit",
+                              exc.problems) from None
+            try:
+                receipts = await deps.producer.put(packed.records)
             except PutDeadlineExceeded as exc:
                 log.warning("request %s: %s", request_id, exc)
                 raise Refused(503, "Service Unavailable", "the stream did not acknowledge every event in time; "
@@ -332,16 +318,17 @@ class IngestAPI:
             return problem_response(Refused(503, "Service Unavailable", "LAP could not take this request now; "
                                             "retry later", headers={"Retry-After": "5"}), request_id)
 
-        for item, receipt in zip(envelope.items, receipts):
-            deps.receipts.add(item.id, principal.tenant, envelope.sensor, receipt.shard_id,
-                              receipt.sequence_number, received_at, request_id, item.kind)
-        if receipts:  # Ray's counters refuse an increment of 0
-            metrics.ingest_events().inc(len(receipts))
+        items = envelope.items
+        for members, expected, receipt in zip(packed.members, packed.shard_ids, receipts):
+            if receipt.shard_id != expected:  # shards were split or merged since the map was listed
+                deps.shards.stale()
+            deps.receipts.add_record(principal.tenant, envelope.sensor, received_at, request_id, receipt.shard_id,
+                                     receipt.sequence_number, [(items[i].id, items[i].kind) for i in members])
+        if items:  # Ray's counters refuse an increment of 0
+            metrics.ingest_events().inc(len(items))
         if "return=representation" in request.headers.get("prefer", ""):
-            return Response(orjson.dumps({"request_id": request_id, "receipts": [
-                {"event_id": item.id, "shard_id": r.shard_id, "sequence_number": r.sequence_number}
-                for item, r in zip(envelope.items, receipts)
-            ]}), media_type="application/json")
+            return Response(orjson.dumps({"request_id": request_id, "receipts": receipt_list(items, packed, receipts)}),
+                            media_type="application/json")
         return Response(status_code=200)
 
     @staticmethod

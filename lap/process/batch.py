@@ -32,6 +32,7 @@ import orjson
 from lap import metrics
 from lap.process.aggregate import Aggregates, aggregate_records
 from lap.settings import Settings
+from lap.stream import record_format
 
 log = logging.getLogger("lap.process")
 
@@ -46,11 +47,12 @@ class DedupRace(Exception):
     """An id of this batch was committed elsewhere between the dedup read and the commit."""
 
 
-@dataclass
+@dataclass(slots=True)
 class Decoded:
-    """A stream record with its LAP metadata, plus where the stream put it."""
+    """An event (or describe) with its LAP metadata, plus where the stream put it: record and position."""
 
     sequence: int
+    position: int
     meta: dict[str, Any]
     item: dict[str, Any]
     received_at: datetime
@@ -72,21 +74,35 @@ def parse_time(text: str) -> datetime:
     return moment if moment.tzinfo is not None else moment.replace(tzinfo=timezone.utc)
 
 
+def decode_record(record: dict[str, Any]) -> list[Decoded]:
+    """The events of one stream record (a GetRecords dict), in position order. Raises NotLapRecord."""
+    sequence = int(record["SequenceNumber"])
+    events = record_format.decode(record["Data"])
+    decoded: list[Decoded] = []
+    received_text = None
+    received = None
+    try:
+        for position, (meta, item) in enumerate(events):
+            meta["tenant"], meta["event_id"]  # noqa: B018 - both are required
+            if meta["received_at"] != received_text:  # one per record in format 1: parsed once
+                received_text = meta["received_at"]
+                received = parse_time(received_text)
+            decoded.append(Decoded(sequence, position, meta, item, received))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise record_format.NotLapRecord(f"an event without LAP's metadata: {exc!r}") from None
+    return decoded
+
+
 def decode(records: list[dict[str, Any]]) -> tuple[list[Decoded], int]:
-    """Stream records (GetRecords dicts) as LAP records; the count of those that are not LAP's."""
+    """The events of stream records; the count of records that are not LAP's (logged and skipped)."""
     decoded: list[Decoded] = []
     bad = 0
     for record in records:
         try:
-            doc = orjson.loads(record["Data"])
-            meta, item = doc["meta"], doc["item"]
-            received = parse_time(meta["received_at"])
-            meta["tenant"], meta["event_id"]  # noqa: B018 - both are required
-        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            decoded.extend(decode_record(record))
+        except record_format.NotLapRecord as exc:
             bad += 1
-            log.error("record %s of the stream is not a LAP record; skipped", record.get("SequenceNumber"))
-            continue
-        decoded.append(Decoded(int(record["SequenceNumber"]), meta, item, received))
+            log.error("record %s of the stream is not a LAP record; skipped: %s", record.get("SequenceNumber"), exc)
     return decoded, bad
 
 
@@ -107,7 +123,7 @@ def archive_key(settings: Settings, tenant: str, hour: datetime, shard_id: str, 
 
 
 def archive_line(record: Decoded, shard_id: str) -> bytes:
-    meta = dict(record.meta, shard_id=shard_id, sequence_number=str(record.sequence))
+    meta = dict(record.meta, shard_id=shard_id, sequence_number=str(record.sequence), position=record.position)
     return orjson.dumps({"meta": meta, "item": record.item})
 
 
@@ -133,9 +149,12 @@ class BatchWriter:
 
     async def process(self, records: list[dict[str, Any]]) -> BatchResult:
         """Archive, aggregate and commit one batch of GetRecords records (in stream order)."""
-        first = int(records[0]["SequenceNumber"])
-        last = int(records[-1]["SequenceNumber"])
         decoded, _ = decode(records)  # records that are not LAP's are logged there and skipped
+        return await self.process_events(int(records[0]["SequenceNumber"]), int(records[-1]["SequenceNumber"]),
+                                         len(records), decoded)
+
+    async def process_events(self, first: int, last: int, records: int, decoded: list[Decoded]) -> BatchResult:
+        """The same for events already decoded, from the records `first`..`last` (`records` of them)."""
         for attempt in range(5):
             kept, duplicates = await self.dedup(decoded)
             if self.replay is not None and not kept:
@@ -144,7 +163,7 @@ class BatchWriter:
             aggregates = aggregate_records([{"meta": r.meta, "item": r.item} for r in kept])
             started = time.monotonic()
             try:
-                await self.commit(first, last, len(records), kept, duplicates, keys, aggregates)
+                await self.commit(first, last, records, kept, duplicates, keys, aggregates)
                 metrics.batch_commit_seconds().observe(time.monotonic() - started, tags={"shard": self.shard_id})
             except DedupRace:
                 log.warning("shard %s: an id of batch %s was committed meanwhile; redoing it", self.shard_id, first)
@@ -173,7 +192,7 @@ class BatchWriter:
         window = timedelta(seconds=self.settings.process.dedup_window_s)
         async with self.pool.acquire() as conn:
             rows = await conn.fetch(
-                """SELECT s.tenant, s.event_id, s.received_at, s.shard_id, s.sequence_number
+                """SELECT s.tenant, s.event_id, s.received_at, s.shard_id, s.sequence_number, s.position
                      FROM seen_events s
                      JOIN unnest($1::text[], $2::text[]) AS b(tenant, event_id) USING (tenant, event_id)""",
                 [r.meta["tenant"] for r in unique], [r.meta["event_id"] for r in unique])
@@ -183,7 +202,8 @@ class BatchWriter:
             before = committed.get(record.key)
             if before is None or record.received_at - before["received_at"] >= window:
                 kept.append(record)
-            elif before["shard_id"] == self.shard_id and int(before["sequence_number"]) == record.sequence:
+            elif (before["shard_id"] == self.shard_id and int(before["sequence_number"]) == record.sequence
+                  and before["position"] == record.position):
                 continue  # this very record is committed already (a replay got there first): not a duplicate
             else:
                 duplicates.append(record)
@@ -225,18 +245,21 @@ class BatchWriter:
             if kept:
                 claimed = await conn.fetchval(
                     """WITH claimed AS (
-                         INSERT INTO seen_events AS s (tenant, event_id, received_at, batch_id, shard_id, sequence_number)
-                         SELECT t, e, r, $4, $5, q FROM unnest($1::text[], $2::text[], $3::timestamptz[], $6::numeric[])
-                                AS b(t, e, r, q)
+                         INSERT INTO seen_events AS s (tenant, event_id, received_at, batch_id, shard_id,
+                                                       sequence_number, position)
+                         SELECT t, e, r, $4, $5, q, p
+                           FROM unnest($1::text[], $2::text[], $3::timestamptz[], $6::numeric[], $8::int[])
+                                AS b(t, e, r, q, p)
                          ON CONFLICT (tenant, event_id) DO UPDATE
                             SET received_at = excluded.received_at, batch_id = excluded.batch_id,
-                                shard_id = excluded.shard_id, sequence_number = excluded.sequence_number
+                                shard_id = excluded.shard_id, sequence_number = excluded.sequence_number,
+                                position = excluded.position
                           WHERE s.received_at <= excluded.received_at - $7::interval
                          RETURNING 1)
                        SELECT count(*) FROM claimed""",
                     [r.meta["tenant"] for r in kept], [r.meta["event_id"] for r in kept],
                     [r.received_at for r in kept], batch_id, self.shard_id,
-                    [Decimal(r.sequence) for r in kept], window)
+                    _sequences(kept), window, [r.position for r in kept])
                 if claimed != len(kept):
                     raise DedupRace()
             if keys:
@@ -254,6 +277,17 @@ class BatchWriter:
                       SET sequence_number = $3, lease_expires = now() + $4::interval, updated_at = now()
                     WHERE stream = $1 AND shard_id = $2""",
                 self.stream, self.shard_id, Decimal(last), timedelta(seconds=self.settings.process.lease_ttl_s))
+
+
+def _sequences(kept: list[Decoded]) -> list[Decimal]:
+    """Each event's record sequence number as a Decimal, made once per record (a record holds many events)."""
+    out: list[Decimal] = []
+    last_seq, last_dec = None, None
+    for r in kept:
+        if r.sequence != last_seq:
+            last_seq, last_dec = r.sequence, Decimal(r.sequence)
+        out.append(last_dec)  # type: ignore[arg-type]
+    return out
 
 
 ADD_STAGE_COUNT = """

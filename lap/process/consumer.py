@@ -26,9 +26,10 @@ from botocore.exceptions import ClientError
 from lap import metrics
 from lap.audit.actor import AUDIT_ACTOR, NAMESPACE
 from lap.aws import open_client
-from lap.process.batch import BatchWriter, LeaseLost
+from lap.process.batch import BatchWriter, Decoded, LeaseLost, decode_record
 from lap.settings import Settings, load_settings
 from lap.sinks.store import create_pool
+from lap.stream.record_format import NotLapRecord
 from lap.stream.records_client import RecordsClient
 
 log = logging.getLogger("lap.process")
@@ -154,7 +155,8 @@ class ShardConsumer:
 
     async def _loop(self, pool, reader: ShardReader, writer: BatchWriter, audit, epoch: int) -> str:
         p = self.settings.process
-        pending: list[dict[str, Any]] = []
+        pending: list[tuple[dict[str, Any], list[Decoded]]] = []  # records read, with their events
+        pending_events = 0
         pending_bytes = 0
         first_at = 0.0
         renewed = time.monotonic()
@@ -163,22 +165,37 @@ class ShardConsumer:
             records = [] if reader.closed else await reader.read()
             if records and not pending:
                 first_at = time.monotonic()
-            pending.extend(records)
-            pending_bytes += sum(len(r["Data"]) for r in records)
-            due = pending and (len(pending) >= p.batch_max_records or pending_bytes >= p.batch_max_bytes
+            for record in records:
+                try:
+                    events = decode_record(record)
+                except NotLapRecord as exc:
+                    log.error("shard %s: record %s is not a LAP record; skipped: %s", self.shard_id,
+                              record["SequenceNumber"], exc)
+                    events = []
+                pending.append((record, events))
+                pending_events += len(events)
+                pending_bytes += len(record["Data"])
+            due = pending and (pending_events >= p.batch_max_events or pending_bytes >= p.batch_max_bytes
                                or time.monotonic() - first_at >= p.batch_max_wait_s or reader.closed)
             if due:
-                # a batch never spans more than batch_max_records: cut it there, keep the rest
-                batch, pending = pending[:p.batch_max_records], pending[p.batch_max_records:]
-                pending_bytes = sum(len(r["Data"]) for r in pending)
-                result = await writer.process(batch)
+                # a batch holds whole records, up to batch_max_events (one record may pass it): cut there
+                taken, events = 0, []
+                while taken < len(pending) and (not events or len(events) + len(pending[taken][1]) <= p.batch_max_events):
+                    events.extend(pending[taken][1])
+                    taken += 1
+                batch, pending = pending[:taken], pending[taken:]
+                pending_events -= len(events)
+                pending_bytes = sum(len(r["Data"]) for r, _ in pending)
+                last = batch[-1][0]
+                result = await writer.process_events(int(batch[0][0]["SequenceNumber"]), int(last["SequenceNumber"]),
+                                                     len(batch), events)
                 self.committed_batches += 1
                 renewed = time.monotonic()
                 if pending:
                     first_at = time.monotonic()
                 # behind the tip: what Kinesis says, or the age of the newest record just committed
                 # (kinesalite always says 0 for an open shard)
-                age_ms = int((time.time() - float(batch[-1].get("ApproximateArrivalTimestamp", time.time()))) * 1000)
+                age_ms = int((time.time() - float(last.get("ApproximateArrivalTimestamp", time.time()))) * 1000)
                 report(audit, self.shard_id, result=result, lag_ms=max(reader.lag_ms or 0, age_ms))
                 continue
             if reader.closed and not pending:

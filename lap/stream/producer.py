@@ -36,6 +36,8 @@ _PERMANENT = {"ResourceNotFoundException", "ValidationException", "AccessDeniedE
 class Record:
     data: bytes
     partition_key: str
+    # Set: Kinesis puts the record on the shard whose range holds this hash key, not the partition key's
+    explicit_hash_key: str | None = None
     size: int = field(init=False)  # what Kinesis counts against its limits; read on every batch split
 
     def __post_init__(self) -> None:
@@ -123,7 +125,12 @@ class Producer:
     async def _put_call(self, records: list[Record], batch: list[int],
                         receipts: list[Receipt | None]) -> tuple[list[int], str]:
         """One PutRecords call. Fills `receipts`; returns the indexes to retry and an error text."""
-        entries = [{"Data": records[i].data, "PartitionKey": records[i].partition_key} for i in batch]
+        entries = []
+        for i in batch:
+            entry = {"Data": records[i].data, "PartitionKey": records[i].partition_key}
+            if records[i].explicit_hash_key is not None:
+                entry["ExplicitHashKey"] = records[i].explicit_hash_key
+            entries.append(entry)
         try:
             reply = await self.kinesis.put_records(StreamName=self.stream_name, Records=entries)
         except ClientError as exc:
