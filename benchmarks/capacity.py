@@ -6,9 +6,12 @@ Inputs, each traced to where it comes from:
   shard consumers, Ray's overhead) and of Postgres, and the audit rows' bytes
   per event: the JSON of `benchmarks/ingest.py`, `benchmarks/pipeline.py` and
   `benchmarks/reconcile.py` in benchmarks/results/;
-- the bytes of a stream record and of an archived event (gzip JSON lines):
-  measured here, by running LAP's own record and archive code over
-  `lap.samples` events;
+- the stream's records per event and bytes per event, and the bytes of an
+  archived event (gzip JSON lines): measured here, by running LAP's own record
+  and archive code over `lap.samples` events. A request's events are packed one
+  record per shard they touch (docs/stream-records.md), so the more shards, the
+  fewer events share a record: both are measured at the shard count each rate
+  needs (a few rounds, until the count settles);
 - AWS limits and prices, and the few rates this machine cannot measure
   (OpenSearch on real nodes): ASSUMPTIONS below, each named, to be replaced by
   yours.
@@ -65,6 +68,7 @@ ASSUMPTIONS = {
     "rds_multi_az_factor": 2.0,
     "rds_gp3_usd_per_gb_month": 0.115,
     "dedup_window_days": 7,                   # process.dedup_window_s: receipts and dedup rows kept that long
+    "events_per_envelope": 50,                # what sensors send per POST /caliper: fewer events per record below it
 }
 
 
@@ -76,35 +80,94 @@ def load(name: str) -> dict:
         raise SystemExit(f"{path.relative_to(ROOT)} is missing: run the benchmark that writes it first") from None
 
 
-def measured_sizes(events: int = 5000) -> dict[str, float]:
-    """Bytes of a stream record and of an archived event (gzipped as one batch), through LAP's own code."""
+def _sample(events: int = 5000):
     import orjson
 
-    from lap.auth import Principal
     from lap.caliper import parse_envelope
-    from lap.ingest.app import build_records
-    from lap.process.batch import archive_line, decode
     from lap.samples import EventFactory, envelope
 
-    items = EventFactory(seed=3).events(events)
-    principal = Principal(key_id="k", tenant="capacity", role="sensor", sensor=None)
-    records = []
-    for start in range(0, events, 50):
-        parsed = parse_envelope(orjson.dumps(envelope(items[start:start + 50])))
-        records += build_records(parsed, principal, datetime(2026, 11, 27, tzinfo=UTC), "r", 1_048_576)
-    stream = [{"SequenceNumber": str(n), "Data": r.data} for n, r in enumerate(records)]
+    per = int(ASSUMPTIONS["events_per_envelope"])
+    items = EventFactory(seed=3, learners=100_000, courses=2000).events(events)
+    return [parse_envelope(orjson.dumps(envelope(items[i:i + per]))) for i in range(0, events, per)]
+
+
+_SAMPLE: list = []
+_STREAM_SIZES: dict[int, dict[str, float]] = {}
+
+
+def stream_sizes(shards: int) -> dict[str, float]:
+    """Records per event and bytes per event in the stream when the stream has `shards` shards (LAP's own packing)."""
+    if shards not in _STREAM_SIZES:
+        from lap.auth import Principal
+        from lap.ingest.records import pack
+        from lap.stream.shard_map import ShardMap
+
+        if not _SAMPLE:
+            _SAMPLE.extend(_sample())
+        top = 2**128
+        shard_map = ShardMap([{"ShardId": f"s{i}", "HashKeyRange": {"StartingHashKey": str(i * top // shards)},
+                               "SequenceNumberRange": {}} for i in range(shards)])
+        principal = Principal(key_id="k", tenant="capacity", role="sensor", sensor=None)
+        records = size = events = 0
+        for envelope in _SAMPLE:
+            packed = pack(envelope, principal, datetime(2026, 11, 27, tzinfo=UTC), "r", shard_map, 1_048_576)
+            records += len(packed.records)
+            size += sum(r.size for r in packed.records)
+            events += len(envelope.items)
+        _STREAM_SIZES[shards] = {"records_per_event": records / events, "bytes_per_event": size / events,
+                                 "bytes_per_record": size / records}
+    return _STREAM_SIZES[shards]
+
+
+def measured_sizes() -> dict[str, float]:
+    """Bytes of an archived event (gzipped as one batch) and of one-event records (LAP 0.1), through LAP's code."""
+    from lap.process.batch import archive_line, decode
+    from lap.stream import record_format
+
+    if not _SAMPLE:
+        _SAMPLE.extend(_sample())
+    old_format = [orjson_dumps({"meta": {"event_id": i.id, "tenant": "capacity", "sensor": e.sensor, "key_id": "k",
+                                         "received_at": "2026-11-27T00:00:00.000000Z", "request_id": "r",
+                                         "data_version": e.data_version, "kind": i.kind, "type": i.type,
+                                         "action": i.action, "learner": i.learner, "course": i.course},
+                                "item": i.doc}) for e in _SAMPLE for i in e.items]
+    lines = [record_format.event_line({"event_id": i.id, "kind": i.kind}, i.doc) for e in _SAMPLE for i in e.items]
+    record = record_format.encode({"tenant": "capacity", "received_at": "2026-11-27T00:00:00.000000Z"}, lines[:50])
+    stream = [{"SequenceNumber": "1", "Data": record}]
     decoded, _ = decode(stream)
     archive = gzip.compress(b"\n".join(archive_line(d, "shardId-000000000000") for d in decoded))
-    return {"record_bytes": sum(r.size for r in records) / len(records), "archive_gz_bytes": len(archive) / len(records)}
+    return {"one_event_record_bytes": sum(map(len, old_format)) / len(old_format),
+            "archive_gz_bytes": len(archive) / len(decoded)}
+
+
+def orjson_dumps(value) -> bytes:
+    import orjson
+
+    return orjson.dumps(value)
+
+
+def shards_needed(rate: float, a: dict[str, float]) -> tuple[int, dict[str, float]]:
+    """Shards for `rate`, by Kinesis's record and byte limits, at the packing that shard count gives."""
+    shards = 4
+    for _ in range(8):  # more shards -> fewer events per record -> more records: settle on a fixed point
+        sizes = stream_sizes(shards)
+        records_per_s = rate * sizes["records_per_event"]
+        bytes_per_s = rate * sizes["bytes_per_event"]
+        need = math.ceil(max(records_per_s / a["shard_records_per_s"], bytes_per_s / a["shard_bytes_per_s"])
+                         * a["shard_headroom"])
+        if need == shards:
+            break
+        shards = max(1, need)
+    return shards, stream_sizes(shards)
 
 
 def inputs() -> dict[str, float]:
-    ingest = load("ingest-default.json")
+    ingest = load("ingest.json")
     pipeline = load("pipeline.json")["cpu_s_per_1k_events"]
     reconcile = load("reconcile.json")["bytes_per_event"]
     return {
         # ms of CPU per 1,000 events = µs per event
-        "ingest_cpu_us": ingest["lap"]["cpu_us_per_event"],  # replicas + Serve proxy, ingest alone
+        "ingest_cpu_us": ingest["ingest_cpu_us_per_event"],  # HAProxy + ingest replicas, beside processing
         "consumer_cpu_us": pipeline["shard consumers"] * 1000,
         "ray_cpu_us": pipeline["other (Ray, supervisor)"] * 1000,
         "postgres_cpu_us": pipeline["postgres"] * 1000,
@@ -115,19 +178,20 @@ def inputs() -> dict[str, float]:
 
 def plan(rate: float, m: dict[str, float], a: dict[str, float]) -> dict[str, float]:
     """Everything at `rate` events/s."""
-    per_shard = min(a["shard_records_per_s"], a["shard_bytes_per_s"] / m["record_bytes"])
-    shards = math.ceil(rate / per_shard * a["shard_headroom"])
+    shards, sizes = shards_needed(rate, a)
     node_cpu_us = m["ingest_cpu_us"] + m["consumer_cpu_us"] + m["ray_cpu_us"]
     vcpus = rate * node_cpu_us / 1e6 / a["cpu_utilization_target"]
     workers = max(2, math.ceil(vcpus / a["worker_vcpus"]))
-    units_per_record = math.ceil(m["record_bytes"] / a["put_payload_unit_bytes"])
+    units_per_record = math.ceil(sizes["bytes_per_record"] / a["put_payload_unit_bytes"])
+    records_per_s = rate * sizes["records_per_event"]
     kinesis = (shards * a["shard_usd_per_hour"] * HOURS_PER_MONTH
-               + rate * SECONDS_PER_MONTH * units_per_record / 1e6 * a["put_payload_usd_per_million"])
+               + records_per_s * SECONDS_PER_MONTH * units_per_record / 1e6 * a["put_payload_usd_per_million"])
     archive_gb_month = rate * SECONDS_PER_MONTH * m["archive_gz_bytes"] / 1e9
     s3 = (shards * a["archive_objects_per_shard_per_s"] * SECONDS_PER_MONTH / 1000 * a["s3_put_usd_per_1000"]
           + archive_gb_month * a["s3_standard_usd_per_gb_month"])
     os_nodes = max(2, math.ceil(rate / a["opensearch_docs_per_s_per_data_node"]))
-    os_gb = rate * 86_400 * a["opensearch_index_days"] * m["record_bytes"] * a["opensearch_bytes_per_doc_factor"] / 1e9
+    os_gb = (rate * 86_400 * a["opensearch_index_days"] * m["one_event_record_bytes"]
+             * a["opensearch_bytes_per_doc_factor"] / 1e9)
     opensearch = os_nodes * a["opensearch_node_usd_per_hour"] * HOURS_PER_MONTH + os_gb * a["opensearch_gp3_usd_per_gb_month"]
     pg_vcpus = max(2, math.ceil(rate * m["postgres_cpu_us"] / 1e6 / a["cpu_utilization_target"]))
     pg_gb = rate * 86_400 * a["dedup_window_days"] * m["audit_bytes"] / 1e9
@@ -138,7 +202,8 @@ def plan(rate: float, m: dict[str, float], a: dict[str, float]) -> dict[str, flo
     total = nodes + kinesis + s3 + opensearch + postgres
     billion = rate * SECONDS_PER_MONTH / 1e9
     return {
-        "events_per_s": rate, "shards": shards, "worker_vcpus": round(vcpus, 1), "worker_nodes": workers,
+        "events_per_s": rate, "shards": shards, "events_per_record": round(1 / sizes["records_per_event"], 2),
+        "stream_bytes_per_event": round(sizes["bytes_per_event"]), "worker_vcpus": round(vcpus, 1), "worker_nodes": workers,
         "shards_per_worker_node": round(shards / workers, 1),
         "opensearch_data_nodes": os_nodes, "opensearch_gb": round(os_gb), "postgres_vcpus": pg_vcpus,
         "postgres_instances": pg_instances, "postgres_audit_gb": round(pg_gb), "archive_gb_per_month": round(archive_gb_month),
@@ -157,25 +222,27 @@ def main() -> int:
     m = inputs()
     a = ASSUMPTIONS
     plans = [plan(rate, m, a) for rate in args.rates]
-    per_shard = min(a["shard_records_per_s"], a["shard_bytes_per_s"] / m["record_bytes"])
     node_cpu_us = m["ingest_cpu_us"] + m["consumer_cpu_us"] + m["ray_cpu_us"]
 
     print("Measured inputs (benchmarks/results/*.json, and sizes measured by this script):\n")
     print("| input | value |\n|---|---:|")
     for name, value in m.items():
         print(f"| {name} | {value:,.1f} |")
-    print(f"\nPer shard: {per_shard:,.0f} events/s (Kinesis write limit at {m['record_bytes']:,.0f} B/record). "
-          f"One consumer per shard needs {per_shard * m['consumer_cpu_us'] / 1e6:.2f} vCPU at that rate; "
-          f"one {a['worker_vcpus']}-vCPU node at {a['cpu_utilization_target']:.0%} carries "
+    print("\nThe stream, by shard count (50-event envelopes, one record per shard a request touches):\n")
+    print("| shards | events per record | bytes per record | stream bytes per event |\n|---:|---:|---:|---:|")
+    for shards in sorted(set([4, 64, 1024] + [p["shards"] for p in plans])):
+        z = stream_sizes(shards)
+        print(f"| {shards:,} | {1 / z['records_per_event']:.2f} | {z['bytes_per_record']:,.0f} "
+              f"| {z['bytes_per_event']:,.0f} |")
+    print(f"\nOne {a['worker_vcpus']}-vCPU node at {a['cpu_utilization_target']:.0%} carries "
           f"{a['worker_vcpus'] * a['cpu_utilization_target'] * 1e6 / node_cpu_us:,.0f} events/s of ingest + "
-          f"processing, or the consumers of "
-          f"{a['worker_vcpus'] * a['cpu_utilization_target'] * 1e6 / (m['consumer_cpu_us'] + m['ray_cpu_us']) / per_shard:,.0f}"
-          " full shards alone.\n")
-    print("| events/s | shards | worker vCPUs | worker nodes | OpenSearch data nodes | Postgres vCPUs (instances) "
-          "| audit rows in Postgres (GB) | archive GB/month |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "processing.\n")
+    print("| events/s | shards | events per record | worker vCPUs | worker nodes | OpenSearch data nodes "
+          "| Postgres vCPUs (instances) | audit rows in Postgres (GB) | archive GB/month |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for p in plans:
-        print(f"| {p['events_per_s']:,.0f} | {p['shards']:,} | {p['worker_vcpus']:,} | {p['worker_nodes']:,} "
+        print(f"| {p['events_per_s']:,.0f} | {p['shards']:,} | {p['events_per_record']} | {p['worker_vcpus']:,} "
+              f"| {p['worker_nodes']:,} "
               f"| {p['opensearch_data_nodes']:,} | {p['postgres_vcpus']:,} ({p['postgres_instances']}) "
               f"| {p['postgres_audit_gb']:,} | {p['archive_gb_per_month']:,} |")
     print("\n| events/s | Ray nodes | Kinesis | S3 | OpenSearch | Postgres | total $/month | $ per billion events |")
@@ -186,7 +253,8 @@ def main() -> int:
               f"| {c['postgres']:,} | {c['total']:,} | {p['usd_per_billion_events']:,} |")
 
     write_report(args.json, {"benchmark": "capacity", "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                             "machine": machine(), "measured": m, "assumptions": a, "plans": plans})
+                             "machine": machine(), "measured": m, "assumptions": a, "plans": plans,
+                             "stream_by_shards": {str(k): v for k, v in sorted(_STREAM_SIZES.items())}})
     return 0
 
 

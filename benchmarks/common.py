@@ -28,12 +28,12 @@ def free_ports(count: int) -> list[int]:
 def write_private_config(folder: Path, **extra: dict) -> Path:
     """A config for a LAP of the benchmark's own, in `folder`, on free ports; `extra` adds to its sections."""
     folder.chmod(0o755)  # Postgres runs as an unprivileged user when we are root
-    ports = free_ports(9)
+    ports = free_ports(10)
     config = {
         "data_dir": str(folder / "data"),
         "local": dict(zip(("postgres_port", "kinesis_port", "s3_port", "opensearch_port"), ports)),
         "ray": {"http_port": ports[4], "dashboard_port": ports[5], "haproxy_stats_port": ports[6],
-                "haproxy_metrics_port": ports[7], "metrics_port": ports[8]},
+                "haproxy_metrics_port": ports[7], "metrics_port": ports[8], "fallback_proxy_port": ports[9]},
     }
     for section, values in extra.items():
         config.setdefault(section, {}).update(values)

@@ -57,6 +57,11 @@ def throughput_env(settings: Settings) -> dict[str, str]:
         "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(folder / "server-state"),
         "RAY_SERVE_HAPROXY_STATS_PORT": str(settings.ray.haproxy_stats_port),
         "RAY_SERVE_HAPROXY_METRICS_PORT": str(settings.ray.haproxy_metrics_port),
+        "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(settings.ray.fallback_proxy_port),
+        # Serve's per-request HAProxy log lines, parsed into request metrics: LAP counts its own (lap/metrics.py)
+        "RAY_SERVE_HAPROXY_METRICS_ENABLED": "0",
+        # One HAProxy thread takes far more than one machine's ingest; Serve's default of 4 only adds wake-ups
+        "RAY_SERVE_HAPROXY_NBTHREAD": "1",
     }
 
 
@@ -181,6 +186,10 @@ def check_ports_free(settings: Settings) -> None:
     if not settings.ray.address:
         ports["ray.dashboard_port"] = settings.ray.dashboard_port
         ports["ray.metrics_port"] = settings.ray.metrics_port
+        if settings.ray.throughput_mode:
+            ports["ray.haproxy_stats_port"] = settings.ray.haproxy_stats_port
+            ports["ray.haproxy_metrics_port"] = settings.ray.haproxy_metrics_port
+            ports["ray.fallback_proxy_port"] = settings.ray.fallback_proxy_port
     for name, port in ports.items():
         if port_is_open("127.0.0.1", port):
             raise RunError(f"port {port} ({name}) on 127.0.0.1 is already in use; stop what listens there "
@@ -197,12 +206,15 @@ def ray_address() -> str:
 def start_ray(settings: Settings) -> None:
     import ray
 
-    if settings.ray.throughput_mode:
-        os.environ.update(throughput_env(settings))
     common: dict[str, Any] = {"log_to_driver": False, "logging_level": logging.WARNING, "namespace": "lap"}
-    if settings.ray.address:
+    if settings.ray.address:  # a running cluster's Serve took its mode from its own nodes' environment
         ray.init(address=settings.ray.address, **common)
         return
+    if settings.ray.throughput_mode:
+        os.environ.update(throughput_env(settings))
+    # Ray starts its workers at nice 15, below the stand-ins; the ingest replicas must not wait behind them.
+    # The processing actors make themselves background work instead (process.background_cpu).
+    os.environ.setdefault("RAY_worker_niceness", "0")
     ray.init(
         address="local",
         num_cpus=settings.ray.num_cpus,

@@ -53,6 +53,10 @@ class StreamSettings(Section):
     endpoint_url: str | None = None
     # Ingest lists the open shards again this often (and at once when a reply shows a split or merge)
     shard_map_ttl_s: float = Field(60.0, gt=0)
+    # Per ingest replica: a PutRecords call starts at most every put_linger_s (requests that arrive meanwhile
+    # share it), with at most put_calls_in_flight calls at a time. Kinesis and its stand-in pay per call.
+    put_linger_s: float = Field(0.025, ge=0, le=1)
+    put_calls_in_flight: int = Field(2, ge=1, le=64)
 
 
 class ArchiveSettings(Section):
@@ -102,7 +106,9 @@ class ProcessSettings(Section):
                                   "(a batch holds whole stream records: one record's events may pass it)")
     batch_max_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="stream bytes per batch at most")
     batch_max_wait_s: float = Field(1.0, gt=0, description="a batch commits at the latest this long after its first record")
-    get_records_limit: int = Field(2000, ge=1, le=10_000, description="records per GetRecords call (Kinesis: 10,000)")
+    # A record holds a request's events for one shard (~12 KB before compression at 50 events a request): 200 a
+    # call keep each reply near 1-2 MB, so one catching-up read never holds the stream stand-in for long
+    get_records_limit: int = Field(200, ge=1, le=10_000, description="records per GetRecords call (Kinesis: 10,000)")
     idle_poll_s: float = Field(0.25, gt=0, description="first wait after an empty read; doubles up to max_poll_s")
     max_poll_s: float = Field(2.0, gt=0)
     dedup_window_s: float = Field(7 * 86400, gt=0, description="an event id seen again within this is a duplicate")
@@ -114,6 +120,10 @@ class ProcessSettings(Section):
     orphan_grace_s: float = Field(3600.0, ge=0, description="an archive object with no manifest is removed after this")
     sweep_interval_s: float = Field(600.0, gt=0)
     audit_flush_s: float = Field(2.0, gt=0, description="how often the audit actor writes shard status")
+    # The shard consumers, the index writer, the local archive and index stand-ins and their Postgres work run as
+    # background CPU work (Linux SCHED_IDLE): on a machine they share with ingest, a burst slows them (they catch
+    # up from the stream), not the sensors' answers. Off: they compete with ingest as equals.
+    background_cpu: bool = True
     actor_num_cpus: float = Field(0.0, ge=0, description="Ray CPUs reserved per processing actor; 0: they mostly "
                                   "wait on I/O, and a reservation per shard would cap the shard count per node")
 
@@ -129,11 +139,15 @@ class RaySettings(Section):
     metrics_port: int = Field(8090, ge=1, le=65535)
     http_host: str = "127.0.0.1"
     http_port: int = Field(8000, ge=1, le=65535)
-    # HAProxy in front of the replicas: ~3x less CPU per request (DESIGN.md).
-    throughput_mode: bool = False
-    # HAProxy's own stats and metrics ports (throughput mode only). They bind all interfaces.
+    # Serve's high-throughput mode: HAProxy in front of the replicas, each replica its own HTTP server
+    # (docs/decisions.md, "Ingest"). `lap up` applies it; a cluster sets it in cluster.yaml.
+    throughput_mode: bool = True
+    # Ports throughput mode opens besides http_port (README, "Ports"). Ray binds HAProxy's stats and metrics
+    # ports on every interface, whatever http_host says: keep them closed to the outside (firewall, security group).
     haproxy_stats_port: int = Field(8404, ge=1, le=65535)
     haproxy_metrics_port: int = Field(9101, ge=1, le=65535)
+    # Serve's own proxy, which HAProxy falls back on while no replica is up (127.0.0.1 in local mode)
+    fallback_proxy_port: int = Field(8500, ge=1, le=65535)
     serve_config: Path = REPO_DIR / "serve_config.yaml"
     # `lap up` on one machine caps the ingest autoscaling of serve_config.yaml at this many replicas:
     # on 2 cores a third replica only competes for the same cores (docs/decisions.md)

@@ -41,14 +41,15 @@ def write_config(folder: Path, **extra) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     folder.chmod(0o755)  # Postgres runs as an unprivileged user when we are root
     ports: list[int] = []
-    while len(ports) < 7:  # the kernel may hand out a port again once its socket is closed
+    while len(ports) < 10:  # the kernel may hand out a port again once its socket is closed
         port = free_port()
         if port not in ports:
             ports.append(port)
     config = {
         "data_dir": str(folder / "data"),
         "local": dict(zip(("postgres_port", "kinesis_port", "s3_port", "opensearch_port"), ports)),
-        "ray": {"http_port": ports[4], "dashboard_port": ports[5], "metrics_port": ports[6]},
+        "ray": {"http_port": ports[4], "dashboard_port": ports[5], "metrics_port": ports[6],
+                "haproxy_stats_port": ports[7], "haproxy_metrics_port": ports[8], "fallback_proxy_port": ports[9]},
     }
     for section, values in extra.items():
         config.setdefault(section, {}).update(values)
@@ -78,7 +79,8 @@ def listening_ports(settings: Settings) -> list[int]:
     stand_ins = {"postgres": settings.local.postgres_port, "kinesis": settings.local.kinesis_port,
                  "s3": settings.local.s3_port, "opensearch": settings.local.opensearch_port}
     ports = [stand_ins[name] for name in settings.local_services()]
-    ports += [settings.ray.http_port, settings.ray.dashboard_port, settings.ray.metrics_port]
+    ports += [settings.ray.http_port, settings.ray.dashboard_port, settings.ray.metrics_port,
+              settings.ray.haproxy_stats_port, settings.ray.haproxy_metrics_port, settings.ray.fallback_proxy_port]
     open_ = []
     for port in ports:
         with socket.socket() as sock:

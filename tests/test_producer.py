@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from contextlib import AsyncExitStack
@@ -123,3 +124,40 @@ async def test_deadline_passes_when_the_stream_keeps_refusing(proxied):
         await producer.put([Record(b"never-" + uuid.uuid4().hex.encode(), "k"), Record(b"fine", "j")])
     assert caught.value.pending == 1
     assert time.monotonic() - started < 2.0
+
+
+async def test_concurrent_puts_share_calls_and_each_gets_its_own_receipts(proxied, settings):
+    """Requests that arrive while a call is due share the next PutRecords call (CoalescedPuts)."""
+    from lap.stream.producer import CoalescedPuts
+
+    producer, proxy, direct = proxied
+    coalesced = CoalescedPuts(producer.kinesis, max_in_flight=1, linger_s=0.05)
+    producer.kinesis = coalesced
+    marker = uuid.uuid4().hex.encode()
+    requests = [[Record(marker + f":{r}:{i}".encode(), f"learner-{r}-{i}") for i in range(4)] for r in range(40)]
+    started = time.monotonic()
+    receipts = await asyncio.gather(*(producer.put(records) for records in requests))
+    assert time.monotonic() - started < 2.0
+    assert coalesced.puts == 40 and coalesced.calls <= 3, (coalesced.calls, proxy.put_calls)
+    for records, got in zip(requests[::9], receipts[::9]):  # each caller's receipts point at its own records
+        for record, receipt in zip(records, got):
+            assert await _stream_data_at(direct, settings.stream.name, receipt.shard_id,
+                                         receipt.sequence_number) == record.data
+    assert await _count_in_stream(direct, settings.stream.name, marker) == 160
+
+    # a lone put on a quiet producer goes out at once, not after the linger
+    await asyncio.sleep(0.1)
+    started = time.monotonic()
+    await producer.put([Record(marker + b":alone", "k")])
+    assert time.monotonic() - started < 0.05
+
+
+async def test_a_failed_shared_call_is_retried_by_each_caller(proxied):
+    from lap.stream.producer import CoalescedPuts
+
+    producer, proxy, _ = proxied
+    producer.kinesis = CoalescedPuts(producer.kinesis, max_in_flight=1, linger_s=0.05)
+    proxy.fail_call = lambda call: call == 1  # the shared call fails as a whole
+    results = await asyncio.gather(*(producer.put([Record(uuid.uuid4().hex.encode(), f"k{i}")]) for i in range(10)))
+    assert all(len(r) == 1 and r[0].sequence_number for r in results)
+    assert proxy.put_calls >= 2

@@ -74,6 +74,61 @@ def test_stand_ins_listen_on_loopback_only(lap_up):
     assert api and {c.laddr.ip for c in api} == {"127.0.0.1"}
 
 
+def test_ports_of_throughput_mode_are_the_configured_ones(lap_up):
+    """HAProxy answers on the API port (loopback); its stats, metrics and Serve's fallback proxy use the ports
+    the settings give, so that two LAPs on one machine never collide (README, "Ports")."""
+    ray_settings = lap_up.settings.ray
+    listening = {c.laddr.port: c for c in psutil.net_connections("inet") if c.status == psutil.CONN_LISTEN}
+    for port in (ray_settings.http_port, ray_settings.haproxy_stats_port, ray_settings.haproxy_metrics_port,
+                 ray_settings.fallback_proxy_port):
+        assert port in listening, f"nothing listens on {port}"
+    assert psutil.Process(listening[ray_settings.http_port].pid).name() == "haproxy"
+    assert listening[ray_settings.fallback_proxy_port].laddr.ip == "127.0.0.1"
+
+
+def _policies(pid: int) -> set[int]:
+    """The scheduling policy of every thread of a process."""
+    out = set()
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            out.add(os.sched_getscheduler(int(tid)))
+        except ProcessLookupError:
+            pass
+    return out
+
+
+def _pids(lap_up, fragment: str) -> list[int]:
+    found = []
+    for proc in psutil.Process(lap_up.pid).children(recursive=True):
+        try:
+            if fragment in " ".join(proc.cmdline()):
+                found.append(proc.pid)
+        except psutil.Error:
+            pass
+    return found
+
+
+async def test_the_processing_side_is_background_cpu_work(lap_up, db):
+    """Consumers, the index writer, the archive and index stand-ins and the consumers' Postgres backends run
+    as SCHED_IDLE; ingest, the stream stand-in and Postgres itself do not (process.background_cpu)."""
+    stand_ins = {name: info["pid"] for name, info in lap_up.state["stand_ins"].items()}
+    for name in ("opensearch", "s3"):
+        assert _policies(stand_ins[name]) == {os.SCHED_IDLE}, name
+    for name in ("kinesis", "postgres"):
+        assert os.SCHED_IDLE not in _policies(stand_ins[name]), name
+    consumers, writers = _pids(lap_up, "ray::ShardConsumer"), _pids(lap_up, "ray::IndexWriter")
+    replicas = _pids(lap_up, "ray::ServeReplica:ingest")
+    assert consumers and writers and replicas
+    for pid in consumers + writers:
+        assert _policies(pid) == {os.SCHED_IDLE}, pid
+    for pid in replicas:
+        assert os.SCHED_IDLE not in _policies(pid), pid
+    backends = await db.fetch("SELECT pid, application_name, backend_type FROM pg_stat_activity "
+                              "WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()")
+    idle = [r["pid"] for r in backends if os.sched_getscheduler(r["pid"]) == os.SCHED_IDLE]
+    assert idle and len(idle) < len(backends)  # the consumers' and index writer's, not ingest's or this test's
+
+
 def test_second_up_on_the_same_data_is_refused(lap_up):
     result = run_lap("up", config=lap_up.config, check=False, timeout=60)
     assert result.returncode == 1

@@ -7,6 +7,7 @@ index and JSON path; refused envelopes (400, 413, 422) go to the quarantine.
 
 
 import asyncio
+import gc
 import logging
 import uuid
 import zlib
@@ -30,7 +31,7 @@ from lap.ingest.quarantine import Quarantine
 from lap.ingest.records import RecordTooLarge, pack
 from lap.settings import Settings, load_settings
 from lap.sinks.store import create_pool
-from lap.stream.producer import Producer, PutDeadlineExceeded, StreamRejected
+from lap.stream.producer import CoalescedPuts, Producer, PutDeadlineExceeded, StreamRejected
 from lap.stream.records_client import RecordsClient
 from lap.stream.shard_map import ShardMapCache
 
@@ -182,6 +183,10 @@ def _sensor_of(body: bytes) -> str | None:
 class IngestAPI:
     def __init__(self) -> None:
         self.settings: Settings = load_settings()
+        # A request makes thousands of small objects that live until its answer. With Python's default first
+        # threshold (700) they are scanned by a collection or two before they die, and then again in the older
+        # generations: measured ~10% of a replica's CPU. Serve already froze the objects of start-up.
+        gc.set_threshold(20_000, 50, 100)
         self.health = CachedHealth(self.settings)
         self._deps: Deps | None = None
         self._deps_lock = asyncio.Lock()
@@ -209,7 +214,8 @@ class IngestAPI:
         receipts = ReceiptWriter(pool)
         receipts.start()
         return Deps(
-            producer=Producer(kinesis, s.stream.name, s.limits.put_deadline_s),
+            producer=Producer(CoalescedPuts(kinesis, s.stream.put_calls_in_flight, s.stream.put_linger_s),
+                              s.stream.name, s.limits.put_deadline_s),
             shards=ShardMapCache(lambda: kinesis.list_shards(StreamName=s.stream.name), s.stream.shard_map_ttl_s),
             keys=KeyCache(pool, s.auth.key_cache_ttl_s),
             limiter=RateLimiter(s.limits.requests_per_s),

@@ -33,13 +33,15 @@ _libc = ctypes.CDLL("libc.so.6", use_errno=True)  # looked up here: the child mu
 _prctl = _libc.prctl
 
 
-def _child_setup(death_signal: int, parent_pid: int) -> Callable[[], None]:
+def _child_setup(death_signal: int, parent_pid: int, background: bool = False) -> Callable[[], None]:
     # Runs in the forked child after Popen has changed the user (user=/group=), which
     # matters: a credential change would clear the death signal.
     def setup() -> None:
         _prctl(_PR_SET_PDEATHSIG, death_signal, 0, 0, 0)
         if os.getppid() != parent_pid:  # the parent died before prctl took effect
             os._exit(1)
+        if background:  # before exec, while the child has one thread: every thread of the program inherits it
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
 
     return setup
 
@@ -73,6 +75,7 @@ class ManagedProcess:
     run_as: str | None = None  # a system user name, used only when we are root
     env: dict[str, str] | None = None
     max_restarts: int = 5
+    background: bool = False  # background CPU work (SCHED_IDLE): a stand-in the processing side uses
     proc: subprocess.Popen | None = None
     restarts: deque = field(default_factory=deque)
 
@@ -99,8 +102,11 @@ class ManagedProcess:
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
-                start_new_session=True,
-                preexec_fn=_child_setup(self.stop_signal, os.getpid()),
+                # Its own process group (a Ctrl-C in the terminal reaches only `lap up`, which stops everything
+                # in order), but the supervisor's session: where the kernel shares CPU between sessions first
+                # (autogroups), all of LAP is one session, inside which background work yields to the rest.
+                process_group=0,
+                preexec_fn=_child_setup(self.stop_signal, os.getpid(), self.background),
                 env={**os.environ, **(self.env or {})},
                 **ids,
             )

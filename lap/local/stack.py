@@ -166,6 +166,7 @@ class LocalStack:
             log_file=self._log("s3"),
             ready=lambda: True,
             max_restarts=local.max_restarts,
+            background=self.settings.process.background_cpu,  # the archive: consumers and replay (quarantine, rarely)
         )
 
     def _opensearch(self) -> ManagedProcess:
@@ -179,6 +180,7 @@ class LocalStack:
             log_file=self._log("opensearch"),
             ready=lambda: True,
             max_restarts=local.max_restarts,
+            background=self.settings.process.background_cpu,  # the index writer, and searches
         )
 
     # --- lifecycle ------------------------------------------------------------

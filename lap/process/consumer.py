@@ -27,6 +27,7 @@ from lap import metrics
 from lap.audit.actor import AUDIT_ACTOR, NAMESPACE
 from lap.aws import open_client
 from lap.process.batch import BatchWriter, Decoded, LeaseLost, decode_record
+from lap.process import run_in_background
 from lap.settings import Settings, load_settings
 from lap.sinks.store import create_pool
 from lap.stream.record_format import NotLapRecord
@@ -111,6 +112,8 @@ class ShardConsumer:
     def __init__(self, shard_id: str):
         self.shard_id = shard_id
         self.settings = load_settings()
+        if self.settings.process.background_cpu:
+            run_in_background()
         self.owner = f"consumer-{shard_id}"
         self._task: asyncio.Task | None = None
         self.committed_batches = 0
@@ -128,7 +131,7 @@ class ShardConsumer:
     async def _run(self) -> str:
         s = self.settings
         async with AsyncExitStack() as stack:
-            pool = await create_pool(s)
+            pool = await create_pool(s, background=True)
             stack.push_async_callback(pool.close)
             kinesis = await open_client(stack, s, "kinesis")
             s3 = await open_client(stack, s, "s3")

@@ -26,6 +26,7 @@ from lap import metrics
 from lap.audit.actor import AUDIT_ACTOR, NAMESPACE
 from lap.aws import open_client
 from lap.process.batch import ADD_STAGE_COUNT, minute_of, parse_time
+from lap.process import run_in_background
 from lap.settings import Settings, load_settings
 from lap.sinks.index import index_name, open_opensearch
 from lap.sinks.store import create_pool
@@ -72,6 +73,8 @@ class CursorMoved(Exception):
 class IndexWriter:
     def __init__(self) -> None:
         self.settings = load_settings()
+        if self.settings.process.background_cpu:
+            run_in_background()
         self._task: asyncio.Task | None = None
 
     async def run(self) -> None:
@@ -82,7 +85,7 @@ class IndexWriter:
     async def _run(self) -> None:
         s = self.settings
         async with AsyncExitStack() as stack:
-            self.pool = await create_pool(s)
+            self.pool = await create_pool(s, background=True)
             stack.push_async_callback(self.pool.close)
             self.s3 = await open_client(stack, s, "s3")
             self.search = open_opensearch(s)

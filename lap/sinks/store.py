@@ -8,6 +8,7 @@ race. An applied file must never change: its checksum is kept and checked.
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,15 +58,39 @@ async def connect(settings: Settings, database: str | None = None) -> asyncpg.Co
     )
 
 
-async def create_pool(settings: Settings) -> asyncpg.Pool:
+async def create_pool(settings: Settings, background: bool = False) -> asyncpg.Pool:
+    """A pool of connections; `background`: the processing side's, whose work in a local Postgres waits behind
+    ingest's (`process.background_cpu`)."""
     assert settings.db.dsn is not None
+    lower = background and settings.process.background_cpu and "postgres" in settings.local_services()
     return await asyncpg.create_pool(
         settings.db.dsn.get_secret_value(),
         min_size=settings.db.pool_min,
         max_size=settings.db.pool_max,
         timeout=settings.db.connect_timeout_s,
         command_timeout=settings.db.command_timeout_s,
+        init=background_backend if lower else None,
     )
+
+
+async def background_backend(conn: asyncpg.Connection) -> None:
+    """Run this connection's backend process of the local Postgres as background CPU work.
+
+    Each Postgres backend leads a session of its own, and where the kernel
+    shares the CPU between sessions first (autogroups), each busy backend would
+    get as much as all of LAP's other processes together: its session gets the
+    lowest weight too. It needs the rights over that process that `lap up` has
+    (the same user, or root).
+    """
+    from lap.process import run_in_background
+
+    pid = await conn.fetchval("SELECT pg_backend_pid()")
+    if run_in_background(pid, whole_process=False):
+        try:
+            with open(f"/proc/{pid}/autogroup", "w") as group:
+                group.write("19")
+        except OSError:  # no autogroups on this kernel
+            pass
 
 
 async def ensure_database(settings: Settings) -> None:
