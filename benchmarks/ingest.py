@@ -20,9 +20,10 @@ Where LAP runs on this machine (its own, or `make run`: the settings of
 1. CPU per event from /proc, per process kind: the Serve proxy or HAProxy and
    the ingest replicas (LAP's ingest), the Kinesis stand-in, the load
    generator itself, and everything else (the shard consumers, Postgres, ...);
-2. the stand-in's raw PutRecords ceiling, before the load: one event per record
-   (LAP 0.1's format, 500 records a call) and LAP's records (format 1, the
-   records of one envelope a call, as ingest sends them).
+2. the stand-in's raw PutRecords ceiling, before the load, into a stream of
+   its own that LAP does not consume: one event per record (LAP 0.1's format,
+   500 records a call) and LAP's records (format 1, the records of one
+   envelope a call, as a quiet ingest replica sends them).
 
 It prints a table and writes JSON (--json).
 """
@@ -146,61 +147,85 @@ def load_process(url: str, token: str, rate: float, seconds: float, connections:
 
 
 async def raw_ceilings(settings, seconds: float, per: int, kinesis_proc: psutil.Process | None) -> dict:
-    """PutRecords straight to the stand-in: one event per record, then LAP's records; events/s and its CPU."""
+    """PutRecords straight to the stand-in: one event per record, then LAP's records; events/s and its CPU.
+
+    Into a stream of its own (as many shards as LAP's, deleted afterwards), so that LAP's consumers neither
+    read nor process these records: the figure is the stand-in's own ceiling for writes.
+    """
+    from contextlib import AsyncExitStack
+
     from lap.auth import Principal
+    from lap.aws import open_client
     from lap.caliper import parse_envelope
     from lap.ingest.records import pack
+    from lap.stream.kinesis import ensure_stream
     from lap.stream.producer import partition_key_for
     from lap.stream.records_client import RecordsClient
     from lap.stream.shard_map import ShardMap
 
+    name = f"{settings.stream.name}-bench-raw-{uuid.uuid4().hex[:6]}"
+    async with AsyncExitStack() as stack:
+        kinesis = await open_client(stack, settings, "kinesis")
+        shard_count = len([s for s in (await kinesis.list_shards(StreamName=settings.stream.name))["Shards"]
+                           if "EndingSequenceNumber" not in s["SequenceNumberRange"]])
+        raw_settings = settings.model_copy(update={"stream": settings.stream.model_copy(
+            update={"name": name, "shards": shard_count})})
+        await ensure_stream(kinesis, raw_settings)
+        client = RecordsClient(raw_settings)  # the same lean client as the ingest API
+        try:
+            return await _measure_raw(client, name, seconds, per, kinesis_proc, pack, parse_envelope, Principal,
+                                      partition_key_for, ShardMap)
+        finally:
+            await client.close()
+            await kinesis.delete_stream(StreamName=name)
+
+
+async def _measure_raw(client, stream: str, seconds: float, per: int, kinesis_proc, pack, parse_envelope, Principal,
+                       partition_key_for, ShardMap) -> dict:
     bodies = Bodies(per, seed=2)
-    client = RecordsClient(settings)  # the same lean client as the ingest API
-    try:
-        shards = ShardMap(await client.list_shards(StreamName=settings.stream.name))
-        principal = Principal("bench", "bench", "sensor", None)
-        # Built before the clock starts, so that only the stream's own cost is measured.
-        one_per_record, lap_calls = [], []
-        for _ in range(16):
-            calls_events = []
-            while len(calls_events) < 500:
-                parsed = parse_envelope(bodies.next())
-                packed = pack(parsed, principal, datetime.now(timezone.utc), uuid.uuid4().hex, shards, 1024 * 1024)
-                lap_calls.append(([{"Data": r.data, "PartitionKey": r.partition_key,
-                                    "ExplicitHashKey": r.explicit_hash_key} for r in packed.records], len(parsed.items)))
-                for item in parsed.items:
-                    meta = {"event_id": item.id, "tenant": "bench", "learner": item.learner}
-                    calls_events.append({"Data": orjson.dumps({"meta": meta, "item": item.doc}),
-                                         "PartitionKey": partition_key_for(item.learner or item.id)})
-            one_per_record.append((calls_events[:500], 500))
+    shards = ShardMap(await client.list_shards(StreamName=stream))
+    principal = Principal("bench", "bench", "sensor", None)
+    # Built before the clock starts, so that only the stream's own cost is measured.
+    one_per_record, lap_calls = [], []
+    for _ in range(16):
+        call_events = []
+        while len(call_events) < 500:
+            parsed = parse_envelope(bodies.next())
+            packed = pack(parsed, principal, datetime.now(timezone.utc), uuid.uuid4().hex, shards, 1024 * 1024)
+            lap_calls.append(([{"Data": r.data, "PartitionKey": r.partition_key,
+                                "ExplicitHashKey": r.explicit_hash_key} for r in packed.records], len(parsed.items)))
+            for item in parsed.items:
+                meta = {"event_id": item.id, "tenant": "bench", "learner": item.learner}
+                call_events.append({"Data": orjson.dumps({"meta": meta, "item": item.doc}),
+                                    "PartitionKey": partition_key_for(item.learner or item.id)})
+        one_per_record.append((call_events[:500], 500))
 
-        async def measure(calls: list[tuple[list[dict], int]], concurrency: int) -> dict:
-            deadline = time.monotonic() + seconds
-            events = records = 0
-            n = 0
+    async def measure(calls: list[tuple[list[dict], int]], concurrency: int) -> dict:
+        deadline = time.monotonic() + seconds
+        events = records = 0
+        n = 0
 
-            async def worker():
-                nonlocal events, records, n
-                while time.monotonic() < deadline:
-                    n += 1
-                    entries, count = calls[n % len(calls)]
-                    reply = await client.put_records(StreamName=settings.stream.name, Records=entries)
-                    if reply["FailedRecordCount"] == 0:
-                        events += count
-                        records += len(entries)
+        async def worker():
+            nonlocal events, records, n
+            while time.monotonic() < deadline:
+                n += 1
+                entries, count = calls[n % len(calls)]
+                reply = await client.put_records(StreamName=stream, Records=entries)
+                if reply["FailedRecordCount"] == 0:
+                    events += count
+                    records += len(entries)
 
-            cpu_before = _cpu(kinesis_proc)
-            started = time.monotonic()
-            await asyncio.gather(*(worker() for _ in range(concurrency)))
-            elapsed = time.monotonic() - started
-            cpu = _cpu(kinesis_proc) - cpu_before
-            return {"events_per_s": round(events / elapsed), "records_per_s": round(records / elapsed),
-                    "kinesis_cpu_us_per_event": round(cpu / events * 1e6, 1) if events and kinesis_proc else None}
+        cpu_before = _cpu(kinesis_proc)
+        started = time.monotonic()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        elapsed = time.monotonic() - started
+        cpu = _cpu(kinesis_proc) - cpu_before
+        return {"events_per_s": round(events / elapsed), "records_per_s": round(records / elapsed),
+                "kinesis_cpu_us_per_event": round(cpu / events * 1e6, 1) if events and kinesis_proc else None}
 
-        return {"one_event_per_record": await measure(one_per_record, 4),
-                "lap_records": await measure(lap_calls, 16)}
-    finally:
-        await client.close()
+    return {"one_event_per_record": await measure(one_per_record, 4),
+            # the records of one envelope per call, as a quiet ingest replica sends them
+            "lap_records": await measure(lap_calls, 16)}
 
 
 # --- CPU of the processes on this machine ---------------------------------------------------------
@@ -300,6 +325,9 @@ def main() -> int:
     parser.add_argument("--connections", type=int, default=32, help="requests in flight at most")
     parser.add_argument("--events-per-envelope", type=int, default=50)
     parser.add_argument("--raw-seconds", type=float, default=10, help="seconds of each raw ceiling (0: skip)")
+    parser.add_argument("--no-index", action="store_true",
+                        help="its own LAP only: the index writer off (the in-memory OpenSearch stand-in indexes "
+                             "~2-5K documents/s on one core and falls far behind at 10K events/s)")
     parser.add_argument("--json", type=Path, default=Path("benchmarks/results/ingest.json"))
     args = parser.parse_args()
     if args.rate <= 0 or args.duration <= 0 or args.connections < 1 or args.events_per_envelope < 1:
@@ -313,7 +341,7 @@ def main() -> int:
     try:
         if args.url is None:
             folder = Path(tempfile.mkdtemp(prefix="lap-bench-ingest-"))
-            config = write_private_config(folder)
+            config = write_private_config(folder, **({"process": {"index_enabled": False}} if args.no_index else {}))
             settings = load_settings(config)
             if not start_lap(config):
                 return 1
@@ -391,6 +419,7 @@ def measure(args, settings, url: str, token: str) -> dict | None:
         "machine": machine(),
         "config": {"url": url, "rate": args.rate, "duration_s": args.duration, "connections": args.connections,
                    "events_per_envelope": per, "local": local,
+                   "index_writer": settings.process.index_enabled if local else None,
                    "throughput_mode": settings.ray.throughput_mode if local else None},
         "offered_events_per_s": args.rate,
         "events_per_s": round(rate),
