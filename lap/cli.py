@@ -241,7 +241,7 @@ def _print_status(settings: Settings, report: dict) -> None:
         click.echo(f"processing: {report['processing_error']}")
     else:
         totals = report["totals"]
-        stages = ("accepted", "archived", "aggregated", "indexed", "duplicates", "describes")
+        stages = ("acknowledged", "accepted", "archived", "aggregated", "indexed", "duplicates", "describes")
         click.echo("events by stage: " + ", ".join(f"{k} {totals.get(k, 0):,}" for k in stages))
         click.echo("(the shard counts are since the audit actor started; the stage totals are the committed ones)")
 
@@ -391,8 +391,13 @@ def _print_reconciliation(result) -> None:
                f"quarantined {result.quarantined:,}")
     click.echo(f"archived {result.archived:,}  aggregated {result.aggregated:,}  indexed {result.indexed:,}")
     click.echo("missing  " + "  ".join(f"{stage} {n:,}" for stage, n in result.missing.items())
-               + f"  retention_lost {result.retention_lost:,}")
-    click.echo("complete" if result.complete else "NOT complete: `lap replay` can repair what is missing")
+               + f"  retention_lost {result.retention_lost:,}  pending {result.pending:,}")
+    if result.complete:
+        click.echo("complete" + (f" ({result.pending:,} still on their way through the stream)" if result.pending
+                                 else ""))
+    else:
+        click.echo("NOT complete: `lap replay` can repair what is missing"
+                   + (" (the pending events are not missing: they are still on their way)" if result.pending else ""))
 
 
 @main.command()

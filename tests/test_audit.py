@@ -23,6 +23,7 @@ from tests.sensors import Sensor
 from tests.test_output import get, key
 from tests.test_pipeline import (
     archived_ids,
+    receipts_of,
     envelopes,
     expected_records,
     make_events,
@@ -105,8 +106,8 @@ async def test_reconcile_finds_each_loss_by_id(settings, audited, db, ray_driver
     gone_from_index = ids[:3]
     await delete_documents(settings, tenant, gone_from_index)
 
-    # 2. a committed batch undone the way a failed commit leaves it: no dedup rows, no manifest entry
-    batch_id, undone = await undo_batch(db, tenant, audited["events"], ids[-1])
+    # 2. a committed batch lost: no manifest row, no archive objects named, its counters and aggregates undone
+    batch_id, undone = await undo_batch(settings, db, tenant, audited["events"], ids[-1])
 
     # 3. an archive object of another batch vanishes from S3
     key = await db.fetchval(
@@ -180,32 +181,40 @@ async def delete_documents(settings, tenant: str, event_ids: list[str]) -> None:
         await search.close()
 
 
-async def undo_batch(db, tenant: str, events: list[dict], event_id: str) -> tuple[int, list[str]]:
-    """Undo the committed batch holding `event_id` the way a failed commit leaves it; its batch id and event ids.
+async def undo_batch(settings, db, tenant: str, events: list[dict], event_id: str) -> tuple[int, list[str]]:
+    """Lose the committed batch that stored `event_id`, as if its commit had never happened; its id and event ids.
 
-    Its dedup rows, manifest entries and audit counters go (they commit in one
-    transaction), and the tenant's aggregates become those of `events` minus the
-    batch's. Nothing else may write the tenant's aggregates meanwhile.
+    Its manifest row and archive objects' rows go, its audit counters and the
+    tenant's aggregates drop by what it held (the aggregates become those of
+    `events` minus the batch's); its archive objects stay in S3 as orphans and
+    its receipt objects stay. Nothing else may write the tenant's aggregates
+    meanwhile, and the batch must hold no other tenant's events.
     """
-    batch_id = await db.fetchval("SELECT batch_id FROM seen_events WHERE tenant = $1 AND event_id = $2",
-                                 tenant, event_id)
-    groups = await db.fetch(
-        """SELECT r.sensor, s.shard_id, date_trunc('minute', s.received_at, 'UTC') AS minute, count(*) AS n,
-                  count(*) FILTER (WHERE r.kind = 'entity') AS describes
-             FROM seen_events s JOIN receipts r ON r.tenant = s.tenant AND r.event_id = s.event_id
-                  AND r.received_at = s.received_at
-            WHERE s.tenant = $1 AND s.batch_id = $2 GROUP BY 1, 2, 3""", tenant, batch_id)
-    for g in groups:
-        for stage, n in (("archived", g["n"]), ("aggregated", g["n"]), ("describes", g["describes"])):
+    objects = await db.fetch("SELECT key, batch_id FROM archive_objects WHERE tenant = $1", tenant)
+    lines_of: dict[str, list[dict]] = {}
+    async with AsyncExitStack() as stack:
+        s3 = await open_client(stack, settings, "s3")
+        for obj in objects:
+            reply = await s3.get_object(Bucket=settings.archive.bucket, Key=obj["key"])
+            async with reply["Body"] as body:
+                lines_of[obj["key"]] = [orjson.loads(x) for x in gzip.decompress(await body.read()).splitlines()]
+    batch_id = next(o["batch_id"] for o in objects if any(x["meta"]["event_id"] == event_id for x in lines_of[o["key"]]))
+    assert {r["tenant"] for r in await db.fetch("SELECT tenant FROM archive_objects WHERE batch_id = $1", batch_id)} \
+        == {tenant}, "the batch holds another tenant's events too"
+    lines = [x for o in objects if o["batch_id"] == batch_id for x in lines_of[o["key"]]]
+    groups: dict[tuple, list[dict]] = {}
+    for line in lines:
+        meta = line["meta"]
+        received = datetime.fromisoformat(meta["received_at"].replace("Z", "+00:00"))
+        groups.setdefault((meta["sensor"], meta["shard_id"], received.replace(second=0, microsecond=0)), []).append(meta)
+    for (sensor, shard, minute), metas in groups.items():
+        describes = sum(1 for m in metas if m["kind"] == "entity")
+        for stage, n in (("archived", len(metas)), ("aggregated", len(metas)), ("describes", describes)):
             await db.execute(
                 """UPDATE stage_counts SET events = events - $6 WHERE tenant = $1 AND sensor = $2 AND shard_id = $3
-                      AND received_minute = $4 AND stage = $5""", tenant, g["sensor"], g["shard_id"], g["minute"],
-                stage, n)
-    undone = sorted(r["event_id"] for r in await db.fetch(
-        "DELETE FROM seen_events WHERE tenant = $1 AND batch_id = $2 RETURNING event_id", tenant, batch_id))
-    undone_keys = [r["key"] for r in await db.fetch(
-        "DELETE FROM archive_objects WHERE tenant = $1 AND batch_id = $2 RETURNING key", tenant, batch_id)]
-    assert undone and undone_keys
+                      AND received_minute = $4 AND stage = $5""", tenant, sensor, shard, minute, stage, n)
+    await db.execute("DELETE FROM batches WHERE id = $1", batch_id)  # and its archive_objects rows with it
+    undone = sorted(line["meta"]["event_id"] for line in lines)
     kept_events = [e for e in events if e["id"] not in set(undone)]
     async with db.transaction():
         for table in ("learner_days", "learner_day_actions", "course_days", "course_hours"):
@@ -318,7 +327,7 @@ async def test_a_replay_while_live_traffic_goes_on(lap_up, settings, db):
     first = make_events(200)
     send(settings, sensor, envelopes(first))
     await wait_for(db, tenant, {"accepted": 200, "archived": 200, "indexed": 200}, timeout=180)
-    _, undone = await undo_batch(db, tenant, first, min(e["id"] for e in first))
+    _, undone = await undo_batch(settings, db, tenant, first, min(e["id"] for e in first))
 
     # the same learners and courses keep sending, envelope after envelope, until the replay is done
     live = Sensor(settings, sensor, make_events(20_000))
@@ -349,16 +358,14 @@ async def test_a_replay_while_live_traffic_goes_on(lap_up, settings, db):
 
 async def test_window_edges_include_start_and_exclude_end(settings, audited, db):
     """A window from one receipt's time to another's counts the first and not the second."""
-    times = sorted({r["received_at"] for r in await db.fetch(
-        "SELECT received_at FROM receipts WHERE tenant = $1", audited["tenant"])})
+    receipts = await receipts_of(settings, audited["tenant"], audited["started"] - timedelta(minutes=1))
+    times = sorted(set(receipts.received_us.tolist()))
     assert len(times) >= 3
-    start, end = times[1], times[-1]
-    expected = await db.fetchval(
-        "SELECT count(*) FROM receipts WHERE tenant = $1 AND received_at >= $2 AND received_at < $3",
-        audited["tenant"], start, end)
-    at_start = await db.fetchval("SELECT count(*) FROM receipts WHERE tenant = $1 AND received_at = $2",
-                                 audited["tenant"], start)
+    start_us, end_us = times[1], times[-1]
+    expected = int(((receipts.received_us >= start_us) & (receipts.received_us < end_us)).sum())
+    at_start = int((receipts.received_us == start_us).sum())
     assert 0 < at_start < expected
+    start, end = (datetime.fromtimestamp(us / 1e6, timezone.utc) for us in (start_us, end_us))
     reply = get(settings, audited["reader"], "/audit/reconcile", start=start.isoformat(), end=end.isoformat())
     assert reply.status_code == 200, reply.text
     assert reply.json()["accepted"] == expected
@@ -366,8 +373,11 @@ async def test_window_edges_include_start_and_exclude_end(settings, audited, db)
 
 async def test_counts_take_a_lost_objects_events_inside_a_window_that_cuts_its_hour(settings, db):
     """A lost archive object holds a whole hour; a window of whole minutes that cuts that hour loses only
-    the object's events inside the window. Seeded rows, so that the events sit on both sides of the edges."""
+    the object's events inside the window, counted from its batch's receipt object. Seeded rows and objects,
+    so that the events sit on both sides of the edges."""
+    from lap.audit.receipts import encode_receipts, receipt_key
     from lap.audit.reconcile import Reconciler, Window
+    from lap.process.batch import Decoded
     from lap.sinks.store import create_pool
 
     tenant = f"cut{datetime.now(timezone.utc):%H%M%S%f}"
@@ -381,25 +391,29 @@ async def test_counts_take_a_lost_objects_events_inside_a_window_that_cuts_its_h
                         VALUES ($1, $2, $3, $4, 4, 100)""", key, batch, tenant, hour)
     await db.execute("""INSERT INTO lost_archive_objects (key, tenant, received_hour, records)
                         VALUES ($1, $2, $3, 4)""", key, tenant, hour)
-    for n, minute in enumerate(minutes):
-        at = hour + timedelta(minutes=minute)
-        await db.execute("""INSERT INTO seen_events (tenant, event_id, received_at, batch_id, shard_id, sequence_number)
-                            VALUES ($1, $2, $3, $4, 'x', $5)""", tenant, f"urn:uuid:cut-{n}", at, batch, n + 1)
+    copies = [Decoded(n + 1, 0, {"event_id": f"urn:uuid:cut-{n}", "tenant": tenant, "sensor": "s", "kind": "event",
+                                 "request_id": "r"}, {}, hour + timedelta(minutes=minute))
+              for n, minute in enumerate(minutes)]
+    receipts = receipt_key(settings.archive.receipts_prefix, tenant, hour, tenant, 1, 4, (5, 55))
+    for copy in copies:
         for stage in ("accepted", "archived", "aggregated"):
             await db.execute("""INSERT INTO stage_counts (tenant, sensor, shard_id, received_minute, stage, events)
-                                VALUES ($1, 's', 'x', $2, $3, 1)""", tenant, at, stage)
+                                VALUES ($1, 's', $1, $2, $3, 1)""", tenant, copy.received_at, stage)
     pool = await create_pool(settings)
     search = open_opensearch(settings)
     try:
         async with AsyncExitStack() as stack:
             s3 = await open_client(stack, settings, "s3")
+            await s3.put_object(Bucket=settings.archive.bucket, Key=receipts,
+                                Body=encode_receipts(tenant, tenant, 1, 4, copies, [False] * 4))
             reconciler = Reconciler(settings, pool, s3, search)
             cut = await reconciler.counts(Window(tenant, hour + timedelta(minutes=10), hour + timedelta(minutes=50)))
             whole = await reconciler.counts(Window(tenant, hour, hour + timedelta(hours=1)))
+            await s3.delete_object(Bucket=settings.archive.bucket, Key=receipts)
     finally:
         await search.close()
         await pool.close()
-        for table in ("lost_archive_objects", "seen_events", "stage_counts", "archive_objects"):
+        for table in ("lost_archive_objects", "stage_counts", "archive_objects"):
             await db.execute(f"DELETE FROM {table} WHERE tenant = $1", tenant)  # seeded rows name no real object
         await db.execute("DELETE FROM batches WHERE id = $1", batch)
     assert (cut.accepted, cut.aggregated, cut.archived) == (2, 2, 0)
@@ -410,8 +424,6 @@ async def test_counts_take_a_lost_objects_events_inside_a_window_that_cuts_its_h
 async def test_one_event_records_of_lap_0_1_and_new_records_in_one_stream(lap_up, settings, db):
     """Records of format 0 (one event each, from before this release) and format 1 in one stream: exact
     aggregates, a complete reconcile, and a replay from the stream that reads both."""
-    from lap.audit.receipts import ReceiptWriter
-    from lap.sinks.store import create_pool
     from lap.stream.producer import Producer, Record, partition_key_for
     from lap.stream.records_client import RecordsClient
 
@@ -421,7 +433,7 @@ async def test_one_event_records_of_lap_0_1_and_new_records_in_one_stream(lap_up
     events = make_events(400)
     old, new = events[:200], events[200:]
 
-    # format 0, written the way LAP 0.1's ingest wrote it: one record per event, and its receipt
+    # format 0, written the way LAP 0.1's ingest wrote it: one record per event
     received_at = datetime.now(timezone.utc)
     records = []
     for line in expected_records(tenant, old):
@@ -430,17 +442,10 @@ async def test_one_event_records_of_lap_0_1_and_new_records_in_one_stream(lap_up
                          "data_version": "http://purl.imsglobal.org/ctx/caliper/v1p2"}
         records.append(Record(orjson.dumps(line), partition_key_for(line["meta"]["learner"])))
     client = RecordsClient(settings)
-    pool = await create_pool(settings)
     try:
-        put = await Producer(client, settings.stream.name, 30.0).put(records)
-        receipts = ReceiptWriter(pool)
-        for event, receipt in zip(old, put):
-            receipts.add_record(tenant, "https://lms.example.edu/sensors/lms", received_at, "old-req",
-                                receipt.shard_id, receipt.sequence_number, [(event["id"], "event")])
-        assert await receipts.flush() == 200
+        assert len(await Producer(client, settings.stream.name, 30.0).put(records)) == 200
     finally:
         await client.close()
-        await pool.close()
     send(settings, sensor, envelopes(new))  # format 1
     await wait_for(db, tenant, {"accepted": 400, "archived": 400, "aggregated": 400, "indexed": 400}, timeout=180)
     await assert_aggregates(db, tenant, events)
@@ -450,10 +455,10 @@ async def test_one_event_records_of_lap_0_1_and_new_records_in_one_stream(lap_up
     assert report["complete"] is True and report["accepted"] == 400 and report["duplicates"] == 0, report
 
     # lose a batch of each format, then replay them from the stream
-    _, undone_old = await undo_batch(db, tenant, events, old[0]["id"])
+    _, undone_old = await undo_batch(settings, db, tenant, events, old[0]["id"])
     remaining = [e for e in events if e["id"] not in set(undone_old)]
     other = next(e["id"] for e in reversed(new) if e["id"] not in set(undone_old))
-    _, undone_new = await undo_batch(db, tenant, remaining, other)
+    _, undone_new = await undo_batch(settings, db, tenant, remaining, other)
     assert set(undone_old) & {e["id"] for e in old} and set(undone_new) & {e["id"] for e in new}
     report = await reconcile(settings, reader, started)
     assert report["missing"]["aggregate"] == len(undone_old) + len(undone_new), report
@@ -465,3 +470,32 @@ async def test_one_event_records_of_lap_0_1_and_new_records_in_one_stream(lap_up
     await assert_aggregates(db, tenant, events)
     ids = await archived_ids(settings, db, tenant)
     assert set(ids) == {e["id"] for e in events} and max(ids.values()) == 1
+
+
+async def test_sigkill_of_an_ingest_replica_under_load_loses_no_acceptance(lap_up, settings, db):
+    """A replica SIGKILLed while a sensor sends: whatever the replica held (its counters, requests in flight),
+    accepted minus duplicates equals the events the sensor was told were accepted."""
+    import os
+    import signal
+
+    import psutil
+
+    started = datetime.now(timezone.utc)
+    tenant, token = new_tenant(lap_up)
+    sensor = Sensor(settings, token, make_events(3000), per=25, retry_any=True)
+    sensor.start()
+    try:
+        await asyncio.sleep(2)
+        replicas = [p for p in psutil.Process(lap_up.pid).children(recursive=True)
+                    if "ray::ServeReplica:ingest" in " ".join(p.cmdline())]
+        assert replicas
+        os.kill(replicas[0].pid, signal.SIGKILL)
+        await asyncio.get_running_loop().run_in_executor(None, sensor.join, 300)
+    finally:
+        sensor.stop.set()
+    assert not sensor.is_alive() and len(sensor.acknowledged) == 3000
+    await wait_for(db, tenant, {"archived": 3000, "aggregated": 3000}, timeout=180)
+    report = await reconcile(settings, key(lap_up, tenant, "reader"), started)
+    assert report["accepted"] - report["duplicates"] == 3000, report
+    assert report["complete"] is True and report["pending"] == 0, report
+    await assert_aggregates(db, tenant, sensor.acknowledged)

@@ -156,6 +156,21 @@ async def archived_ids(settings, db, tenant: str) -> Counter:
     return ids
 
 
+async def receipts_of(settings, tenant: str, start: datetime, end: datetime | None = None):
+    """The receipt objects the consumers wrote for the tenant's events received in [start, end)."""
+    from lap.audit.reconcile import Reconciler, Window
+    from lap.sinks.store import create_pool
+
+    end = end or datetime.now(timezone.utc) + timedelta(minutes=1)
+    pool = await create_pool(settings)
+    try:
+        async with AsyncExitStack() as stack:
+            s3 = await open_client(stack, settings, "s3")
+            return await Reconciler(settings, pool, s3, None).load_receipts(Window(tenant, start, end))
+    finally:
+        await pool.close()
+
+
 async def assert_exact(settings, db, tenant: str, events: list[dict]) -> None:
     """Aggregates equal a plain-Python computation; every event is exactly once in the archive."""
     stored = (await stored_aggregates(db, tenant)).normalized()
@@ -273,7 +288,12 @@ async def test_opensearch_outage_pauses_only_indexing(lap_up, settings, db):
         count = await search.count(index=index_name(settings, tenant))
         assert count["count"] == 800
         doc = await search.get(index=index_name(settings, tenant), id=events[0]["id"])
-        assert doc["_source"]["tenant"] == tenant and doc["_source"]["event"]["id"] == events[0]["id"]
+        source = doc["_source"]
+        assert source["tenant"] == tenant and source["event_id"] == events[0]["id"]
+        # the event itself stays in the archive: the document points at its batch
+        assert "event" not in source and isinstance(source["batch"], int)
+        assert await db.fetchval("SELECT count(*) FROM archive_objects WHERE batch_id = $1 AND tenant = $2",
+                                 source["batch"], tenant) >= 1
     finally:
         await search.close()
 
@@ -282,7 +302,8 @@ async def test_orphaned_archive_objects_are_swept(lap_up, settings, db, ray_driv
     ray = ray_driver
     orphan = f"{settings.archive.prefix}/tenant=orphans/date=2026-01-01/hour=00/shard=x/1-2.jsonl.gz"
     # receipts and dedup rows past the dedup window go with the sweep; newer ones stay
-    old, new = datetime.now(timezone.utc) - timedelta(days=8), datetime.now(timezone.utc) - timedelta(days=6)
+    window = timedelta(seconds=settings.process.dedup_window_s)
+    old, new = datetime.now(timezone.utc) - window - timedelta(days=1), datetime.now(timezone.utc) - window / 2
     for n, received in enumerate((old, new)):
         await db.execute("""INSERT INTO receipts (event_id, tenant, sensor, shard_id, sequence_number, received_at,
                                                   request_id, kind) VALUES ($1, 'pruned', 's', 'x', 1, $2, 'r', 'event')""",
@@ -294,9 +315,19 @@ async def test_orphaned_archive_objects_are_swept(lap_up, settings, db, ray_driv
     for at, n in ((hour + timedelta(minutes=5), 3), (hour + timedelta(minutes=35), 4), (new.replace(second=0), 5)):
         await db.execute("""INSERT INTO stage_counts (tenant, sensor, shard_id, received_minute, stage, events)
                             VALUES ('pruned', 's', 'x', $1, 'accepted', $2)""", at.replace(microsecond=0), n)
+    # the audit trail's objects past the window go too: receipts, and saved dedup buckets
+    await db.execute("INSERT INTO tenants (name) VALUES ('pruned') ON CONFLICT DO NOTHING")
+    old_receipts, new_receipts = (
+        f"{settings.archive.receipts_prefix}/tenant=pruned/date={at:%Y-%m-%d}/hour={at:%H}/shard=x/1-2.m00-00.json.gz"
+        for at in (old, new))
+    old_bucket = f"{settings.archive.dedup_prefix}/stream=pruned/shard=x/old.u64"
+    await db.execute("""INSERT INTO dedup_segments (stream, shard_id, bucket_start, key, events)
+                        VALUES ('pruned', 'x', $1, $2, 1)""", hour, old_bucket)
     async with AsyncExitStack() as stack:
         s3 = await open_client(stack, settings, "s3")
         await s3.put_object(Bucket=settings.archive.bucket, Key=orphan, Body=gzip.compress(b"{}\n"))
+        for key in (old_receipts, new_receipts, old_bucket):
+            await s3.put_object(Bucket=settings.archive.bucket, Key=key, Body=b"x")
         coordinator = ray.get_actor(COORDINATOR)
         # a grace of 0 s is for this test only: with traffic in flight it would race with uncommitted batches
         assert ray.get(coordinator.sweep.remote(grace_s=0), timeout=120) >= 1
@@ -308,6 +339,11 @@ async def test_orphaned_archive_objects_are_swept(lap_up, settings, db, ray_driv
         assert committed
         for key in committed:  # nothing the manifest names was touched
             await s3.head_object(Bucket=settings.archive.bucket, Key=key)
+        for key, kept in ((old_receipts, False), (old_bucket, False), (new_receipts, True)):
+            listed = await s3.list_objects_v2(Bucket=settings.archive.bucket, Prefix=key)
+            assert listed.get("KeyCount", 0) == int(kept), key
+        await s3.delete_object(Bucket=settings.archive.bucket, Key=new_receipts)
+    assert await db.fetchval("SELECT count(*) FROM dedup_segments WHERE stream = 'pruned'") == 0
     for table in ("receipts", "seen_events"):
         kept = await db.fetch(f"SELECT event_id FROM {table} WHERE tenant = 'pruned'")
         assert [r["event_id"] for r in kept] == ["urn:uuid:prune-1"], table
@@ -320,6 +356,7 @@ async def test_split_shard_mid_run_loses_nothing(lap_up, settings, db):
     tenant, token = new_tenant(lap_up)
     events = make_events(3000, learners=400)
     parent = (await open_shards(settings))[0]
+    started = datetime.now(timezone.utc)
     sender = send_in_background(settings, token, envelopes(events), pause_s=0.1)
     await asyncio.sleep(1.5)
     low, high = int(parent["HashKeyRange"]["StartingHashKey"]), int(parent["HashKeyRange"]["EndingHashKey"])
@@ -335,10 +372,16 @@ async def test_split_shard_mid_run_loses_nothing(lap_up, settings, db):
     # ingest followed the split: a second after it, each learner's events go to the child that owns the learner
     shards = ShardMap(await open_shards(settings))
     learner_of = {r["meta"]["event_id"]: r["meta"]["learner"] for r in expected_records(tenant, events)}
-    later = await db.fetch("SELECT event_id, shard_id FROM receipts WHERE tenant = $1 AND received_at > $2",
-                           tenant, split_at + timedelta(seconds=1))
+    receipts = await receipts_of(settings, tenant, started)
+    later = [(receipts.event_id[i], receipts.shard(i)) for i in range(len(receipts))
+             if receipts.received_us[i] > (split_at + timedelta(seconds=1)).timestamp() * 1e6]
     assert len(later) > 300, "the sender must still be sending after the split"
-    assert [r["event_id"] for r in later if r["shard_id"] != shards.shard_ids[shards.slot(learner_of[r["event_id"]])]] == []
+    assert [e for e, shard in later if shard != shards.shard_ids[shards.slot(learner_of[e])]] == []
+    # and the children took the parent's dedup state: the whole course sent again is all duplicates
+    send(settings, token, envelopes(events))
+    totals = await wait_for(db, tenant, {"accepted": 6000, "duplicates": 3000}, timeout=180)
+    assert totals["archived"] == totals["aggregated"] == 3000
+    await assert_exact(settings, db, tenant, events)
 
     children = await db.fetch("SELECT shard_id FROM shard_checkpoints WHERE $1 = ANY(parent_ids)", parent["ShardId"])
     assert len(children) == 2
@@ -374,28 +417,27 @@ async def test_documents_opensearch_refuses_are_recorded_with_the_reason(lap_up,
     assert (await stage_totals(db, tenant)).get("indexed", 0) == 0
 
 
-async def test_a_record_committed_by_a_replay_is_not_a_duplicate_for_the_live_consumer(settings, db):
-    """The live consumer reaching a record a replay already committed skips it; a real resend stays a duplicate."""
-    from lap.process.batch import BatchWriter, Decoded
-
-    tenant = f"t{uuid.uuid4().hex[:10]}"
-    received = datetime.now(timezone.utc)
-    await db.execute(
-        """INSERT INTO seen_events (tenant, event_id, received_at, batch_id, shard_id, sequence_number)
-           VALUES ($1, 'urn:uuid:a', $2, 0, 'shard-x', 5)""", tenant, received)
-    writer = BatchWriter(settings, None, None, "shard-x", 0)
-
-    def record(sequence: int, position: int = 0) -> Decoded:
-        return Decoded(sequence, position, {"tenant": tenant, "event_id": "urn:uuid:a"}, {}, received)
-
-    from lap.sinks.store import create_pool
-
-    writer.pool = await create_pool(settings)
-    try:
-        assert await writer.dedup([record(5)]) == ([], [])  # the very record: skipped, not counted
-        kept, duplicates = await writer.dedup([record(9)])  # the same id in another record: a resend
-        assert kept == [] and [d.sequence for d in duplicates] == [9]
-        kept, duplicates = await writer.dedup([record(5, 3)])  # another position of the same record: a resend
-        assert kept == [] and [(d.sequence, d.position) for d in duplicates] == [(5, 3)]
-    finally:
-        await writer.pool.close()
+async def test_dedup_state_survives_consumer_restarts(lap_up, settings, db, ray_driver):
+    """Consumers killed through Ray load their dedup state again (from their committed batches): a course sent
+    again after the restart is all duplicates."""
+    ray = ray_driver
+    tenant, token = new_tenant(lap_up)
+    events = make_events(600)
+    bodies = envelopes(events)
+    send(settings, token, bodies)
+    await wait_for(db, tenant, {"accepted": 600, "archived": 600, "aggregated": 600})
+    shard_ids = [s["ShardId"] for s in await open_shards(settings)]
+    pids_before = consumer_pids(ray, shard_ids)
+    for shard_id in shard_ids:
+        ray.kill(ray.get_actor(consumer_name(shard_id)), no_restart=False)
+    for _ in range(60):  # Ray restarts them
+        try:
+            if all(pid != pids_before[s] for s, pid in consumer_pids(ray, shard_ids).items()):
+                break
+        except Exception:  # noqa: BLE001 - an actor still restarting
+            pass
+        await asyncio.sleep(1)
+    send(settings, token, bodies)
+    totals = await wait_for(db, tenant, {"accepted": 1200, "duplicates": 600})
+    assert totals["archived"] == totals["aggregated"] == 600
+    await assert_exact(settings, db, tenant, events)

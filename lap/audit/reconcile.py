@@ -1,36 +1,48 @@
 """Reconcile: for a window of received time, what each stage holds of what was accepted, and what is missing.
 
-The truth per event:
+Where the truth is (docs/decisions.md, "Audit trail"):
 
-- accepted: the receipts (one per accepted copy; copies of one id beyond the
-  first are `duplicates`);
-- aggregated: the id has a dedup row (`seen_events`), which commits in the same
-  transaction as the aggregates;
-- archived: that row's batch names an archive object for the event's tenant and
-  hour, and the object is in S3;
-- indexed: a document with the id is in the tenant's index.
+- accepted: every copy the stream holds. Counted twice, independently: ingest
+  counts what it acknowledged (`acknowledged`), and the consumers count every
+  copy they read (`accepted`, committed with each batch). Per tenant, sensor,
+  shard and minute the larger is the figure: a replica that died before its
+  counters reached Postgres is made up by the stream, and events the
+  consumers have not read yet by ingest's count;
+- pending: acknowledged, not read yet, and still ahead of the shard's
+  consumer (its checkpoint is earlier): in flight, not missing;
+- duplicates, describes, archived, aggregated: counters committed with each
+  batch; indexed: the documents in the tenant's index (distinct by id);
+  index_pending: archived by batches the index writer has not reached yet.
 
-Each stage should hold every accepted id once (accepted minus duplicates). An id
-missing from the aggregates whose stream record is older than the stream's
-oldest record can no longer be replayed from the stream: `retention_lost`.
-The SQL works on the window's receipts with an index on (tenant,
-received_at); the per-id lists are paged, in byte order (COLLATE "C", the
-order Python sorts in, whatever the database's locale).
+Per event (`detail=ids`, a sensor filter, or a window's partial edge minutes):
+the receipt objects the consumers wrote (every copy read, duplicates flagged),
+set against the committed batches' sequence ranges (which copy was stored, and
+so aggregated), their archive objects (archived, unless S3 lost the object)
+and the index. All of it in columns: numpy over the window's receipts.
 """
 
 from __future__ import annotations
 
+import asyncio
+import bisect
+import gzip
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
+import numpy as np
+import orjson
+
+from lap.audit.receipts import ReceiptObject, Receipts, decode_receipts, hour_prefix, micros
 from lap.process.batch import hour_of, minute_of
+from lap.process.dedup import fingerprint
 from lap.settings import Settings
 from lap.sinks.archive import keys_in_s3
 from lap.sinks.index import index_name
-from lap.stream.kinesis import oldest_sequence
+from lap.stream.kinesis import oldest_arrival
 
 ID_SCAN_PAGE = 5000
+READ_CONCURRENCY = 16
 
 
 @dataclass
@@ -50,6 +62,8 @@ class Reconciliation:
     archived: int = 0
     aggregated: int = 0
     indexed: int = 0
+    pending: int = 0
+    index_pending: int = 0
     missing: dict[str, int] = field(default_factory=dict)
     retention_lost: int = 0
     complete: bool = False
@@ -63,33 +77,55 @@ class Reconciliation:
             out["missing_ids"] = self.missing_ids
         return out
 
-
-# the window's distinct ids with how they were stored; $1 tenant, $2 start, $3 end, $4 sensor
-_IDS = """
-WITH r AS (
-    SELECT event_id, kind, shard_id, sequence_number FROM receipts
-     WHERE tenant = $1 AND received_at >= $2 AND received_at < $3 AND ($4::text IS NULL OR sensor = $4)
-), ids AS (
-    SELECT event_id, count(*) AS copies, bool_or(kind = 'entity') AS describe,
-           min(shard_id) AS shard_id, min(sequence_number) AS sequence_number
-      FROM r GROUP BY event_id
-)
-"""
-
-
-# archived events of tenant $1 in [$2, $3) whose object the last archive check found gone, in the
-# hours $4 that the window only partly covers: counted from the dedup rows of each object's batch
-_LOST_IN_PARTIAL_HOURS = """
-SELECT count(*) FROM lost_archive_objects l
-  JOIN archive_objects o ON o.key = l.key
-  JOIN seen_events s ON s.batch_id = o.batch_id AND s.tenant = $1
-       AND s.received_at >= greatest($2, l.received_hour) AND s.received_at < least($3, l.received_hour + interval '1 hour')
- WHERE l.tenant = $1 AND l.received_hour = ANY($4::timestamptz[])
-"""
+    def finish(self) -> "Reconciliation":
+        expected = self.accepted - self.duplicates - self.pending
+        self.missing = {"archive": max(0, expected - self.archived), "aggregate": max(0, expected - self.aggregated),
+                        "index": max(0, expected - self.indexed - self.index_pending)}
+        self.complete = not any(self.missing.values())
+        return self
 
 
 class ReconcileRefused(Exception):
-    """The window needs single events that are no longer kept (older than the dedup window)."""
+    """The window asks for what is no longer kept."""
+
+
+HOUR_US = 3_600_000_000
+
+
+@dataclass
+class Trail:
+    """A window's events one by one: for each distinct id, the copy that counts and where it stands."""
+
+    receipts: Receipts
+    chosen: np.ndarray  # row of `receipts` that counts for each distinct id
+    copies: int  # copies read (accepted)
+    stored: np.ndarray  # aggregated
+    archived: np.ndarray
+    batch_of: np.ndarray  # the committed live batch that stored it, -1 if none did
+    index_pending: np.ndarray  # stored by a batch the index writer has not reached yet
+    hour_index: np.ndarray  # its copy's received hour, in hours since the epoch
+
+    def __len__(self) -> int:
+        return len(self.chosen)
+
+    def id(self, k: int) -> str:
+        return self.receipts.event_id[self.chosen[k]]
+
+    def ids(self, which: np.ndarray | None = None) -> list[str]:
+        rows = self.chosen if which is None else self.chosen[which]
+        return [self.receipts.event_id[i] for i in rows]
+
+    def first_copy(self, k: int) -> tuple[str, int, int]:
+        """(shard, sequence number, position) of the copy to read back."""
+        i = self.chosen[k]
+        return self.receipts.shard(i), self.receipts.seq(i), int(self.receipts.position[i])
+
+    def hour(self, k: int) -> datetime:
+        return datetime.fromtimestamp(int(self.hour_index[k]) * 3600, timezone.utc)
+
+    def batch(self, k: int) -> int | None:
+        b = int(self.batch_of[k])
+        return None if b < 0 else b
 
 
 class Reconciler:
@@ -103,9 +139,9 @@ class Reconciler:
                   after: dict[str, str] | None = None) -> Reconciliation:
         """The counts for the window; with `with_ids`, up to `limit` missing ids per stage after `after`.
 
-        Counts alone read the counters of the window's whole minutes and look
-        at single events only in the partial minutes at its edges (see
-        `counts`); the id lists, or a sensor filter, look at every event.
+        Counts alone read the counters of the window's whole minutes, and look at
+        single events only in the partial minutes at its edges; the id lists, or a
+        sensor filter, look at every event of the window.
         """
         self.check_kept(window, with_ids)
         if not with_ids and window.sensor is None:
@@ -113,85 +149,103 @@ class Reconciler:
         return await self.exact(window, with_ids, limit, after or {})
 
     def check_kept(self, window: Window, with_ids: bool) -> None:
-        """Refuse what needs receipts and dedup rows older than the dedup window: the sweep deletes them.
+        """Refuse what needs single events the sweep no longer keeps (older than the audit retention).
 
         Counts of whole hours come from the counters, which are kept (folded
-        into hours past the window).
+        into hours past the dedup window).
         """
         oldest = datetime.now(timezone.utc) - timedelta(seconds=self.settings.process.dedup_window_s)
         if window.start >= oldest:
             return
         kept_from = f"{oldest:%Y-%m-%dT%H:%M}Z"
         if with_ids or window.sensor is not None:
-            raise ReconcileRefused(f"missing ids and sensor filters need single events, kept only for those "
+            raise ReconcileRefused(f"missing ids and sensor filters need single events, looked at only for those "
                                    f"received after {kept_from} (process.dedup_window_s); ask for the counts alone")
         partial = [edge for edge in (window.start, window.end) if edge < oldest and hour_of(edge) != edge]
         if partial:
-            raise ReconcileRefused(f"before {kept_from} only whole hours can be counted (single events are no "
-                                   f"longer kept): start and end the window on the hour, e.g. "
-                                   f"{hour_of(partial[0]):%Y-%m-%dT%H:00}Z")
+            raise ReconcileRefused(f"before {kept_from} only whole hours can be counted: start and end the window "
+                                   f"on the hour, e.g. {hour_of(partial[0]):%Y-%m-%dT%H:00}Z")
+
+    # --- counts -----------------------------------------------------------------------------
 
     async def counts(self, window: Window) -> Reconciliation:
-        """Counts from `stage_counts` (committed with each batch) for whole minutes, exact counts at the edges.
-
-        Archive objects S3 lost come from the coordinator's periodic check
-        (`lost_archive_objects`, as of `archive_checked_at`), so no bucket
-        listing is needed; an object holds an hour, so where the window covers
-        only part of that hour, the lost object's events inside the window are
-        counted from its batch's dedup rows. Cost: the window's minutes, plus
-        the events of its partial edge minutes (none for a window that starts
-        and ends on whole minutes).
-        """
+        """Counters for the whole minutes, single events at the edges; lost archive objects from the sweep's check."""
         first = minute_of(window.start)
         if first < window.start:
             first += timedelta(minutes=1)
         last = max(first, minute_of(window.end))
-        result = Reconciliation()
         if first >= last:  # no whole minute inside: the window is all edge
             return await self.exact(window, False, 0, {})
+        result = Reconciliation()
         async with self.pool.acquire() as conn:
             rows = await conn.fetch(
-                """SELECT stage, sum(events)::bigint AS n FROM stage_counts
-                    WHERE tenant = $1 AND received_minute >= $2 AND received_minute < $3 GROUP BY stage""",
-                window.tenant, first, last)
-            lost = await self.lost_archived(conn, window.tenant, first, last)
+                """SELECT sensor, shard_id, received_minute,
+                          coalesce(sum(events) FILTER (WHERE stage = 'acknowledged'), 0)::bigint AS acknowledged,
+                          coalesce(sum(events) FILTER (WHERE stage = 'accepted'), 0)::bigint AS accepted,
+                          coalesce(sum(events) FILTER (WHERE stage = 'duplicates'), 0)::bigint AS duplicates,
+                          coalesce(sum(events) FILTER (WHERE stage = 'describes'), 0)::bigint AS describes,
+                          coalesce(sum(events) FILTER (WHERE stage = 'archived'), 0)::bigint AS archived,
+                          coalesce(sum(events) FILTER (WHERE stage = 'aggregated'), 0)::bigint AS aggregated
+                     FROM stage_counts
+                    WHERE tenant = $1 AND received_minute >= $2 AND received_minute < $3
+                    GROUP BY sensor, shard_id, received_minute""", window.tenant, first, last)
+            reached = await self.consumers_reached(conn)
+            result.index_pending = await conn.fetchval(
+                """SELECT coalesce(sum(o.records), 0) FROM archive_objects o JOIN batches b ON b.id = o.batch_id
+                     LEFT JOIN index_cursors i ON i.stream = b.stream AND i.shard_id = b.shard_id
+                    WHERE o.tenant = $1 AND o.received_hour >= $2 AND o.received_hour < $3 AND b.stream = $4
+                      AND (i.last_seq IS NULL OR b.last_seq > i.last_seq)""",
+                window.tenant, hour_of(first), last, self.settings.stream.name)
+            lost_objects = await self.lost_archived(conn, window.tenant, first, last)
             result.archive_checked_at = await conn.fetchval("SELECT checked_at FROM archive_checks")
-            result.quarantined = await conn.fetchval(
-                "SELECT count(*) FROM quarantined WHERE tenant = $1 AND received_at >= $2 AND received_at < $3",
-                window.tenant, window.start, window.end)
-        stage = {r["stage"]: int(r["n"]) for r in rows}
-        accepted, duplicates = stage.get("accepted", 0), stage.get("duplicates", 0)
-        describes, aggregated = stage.get("describes", 0), stage.get("aggregated", 0)
-        archived = stage.get("archived", 0) - lost
+            result.quarantined = await self._quarantined(conn, window)
+        oldest: dict[str, datetime | None] = {}
+        for r in rows:
+            result.accepted += max(r["acknowledged"], r["accepted"])
+            result.duplicates += r["duplicates"]
+            result.describes += r["describes"]
+            result.archived += r["archived"]
+            result.aggregated += r["aggregated"]
+            gap = r["acknowledged"] - r["accepted"]
+            if gap > 0:
+                if self.is_pending(r["shard_id"], r["received_minute"], reached):
+                    result.pending += gap
+                else:  # passed without being read: lost, and past the stream's retention if older than its oldest
+                    if r["shard_id"] not in oldest:
+                        oldest[r["shard_id"]] = await oldest_arrival(self.settings, r["shard_id"])
+                    first_kept = oldest[r["shard_id"]]
+                    if first_kept is None or r["received_minute"] + timedelta(minutes=1) <= first_kept:
+                        result.retention_lost += gap
+        result.archived -= lost_objects
         for edge in (Window(window.tenant, window.start, first), Window(window.tenant, last, window.end)):
             if edge.start < edge.end:
                 part = await self.exact(edge, False, 0, {})
-                accepted += part.accepted
-                duplicates += part.duplicates
-                describes += part.describes
-                aggregated += part.aggregated
-                archived += part.archived
-        expected = accepted - duplicates
-        result.accepted, result.duplicates, result.describes = accepted, duplicates, describes
-        result.aggregated, result.archived = aggregated, archived
+                for name in ("accepted", "duplicates", "describes", "archived", "aggregated", "pending"):  # not
+                    # index_pending: counted above for the whole hours the edges fall in
+                    setattr(result, name, getattr(result, name) + getattr(part, name))
         result.indexed = await self._indexed_count(window)
-        # Never below 0: a replica that dies loses its last half second of receipts, and their events are then
-        # stored without being counted as accepted (docs/decisions.md). Such extras are not losses; the ids
-        # path (detail=ids), which goes by the receipts, tells a real loss apart when the two net out.
-        result.missing = {"archive": max(0, expected - archived), "aggregate": max(0, expected - aggregated),
-                          "index": max(0, expected - result.indexed)}
-        if result.missing["aggregate"]:
-            result.retention_lost = await self._retention_lost(window)
-        result.complete = not any(result.missing.values())
-        return result
+        return result.finish()
+
+    async def consumers_reached(self, conn) -> dict[str, datetime | None]:
+        """Per shard of the stream, the newest receipt time its consumer has committed (None: nothing yet)."""
+        rows = await conn.fetch("SELECT shard_id, received_at, finished FROM shard_checkpoints WHERE stream = $1",
+                                self.settings.stream.name)
+        return {r["shard_id"]: (datetime.max.replace(tzinfo=timezone.utc) if r["finished"] else r["received_at"])
+                for r in rows}
+
+    def is_pending(self, shard_id: str, minute: datetime, reached: dict[str, datetime | None]) -> bool:
+        """Whether a minute's events on a shard may still be ahead of its consumer (records can reach the stream
+        up to the put deadline after they were received)."""
+        newest = reached.get(shard_id)
+        slack = timedelta(minutes=1, seconds=self.settings.limits.put_deadline_s)
+        return newest is None or newest < minute + slack
 
     async def lost_archived(self, conn, tenant: str, first: datetime, last: datetime) -> int:
-        """Archived events in [first, last) whose objects the last check found gone from S3.
+        """Archived events in [first, last) whose objects the last archive check found gone from S3.
 
-        Whole hours add the lost objects' record counts; an hour the window
-        only partly covers counts its lost objects' events one by one, from
-        their dedup rows (kept for the dedup window: `check_kept` makes older
-        windows start and end on the hour).
+        Whole hours add the lost objects' record counts; an hour the window only
+        partly covers counts a lost object's events inside the window from its
+        batch's receipt objects (the copies that batch stored).
         """
         whole_from = hour_of(first) if hour_of(first) == first else hour_of(first) + timedelta(hours=1)
         whole_to = hour_of(last)
@@ -200,70 +254,243 @@ class Reconciler:
             lost += await conn.fetchval(
                 """SELECT coalesce(sum(records), 0) FROM lost_archive_objects
                     WHERE tenant = $1 AND received_hour >= $2 AND received_hour < $3""", tenant, whole_from, whole_to)
-        partial = {h for h in (hour_of(first), whole_to) if not (whole_from <= h < whole_to) and h < last}
-        if partial:
-            lost += await conn.fetchval(_LOST_IN_PARTIAL_HOURS, tenant, first, last, sorted(partial))
+        for hour in {h for h in (hour_of(first), whole_to) if not (whole_from <= h < whole_to) and h < last}:
+            objects = await conn.fetch(
+                """SELECT o.key, b.shard_id, b.first_seq, b.last_seq FROM lost_archive_objects l
+                     JOIN archive_objects o ON o.key = l.key JOIN batches b ON b.id = o.batch_id
+                    WHERE l.tenant = $1 AND l.received_hour = $2""", tenant, hour)
+            if not objects:
+                continue
+            receipts = await self.load_receipts(Window(tenant, max(first, hour), min(last, hour + timedelta(hours=1))),
+                                                batches={(o["shard_id"], int(o["first_seq"]), int(o["last_seq"]))
+                                                         for o in objects})
+            lost += int((~(receipts.duplicate | receipts.forwarded)).sum())
         return int(lost)
+
+    # --- per event ----------------------------------------------------------------------------
 
     async def exact(self, window: Window, with_ids: bool, limit: int, after: dict[str, str]) -> Reconciliation:
         """Every event of the window, one by one."""
         result = Reconciliation()
+        trail = await self.trail(window)
         async with self.pool.acquire() as conn:
-            row = await conn.fetchrow(_IDS + """
-                SELECT count(*) AS ids, coalesce(sum(copies), 0) AS accepted,
-                       count(*) FILTER (WHERE describe) AS describes, count(s.event_id) AS stored
-                  FROM ids LEFT JOIN seen_events s ON s.tenant = $1 AND s.event_id = ids.event_id""",
-                *self._args(window))
-            result.quarantined = await conn.fetchval(
-                """SELECT count(*) FROM quarantined WHERE tenant = $1 AND received_at >= $2 AND received_at < $3
-                      AND ($4::text IS NULL OR sensor = $4)""", *self._args(window))
-            unarchived = await self._unarchived_ids(conn, window)
-        expected = int(row["ids"])
-        result.accepted = int(row["accepted"])
-        result.duplicates = result.accepted - expected
-        result.describes = int(row["describes"])
-        result.aggregated = int(row["stored"])
-        result.archived = result.aggregated - len(unarchived)
-        result.indexed = await self._indexed_count(window)
-        result.missing = {"archive": expected - result.archived, "aggregate": expected - result.aggregated,
-                          "index": max(0, expected - result.indexed)}
-        if result.missing["aggregate"]:
-            result.retention_lost = await self._retention_lost(window)
-        result.complete = not any(result.missing.values())
+            result.quarantined = await self._quarantined(conn, window)
+            result.pending = await self._pending(conn, window)  # acknowledged, not read by the consumers yet
+        result.accepted = trail.copies + result.pending
+        result.duplicates = trail.copies - len(trail)
+        result.describes = int(trail.receipts.describe[trail.chosen].sum())
+        result.aggregated = int(trail.stored.sum())
+        result.archived = int(trail.archived.sum())
+        indexed_ids: set[str] | None = None
         if with_ids:
-            # an id not aggregated is not archived either: its batch never committed (or was undone)
-            unstored = await self._unaggregated_ids(window, limit, after.get("archive", ""))
+            indexed_ids = await self._indexed_ids(window)
+            ids = trail.ids()
+            in_index = np.fromiter((i in indexed_ids for i in ids), dtype=bool, count=len(ids))
+            result.indexed = int(in_index.sum()) if window.sensor else len(indexed_ids)
+            result.index_pending = int((trail.index_pending & ~in_index).sum())
+        else:
+            result.indexed = await self._indexed_count(window)
+            # an upper bound (some may be indexed already), never more than what is not indexed
+            result.index_pending = max(0, min(int(trail.index_pending.sum()), result.archived - result.indexed))
+        result.finish()
+        if with_ids:
+            def listed(mask: np.ndarray, stage: str) -> list[str]:
+                start = after.get(stage, "")
+                return sorted(i for i, m in zip(ids, mask) if m and i > start)[:limit]
+
             result.missing_ids = {
-                "archive": sorted({i for i in unarchived if i > after.get("archive", "")} | set(unstored))[:limit],
-                "aggregate": await self._unaggregated_ids(window, limit, after.get("aggregate", "")),
-                "index": await self._unindexed_ids(window, limit, after.get("index", ""))
-                if result.missing["index"] else [],
+                "archive": listed(~trail.archived, "archive"),  # not stored, or its object is gone
+                "aggregate": listed(~trail.stored, "aggregate"),
+                "index": listed(~in_index & ~trail.index_pending, "index") if result.missing["index"] else [],
             }
         return result
 
-    @staticmethod
-    def _args(window: Window) -> tuple:
-        return window.tenant, window.start, window.end, window.sensor
+    async def trail(self, window: Window) -> Trail:
+        """The window's receipts, set against the committed batches, their archive objects and the replays."""
+        receipts = await self.load_receipts(window)
+        n = len(receipts)
+        tenant = window.tenant
+        if not n:
+            empty = np.zeros(0, dtype=bool)
+            return Trail(receipts, np.zeros(0, np.int64), 0, empty, empty, np.zeros(0, np.int64), empty,
+                         np.zeros(0, np.int64))
+        fps = np.fromiter((fingerprint(tenant, e) for e in receipts.event_id), dtype=np.uint64, count=n)
+        # the copy that counts for each id: one the consumer did not flag as a duplicate nor forward, else the first
+        order = np.lexsort((receipts.position, receipts.received_us, receipts.duplicate | receipts.forwarded, fps))
+        first_of = np.ones(n, dtype=bool)
+        first_of[1:] = fps[order][1:] != fps[order][:-1]
+        chosen = order[first_of]
+        batch_of = await self._covering_batches(receipts, chosen)
+        stored = batch_of >= 0
+        restored = await self._restored(window)
+        if restored:
+            stored |= np.isin(fps[chosen], np.fromiter(restored, dtype=np.uint64, count=len(restored)))
+        hour_index = receipts.received_us[chosen] // HOUR_US
+        present = await self._archive_objects(tenant, batch_of)
+        archived = stored.copy()
+        if present.size or stored.any():
+            pairs = batch_of * 1_000_000 + hour_index
+            archived &= (batch_of < 0) | np.isin(pairs, present)
+        waiting = await self._not_indexed_yet({int(b) for b in np.unique(batch_of) if b >= 0})
+        index_pending = np.isin(batch_of, np.fromiter(waiting, dtype=np.int64, count=len(waiting))) if waiting \
+            else np.zeros(len(chosen), dtype=bool)
+        return Trail(receipts, chosen, n - int(receipts.relayed.sum()), stored, archived, batch_of, index_pending,
+                     hour_index)
 
-    async def _unaggregated_ids(self, window: Window, limit: int, after: str) -> list[str]:
+    async def load_receipts(self, window: Window, batches: set[tuple[str, int, int]] | None = None) -> Receipts:
+        """The receipts of the window (the consumers' objects, and the rows of releases before them); with
+        `batches`, only those of the given (shard, first, last) batches."""
+        keys: list[str] = []
+        paginator = self.s3.get_paginator("list_objects_v2")
+        hour = hour_of(window.start)
+        while hour < window.end:
+            prefix = hour_prefix(self.settings.archive.receipts_prefix, window.tenant, hour)
+            async for page in paginator.paginate(Bucket=self.settings.archive.bucket, Prefix=prefix):
+                for obj in page.get("Contents", []):
+                    key = obj["Key"]
+                    if batches is not None and _batch_of_key(key) not in batches:
+                        continue
+                    if _minutes_overlap(key, hour, window):
+                        keys.append(key)
+            hour += timedelta(hours=1)
+        semaphore = asyncio.Semaphore(READ_CONCURRENCY)
+
+        async def read(key: str) -> bytes:
+            async with semaphore:
+                reply = await self.s3.get_object(Bucket=self.settings.archive.bucket, Key=key)
+                async with reply["Body"] as body:
+                    return await body.read()
+
+        blobs = await asyncio.gather(*(read(k) for k in keys))
+        receipts = _overlaps_removed(decode_receipts(blobs))
+        if batches is None:
+            receipts = receipts.plus(await self._legacy_receipts(window))
+        keep = (receipts.received_us >= micros(window.start)) & (receipts.received_us < micros(window.end))
+        if window.sensor is not None:
+            keep &= receipts.sensor == window.sensor
+        return receipts if keep.all() else receipts.select(keep)
+
+    async def _legacy_receipts(self, window: Window) -> Receipts:
+        """Receipt rows written before receipts moved to objects (they age out with the dedup window)."""
         async with self.pool.acquire() as conn:
-            rows = await conn.fetch(_IDS + """
-                SELECT ids.event_id FROM ids
-                 WHERE NOT EXISTS (SELECT 1 FROM seen_events s WHERE s.tenant = $1 AND s.event_id = ids.event_id)
-                   AND ids.event_id > $5 COLLATE "C"
-                 ORDER BY ids.event_id COLLATE "C" LIMIT $6""", *self._args(window), after, limit)
-        return [r["event_id"] for r in rows]
+            rows = await conn.fetch(
+                """SELECT event_id, shard_id, sequence_number, position, received_at, sensor, kind
+                     FROM receipts WHERE tenant = $1 AND received_at >= $2 AND received_at < $3""",
+                window.tenant, window.start, window.end)
+        by_shard: dict[str, ReceiptObject] = {}
+        obj, record = [], []
+        for r in rows:
+            o = by_shard.get(r["shard_id"])
+            if o is None:
+                o = by_shard[r["shard_id"]] = ReceiptObject(r["shard_id"], 0, -1, [])
+            obj.append(list(by_shard).index(r["shard_id"]))
+            record.append(len(o.seqs))
+            o.seqs.append(int(r["sequence_number"]))
+        n = len(rows)
+        none = np.zeros(n, dtype=bool)
+        return Receipts(
+            list(by_shard.values()), [r["event_id"] for r in rows], np.asarray(obj, dtype=np.int64),
+            np.asarray(record, dtype=np.int64), np.asarray([r["position"] for r in rows], dtype=np.int64),
+            np.asarray([micros(r["received_at"]) for r in rows], dtype=np.int64),
+            np.asarray([r["sensor"] for r in rows], dtype=object),
+            np.asarray([r["kind"] == "entity" for r in rows], dtype=bool),
+            none, none, none)  # no flags: the first copy by receipt time counts
 
-    async def _unarchived_ids(self, conn, window: Window) -> set[str]:
-        """Stored ids whose archive object is not named by a manifest, or no longer in S3."""
-        rows = await conn.fetch(_IDS + """
-            SELECT ids.event_id, o.key FROM ids
-              JOIN seen_events s ON s.tenant = $1 AND s.event_id = ids.event_id
-              LEFT JOIN archive_objects o ON o.batch_id = s.batch_id AND o.tenant = $1
-                    AND o.received_hour = date_trunc('hour', s.received_at, 'UTC')""", *self._args(window))
-        keys = {r["key"] for r in rows if r["key"] is not None}
-        present = await self._keys_in_s3(keys)
-        return {r["event_id"] for r in rows if r["key"] is None or r["key"] not in present}
+    async def _covering_batches(self, receipts: Receipts, chosen: np.ndarray) -> np.ndarray:
+        """For each chosen copy, the committed batch of the live stream whose sequence range holds its record (-1
+        if none). Receipt objects are written per batch: most match a committed batch exactly."""
+        objects = receipts.objects
+        by_object = np.full(len(objects), -1, dtype=np.int64)
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch(
+                """SELECT b.id, o.i FROM unnest($2::text[], $3::numeric[], $4::numeric[], $5::int[])
+                          AS o(shard_id, first_seq, last_seq, i)
+                     JOIN batches b ON b.stream = $1 AND b.shard_id = o.shard_id AND b.first_seq = o.first_seq
+                          AND b.last_seq = o.last_seq""",
+                self.settings.stream.name, [o.shard for o in objects], [o.first for o in objects],
+                [o.last for o in objects], list(range(len(objects))))
+            for r in rows:
+                by_object[r["i"]] = r["id"]
+            out = by_object[receipts.obj[chosen]]
+            loose = np.flatnonzero(out < 0)  # re-read with other bounds after a crash, or a legacy receipt
+            by_shard: dict[str, list[int]] = {}
+            for k in loose:
+                by_shard.setdefault(receipts.shard(chosen[k]), []).append(int(k))
+            for shard, positions in by_shard.items():
+                seqs = [receipts.seq(chosen[k]) for k in positions]
+                batch_rows = await conn.fetch(
+                    """SELECT id, first_seq, last_seq FROM batches
+                        WHERE stream = $1 AND shard_id = $2 AND last_seq >= $3 AND first_seq <= $4
+                        ORDER BY first_seq""", self.settings.stream.name, shard, min(seqs), max(seqs))
+                firsts = [int(r["first_seq"]) for r in batch_rows]
+                lasts = [int(r["last_seq"]) for r in batch_rows]
+                for k, seq in zip(positions, seqs):
+                    at = bisect.bisect_right(firsts, seq) - 1
+                    if at >= 0 and seq <= lasts[at]:
+                        out[k] = batch_rows[at]["id"]
+        return out
+
+    async def _not_indexed_yet(self, batch_ids: set[int]) -> set[int]:
+        """Which of these live batches are past their shard's index cursor (the index writer follows on)."""
+        if not batch_ids:
+            return set()
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch(
+                """SELECT b.id FROM batches b
+                     LEFT JOIN index_cursors i ON i.stream = b.stream AND i.shard_id = b.shard_id
+                    WHERE b.id = ANY($1) AND b.stream = $2 AND (i.last_seq IS NULL OR b.last_seq > i.last_seq)""",
+                sorted(batch_ids), self.settings.stream.name)
+        return {r["id"] for r in rows}
+
+    async def _restored(self, window: Window) -> set[int]:
+        """Fingerprints of the events replays stored in the window's hours (read from their archive objects)."""
+        async with self.pool.acquire() as conn:
+            keys = [r["key"] for r in await conn.fetch(
+                """SELECT o.key FROM archive_objects o JOIN batches b ON b.id = o.batch_id
+                    WHERE o.tenant = $1 AND o.received_hour >= $2 AND o.received_hour < $3 AND b.stream LIKE 'replay:%'""",
+                window.tenant, hour_of(window.start), window.end)]
+        found: set[int] = set()
+        for key in keys:
+            for line in await self.read_archive_object(key):
+                found.add(fingerprint(window.tenant, line["meta"]["event_id"]))
+        return found
+
+    async def read_archive_object(self, key: str) -> list[dict[str, Any]]:
+        reply = await self.s3.get_object(Bucket=self.settings.archive.bucket, Key=key)
+        async with reply["Body"] as body:
+            data = await body.read()
+        return [orjson.loads(line) for line in gzip.decompress(data).splitlines() if line]
+
+    async def _archive_objects(self, tenant: str, batch_of: np.ndarray) -> np.ndarray:
+        """batch * 1e6 + hour index of each archive object the manifest names for these batches and S3 still has."""
+        wanted = [int(b) for b in np.unique(batch_of) if b >= 0]
+        if not wanted:
+            return np.zeros(0, dtype=np.int64)
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch(
+                "SELECT key, batch_id, received_hour FROM archive_objects WHERE tenant = $1 AND batch_id = ANY($2)",
+                tenant, wanted)
+        present = await keys_in_s3(self.settings, self.s3, {r["key"] for r in rows})
+        return np.asarray([r["batch_id"] * 1_000_000 + int(r["received_hour"].timestamp()) // 3600
+                           for r in rows if r["key"] in present], dtype=np.int64)
+
+    async def _pending(self, conn, window: Window) -> int:
+        rows = await conn.fetch(
+            """SELECT shard_id, received_minute,
+                      coalesce(sum(events) FILTER (WHERE stage = 'acknowledged'), 0)::bigint AS acknowledged,
+                      coalesce(sum(events) FILTER (WHERE stage = 'accepted'), 0)::bigint AS accepted
+                 FROM stage_counts WHERE tenant = $1 AND received_minute >= $2 AND received_minute < $3
+                  AND ($4::text IS NULL OR sensor = $4)
+                GROUP BY sensor, shard_id, received_minute""", window.tenant, minute_of(window.start), window.end,
+            window.sensor)
+        reached = await self.consumers_reached(conn)
+        return sum(r["acknowledged"] - r["accepted"] for r in rows
+                   if r["acknowledged"] > r["accepted"] and self.is_pending(r["shard_id"], r["received_minute"], reached))
+
+    async def _quarantined(self, conn, window: Window) -> int:
+        return await conn.fetchval(
+            """SELECT count(*) FROM quarantined WHERE tenant = $1 AND received_at >= $2 AND received_at < $3
+                  AND ($4::text IS NULL OR sensor = $4)""", window.tenant, window.start, window.end, window.sensor)
 
     async def _keys_in_s3(self, keys: set[str]) -> set[str]:
         return await keys_in_s3(self.settings, self.s3, keys)
@@ -282,7 +509,7 @@ class Reconciler:
                                         body={"query": self._index_query(window)}, ignore_unavailable=True)
         return int(reply.get("count", 0))
 
-    async def _unindexed_ids(self, window: Window, limit: int, after: str) -> list[str]:
+    async def _indexed_ids(self, window: Window) -> set[str]:
         indexed: set[str] = set()
         body: dict[str, Any] = {"size": ID_SCAN_PAGE, "_source": False, "query": self._index_query(window),
                                 "sort": [{"event_id": "asc"}], "docvalue_fields": ["event_id"]}
@@ -292,32 +519,49 @@ class Reconciler:
             hits = reply.get("hits", {}).get("hits", [])
             indexed.update(h["_id"] for h in hits)
             if len(hits) < ID_SCAN_PAGE:
-                break
+                return indexed
             body["search_after"] = hits[-1]["sort"]
-        async with self.pool.acquire() as conn:
-            rows = await conn.fetch(_IDS + 'SELECT event_id FROM ids WHERE event_id > $5 COLLATE "C" '
-                                           'ORDER BY event_id COLLATE "C"', *self._args(window), after)
-        return [r["event_id"] for r in rows if r["event_id"] not in indexed][:limit]
 
-    async def _retention_lost(self, window: Window) -> int:
-        """Unaggregated ids whose stream record is older than the oldest record the stream still has."""
-        async with self.pool.acquire() as conn:
-            rows = await conn.fetch(_IDS + """
-                SELECT ids.shard_id, ids.sequence_number FROM ids
-                 WHERE NOT EXISTS (SELECT 1 FROM seen_events s WHERE s.tenant = $1 AND s.event_id = ids.event_id)""",
-                *self._args(window))
-        oldest: dict[str, int | None] = {}
-        lost = 0
-        for r in rows:
-            shard = r["shard_id"]
-            if shard not in oldest:
-                oldest[shard] = await oldest_sequence(self.settings, shard)
-            first = oldest[shard]
-            if first is None or int(r["sequence_number"]) < first:
-                lost += 1
-        return lost
+
+def _batch_of_key(key: str) -> tuple[str, int, int]:
+    """(shard, first, last) from a receipt object's key: .../shard=S/FIRST-LAST.mAA-BB.json.gz"""
+    shard = key.rsplit("/shard=", 1)[1].split("/", 1)[0]
+    first, last = key.rsplit("/", 1)[1].split(".", 1)[0].split("-")
+    return shard, int(first), int(last)
+
+
+def _minutes_overlap(key: str, hour: datetime, window: Window) -> bool:
+    """Whether a receipt object's minutes (in its key) meet the window."""
+    try:
+        span = key.rsplit(".m", 1)[1].split(".", 1)[0]
+        low, high = (int(m) for m in span.split("-"))
+    except (IndexError, ValueError):
+        return True
+    return hour + timedelta(minutes=low) < window.end and hour + timedelta(minutes=high + 1) > window.start
+
+
+def _overlaps_removed(receipts: Receipts) -> Receipts:
+    """One row per copy: a batch read again after a crash with other bounds wrote overlapping objects."""
+    spans: dict[str, list[tuple[int, int]]] = {}
+    for o in receipts.objects:
+        spans.setdefault(o.shard, []).append((o.first, o.last))
+    overlapping = set()
+    for shard, ranges in spans.items():
+        ranges.sort()
+        if any(ranges[i][0] <= ranges[i - 1][1] for i in range(1, len(ranges))):
+            overlapping.add(shard)
+    if not overlapping:
+        return receipts
+    seen: set[tuple[str, int, int]] = set()
+    keep = np.ones(len(receipts), dtype=bool)
+    for i in range(len(receipts)):
+        shard = receipts.shard(i)
+        if shard in overlapping:
+            copy = (shard, receipts.seq(i), int(receipts.position[i]))
+            keep[i] = copy not in seen
+            seen.add(copy)
+    return receipts.select(keep)
 
 
 def _iso(moment: datetime) -> str:
     return moment.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
-

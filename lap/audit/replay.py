@@ -1,21 +1,25 @@
 """Replay: puts the events reconcile finds missing back into each stage, through the live writers.
 
-- aggregate (and archive): ids with no committed dedup row are read again, from
-  the archive (any object under the window's tenant-and-hour prefixes, orphans
-  included: a batch that never committed may have left one) or from the stream
-  (by the shard and sequence number on their receipts), and go through the
-  consumers' BatchWriter in replay mode: dedup, archive, aggregate and commit.
+- aggregate (and archive): ids that no committed batch stored are read again,
+  from the archive (any object under the window's tenant-and-hour prefixes,
+  orphans included: a batch that never committed may have left one) or from
+  the stream (by the shard, record and position of their receipt), and go
+  through the consumers' BatchWriter in replay mode: archive, aggregate and
+  commit. Reconcile reports events its consumer has not reached as pending,
+  never as missing, so the live consumer never reads a replayed event again.
 - archive: an object a manifest names but S3 no longer has is written again
   from the stream, with the same key and the same lines.
 - index: ids missing from the index are read from their archive objects and
   bulk-indexed (the document id is the event id).
 
-Every step skips what is already there, so a second replay changes nothing.
+Every step skips what is already there, so a second replay changes nothing;
+one replay per tenant runs at a time (a Postgres advisory lock).
 """
 
 from __future__ import annotations
 
 import gzip
+import hashlib
 import logging
 import uuid
 from collections import defaultdict
@@ -24,10 +28,21 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 from urllib.parse import quote
 
+import numpy as np
 import orjson
 
-from lap.audit.reconcile import Reconciler, Window
-from lap.process.batch import GZIP_LEVEL, BatchWriter, Decoded, archive_line, decode_record, hour_of, parse_time
+from lap.audit.receipts import ADD_STAGE_COUNT
+from lap.audit.reconcile import Reconciler, Trail, Window
+from lap.process.batch import (
+    GZIP_LEVEL,
+    BatchWriter,
+    Decoded,
+    archive_line,
+    decode_record,
+    hour_of,
+    minute_of,
+    parse_time,
+)
 from lap.process.index_writer import bulk_index
 from lap.settings import Settings
 from lap.stream.record_format import NotLapRecord
@@ -79,29 +94,40 @@ class Replayer:
         oldest = datetime.now(timezone.utc) - timedelta(seconds=self.settings.process.dedup_window_s) \
             + timedelta(hours=1)
         if window.start < oldest:
-            # beyond the dedup window the committed ids are forgotten: a replay would count events twice
+            # beyond the dedup window the consumers forget the stored ids: a replay would count events twice
             raise ReplayError(f"a replay must start after {oldest:%Y-%m-%dT%H:%M}Z: older events are past the dedup "
                               "window (process.dedup_window_s), so LAP can no longer tell which are stored")
         reconciler = Reconciler(self.settings, self.pool, self.s3, self.search)
-        before = await reconciler.run(window, with_ids=True, limit=ALL_IDS)
-        done: dict[str, int] = {}
-        if "aggregate" in stages or "archive" in stages:
-            done["restored"] = await self.restore(replay_id, window, before.missing_ids["aggregate"], source)
-        if "archive" in stages:
-            done["objects_rewritten"] = await self.rewrite_objects(window, source)
-        if "index" in stages:
-            middle = await reconciler.run(window, with_ids=True, limit=ALL_IDS)
-            done["indexed"] = await self.reindex(window.tenant, middle.missing_ids["index"])
-        after = await reconciler.run(window)
-        return {"replayed": done, "before": before.as_dict() | {"missing_ids": None}, "after": after.as_dict()}
+        lock = int.from_bytes(hashlib.blake2b(f"replay:{window.tenant}".encode(), digest_size=8).digest(), "big",
+                              signed=True)
+        async with self.pool.acquire() as conn:
+            if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", lock):
+                raise ReplayError(f"another replay of tenant {window.tenant!r} is running; ask again when it is done")
+            try:
+                before = await reconciler.run(window)
+                trail = await reconciler.trail(window)
+                done: dict[str, int] = {}
+                if "aggregate" in stages or "archive" in stages:
+                    done["restored"] = await self.restore(replay_id, window, trail, source)
+                if "archive" in stages:
+                    done["objects_rewritten"] = await self.rewrite_objects(window, trail, source)
+                if "index" in stages:
+                    done["indexed"] = await self.reindex(window, await reconciler.trail(window))
+                after = await reconciler.run(window)
+            finally:
+                await conn.execute("SELECT pg_advisory_unlock($1)", lock)
+        return {"replayed": done, "before": before.as_dict(), "after": after.as_dict()}
 
-    # --- aggregate: events with no committed batch -------------------------------------------
+    # --- aggregate: events no committed batch stored -------------------------------------------
 
-    async def restore(self, replay_id: str, window: Window, ids: list[str], source: str) -> int:
-        if not ids:
+    async def restore(self, replay_id: str, window: Window, trail: Trail, source: str) -> int:
+        missing = [int(k) for k in np.flatnonzero(~trail.stored)]
+        if not missing:
             return 0
-        wanted = set(ids)
-        events = await (self.from_archive(window, wanted) if source == "archive" else self.from_stream(window, wanted))
+        if source == "archive":
+            events = await self.from_archive(window, {trail.id(k) for k in missing})
+        else:
+            events = await self.from_stream([(trail.id(k), trail.first_copy(k)) for k in missing])
         by_shard: dict[str, list[Decoded]] = defaultdict(list)
         for shard, event in events:
             by_shard[shard].append(event)
@@ -114,9 +140,9 @@ class Replayer:
                                                  len({e.sequence for e in shard_events}), shard_events)
             restored += result.kept
             self.progress("aggregate", restored, total)
-        missing = len(wanted) - len(events)
-        if missing:
-            log.warning("replay %s: %d of %d ids were not found in the %s", replay_id, missing, len(wanted), source)
+        if len(missing) > len(events):
+            log.warning("replay %s: %d of %d ids were not found in the %s", replay_id, len(missing) - len(events),
+                        len(missing), source)
         return restored
 
     async def from_archive(self, window: Window, wanted: set[str]) -> list[tuple[str, Decoded]]:
@@ -139,20 +165,15 @@ class Replayer:
             hour += timedelta(hours=1)
         return list(found.values())
 
-    async def from_stream(self, window: Window, wanted: set[str]) -> list[tuple[str, Decoded]]:
-        """Each wanted id's event, read at the shard, record and position of its first receipt."""
-        async with self.pool.acquire() as conn:
-            rows = await conn.fetch(
-                """SELECT DISTINCT ON (event_id) event_id, shard_id, sequence_number, position FROM receipts
-                    WHERE tenant = $1 AND received_at >= $2 AND received_at < $3 AND event_id = ANY($4)
-                    ORDER BY event_id, received_at""", window.tenant, window.start, window.end, list(wanted))
+    async def from_stream(self, wanted: list[tuple[str, tuple[str, int, int]]]) -> list[tuple[str, Decoded]]:
+        """Each wanted id's event, read at the shard, record and position of its receipt."""
         found = []
         records = StreamRecords(self)
-        for n, row in enumerate(rows, 1):
-            event = await records.event(row["shard_id"], str(row["sequence_number"]), row["position"])
-            if event is not None and event.meta["event_id"] == row["event_id"]:
-                found.append((row["shard_id"], event))
-            self.progress("read stream", n, len(rows))
+        for n, (event_id, (shard, seq, position)) in enumerate(wanted, 1):
+            event = await records.event(shard, str(seq), position)
+            if event is not None and event.meta["event_id"] == event_id:
+                found.append((shard, event))
+            self.progress("read stream", n, len(wanted))
         return found
 
     async def stream_record(self, shard_id: str, sequence: str) -> dict[str, Any] | None:
@@ -171,73 +192,100 @@ class Replayer:
 
     # --- archive: objects a manifest names that S3 lost --------------------------------------
 
-    async def rewrite_objects(self, window: Window, source: str) -> int:
-        async with self.pool.acquire() as conn:
-            objects = await conn.fetch(
-                """SELECT DISTINCT o.key, o.batch_id, o.received_hour, b.shard_id, b.first_seq, b.last_seq
-                     FROM receipts r
-                     JOIN seen_events s ON s.tenant = r.tenant AND s.event_id = r.event_id
-                     JOIN archive_objects o ON o.batch_id = s.batch_id AND o.tenant = s.tenant
-                          AND o.received_hour = date_trunc('hour', s.received_at, 'UTC')
-                     JOIN batches b ON b.id = o.batch_id
-                    WHERE r.tenant = $1 AND r.received_at >= $2 AND r.received_at < $3""",
-                window.tenant, window.start, window.end)
-        present = await Reconciler(self.settings, self.pool, self.s3, self.search)._keys_in_s3(
-            {o["key"] for o in objects})
-        lost = [o for o in objects if o["key"] not in present]
-        if lost and source != "stream":
+    async def rewrite_objects(self, window: Window, trail: Trail, source: str) -> int:
+        lost: dict[tuple[int, datetime], list[int]] = defaultdict(list)
+        for k in np.flatnonzero(trail.stored & ~trail.archived & (trail.batch_of >= 0)):
+            lost[(trail.batch(k), trail.hour(k))].append(int(k))
+        if not lost:
+            return 0
+        if source != "stream":
             raise ReplayError(f"{len(lost)} archive objects are gone from S3; only the stream can rebuild them "
                               "(replay with source 'stream')")
-        for n, obj in enumerate(lost, 1):
-            await self.rebuild_object(window.tenant, obj)
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch(
+                """SELECT o.key, o.batch_id, o.received_hour, b.shard_id FROM archive_objects o
+                     JOIN batches b ON b.id = o.batch_id WHERE o.tenant = $1 AND o.batch_id = ANY($2)""",
+                window.tenant, sorted({b for b, _ in lost}))
+        objects = {(r["batch_id"], r["received_hour"]): r for r in rows}
+        records = StreamRecords(self)
+        for n, ((batch, hour), members) in enumerate(sorted(lost.items()), 1):
+            obj = objects[(batch, hour)]
+            lines = await self.object_lines(obj, records, window)
+            body = gzip.compress(b"\n".join(lines) + b"\n", compresslevel=GZIP_LEVEL, mtime=0)
+            await self.s3.put_object(Bucket=self.settings.archive.bucket, Key=obj["key"], Body=body,
+                                     ContentType="application/x-ndjson", ContentEncoding="gzip")
             async with self.pool.acquire() as conn:
                 await conn.execute("DELETE FROM lost_archive_objects WHERE key = $1", obj["key"])
             self.progress("archive", n, len(lost))
         return len(lost)
 
-    async def rebuild_object(self, tenant: str, obj) -> None:
-        """The same lines as the lost object: the batch's committed events of this tenant and hour."""
+    async def object_lines(self, obj, records: "StreamRecords", window: Window) -> list[bytes]:
+        """The same lines as a lost object: what its batch stored of this tenant and hour, from the stream."""
+        reconciler = Reconciler(self.settings, self.pool, self.s3, self.search)
         async with self.pool.acquire() as conn:
-            kept = await conn.fetch(
-                """SELECT shard_id, sequence_number, position FROM seen_events
-                    WHERE tenant = $1 AND batch_id = $2 AND date_trunc('hour', received_at, 'UTC') = $3
-                    ORDER BY sequence_number, position""", tenant, obj["batch_id"], obj["received_hour"])
-        records = StreamRecords(self)
+            batch = await conn.fetchrow("SELECT shard_id, first_seq, last_seq FROM batches WHERE id = $1",
+                                        obj["batch_id"])
+        hour = obj["received_hour"]
+        receipts = await reconciler.load_receipts(
+            Window(window.tenant, hour, hour + timedelta(hours=1)),
+            batches={(batch["shard_id"], int(batch["first_seq"]), int(batch["last_seq"]))})
+        copies = sorted((receipts.seq(i), int(receipts.position[i])) for i in range(len(receipts))
+                        if not (receipts.duplicate[i] or receipts.forwarded[i]))
         lines = []
-        for row in kept:
-            event = await records.event(row["shard_id"], str(row["sequence_number"]), row["position"])
+        for seq, position in copies:
+            event = await records.event(obj["shard_id"], str(seq), position)
             if event is None:
-                raise ReplayError(f"event {row['sequence_number']}/{row['position']} of {obj['key']} is no longer "
-                                  "in the stream")
+                raise ReplayError(f"event {seq}/{position} of {obj['key']} is no longer in the stream")
             lines.append(archive_line(event, obj["shard_id"]))
-        body = gzip.compress(b"\n".join(lines) + b"\n", compresslevel=GZIP_LEVEL, mtime=0)
-        await self.s3.put_object(Bucket=self.settings.archive.bucket, Key=obj["key"], Body=body,
-                                 ContentType="application/x-ndjson", ContentEncoding="gzip")
+        return lines
 
     # --- index ---------------------------------------------------------------------------------
 
-    async def reindex(self, tenant: str, ids: list[str]) -> int:
-        if not ids:
+    async def reindex(self, window: Window, trail: Trail) -> int:
+        reconciler = Reconciler(self.settings, self.pool, self.s3, self.search)
+        indexed = await reconciler._indexed_ids(window)
+        # not those the index writer has still to reach: it indexes them itself, and counts them
+        candidates = np.flatnonzero(trail.archived & ~trail.index_pending)
+        wanted = {i: int(k) for k, i in zip(candidates, trail.ids(candidates)) if i not in indexed}
+        if not wanted:
             return 0
         async with self.pool.acquire() as conn:
-            keys = [r["key"] for r in await conn.fetch(
-                """SELECT DISTINCT o.key FROM seen_events s
-                     JOIN archive_objects o ON o.batch_id = s.batch_id AND o.tenant = s.tenant
-                          AND o.received_hour = date_trunc('hour', s.received_at, 'UTC')
-                    WHERE s.tenant = $1 AND s.event_id = ANY($2)""", tenant, ids)]
-        wanted = set(ids)
-        lines = []
-        for key in keys:
-            lines += [line for line in await self.read_object(key) if line["meta"]["event_id"] in wanted]
-        indexed = 0
+            rows = await conn.fetch(
+                "SELECT key, batch_id, received_hour FROM archive_objects WHERE tenant = $1 AND batch_id = ANY($2)",
+                window.tenant, sorted({trail.batch(k) for k in wanted.values() if trail.batch(k) is not None}))
+            restored = await conn.fetch(
+                """SELECT o.key, o.batch_id FROM archive_objects o JOIN batches b ON b.id = o.batch_id
+                    WHERE o.tenant = $1 AND o.received_hour >= $2 AND o.received_hour < $3 AND b.stream LIKE 'replay:%'""",
+                window.tenant, hour_of(window.start), window.end)
+        needed = {(trail.batch(k), trail.hour(k)) for k in wanted.values()}
+        objects = [(r["key"], r["batch_id"]) for r in rows if (r["batch_id"], r["received_hour"]) in needed]
+        objects += [(r["key"], r["batch_id"]) for r in restored]
+        total = len(wanted)
+        done = 0
         size = self.settings.process.index_batch_docs
-        for start in range(0, len(lines), size):
-            ok, refused = await bulk_index(self.search, self.settings, lines[start:start + size])
-            indexed += len(ok)
-            for line, status, reason in refused:
-                log.error("replay: %s refused by the index (%s): %s", line["meta"]["event_id"], status, reason)
-            self.progress("index", indexed, len(lines))
-        return indexed
+        for key, batch_id in objects:
+            lines = [line for line in await self.read_object(key) if line["meta"]["event_id"] in wanted]
+            for start in range(0, len(lines), size):
+                ok, created, refused = await bulk_index(self.search, self.settings, lines[start:start + size], batch_id)
+                done += len(ok)
+                await self.count_indexed(created)
+                for line, status, reason in refused:
+                    log.error("replay: %s refused by the index (%s): %s", line["meta"]["event_id"], status, reason)
+                self.progress("index", done, total)
+        return done
+
+    async def count_indexed(self, created: list[dict[str, Any]]) -> None:
+        """The `indexed` counters of the documents this replay made (an index writer that reaches the same events
+        later finds them there, and does not count them again)."""
+        counts: dict[tuple, int] = {}
+        for line in created:
+            meta = line["meta"]
+            key = (meta["tenant"], meta.get("sensor") or "", meta.get("shard_id") or "",
+                   minute_of(parse_time(meta["received_at"])), "indexed")
+            counts[key] = counts.get(key, 0) + 1
+        if counts:
+            async with self.pool.acquire() as conn:
+                await conn.executemany(ADD_STAGE_COUNT, sorted((*k, n) for k, n in counts.items()))
 
     async def read_object(self, key: str) -> list[dict[str, Any]]:
         reply = await self.s3.get_object(Bucket=self.settings.archive.bucket, Key=key)

@@ -8,6 +8,7 @@ are query parameters. Errors are RFC 7807 problems, never a 5xx for bad input.
 import asyncio
 import base64
 import binascii
+import gzip
 import logging
 from contextlib import AsyncExitStack
 from datetime import UTC, datetime, timedelta
@@ -151,7 +152,8 @@ class EventHit(BaseModel):
     sensor: str | None
     event_time: str | None
     received_at: str | None
-    event: dict[str, Any]
+    event: dict[str, Any] | None = Field(None, description="the whole event as sent: in GET /v1/events/{id} only, "
+                                                          "read from the archive")
 
 
 class EventPage(BaseModel):
@@ -170,6 +172,9 @@ class ReconcileReport(BaseModel):
     archived: int
     aggregated: int
     indexed: int
+    pending: int = Field(0, description="acknowledged events the stream still holds ahead of their shard's consumer: "
+                                        "on their way, not missing")
+    index_pending: int = Field(0, description="archived events the index writer has still to reach: not missing")
     missing: dict[str, int]
     retention_lost: int
     complete: bool
@@ -297,11 +302,11 @@ def summary_rows(rows, actions) -> list[CourseFigures]:
     return out
 
 
-def hit(source: dict[str, Any]) -> EventHit:
+def hit(source: dict[str, Any], event: dict[str, Any] | None = None) -> EventHit:
     return EventHit(event_id=source["event_id"], type=source.get("type"), action=source.get("action"),
                     actor=source.get("actor"), object=source.get("object"), course=source.get("course"),
                     sensor=source.get("sensor"), event_time=source.get("event_time"),
-                    received_at=source.get("received_at"), event=source.get("event") or {})
+                    received_at=source.get("received_at"), event=event)
 
 
 # Everything the class uses must be defined above it: Serve pickles the class when it is decorated.
@@ -680,9 +685,36 @@ class OutputAPI:
             log.warning("event lookup failed: %s", exc)
             raise Problem(503, "Service Unavailable", "the search index is not reachable; retry later",
                           {"Retry-After": "5"}) from None
-        if not reply.get("found") or reply["_source"].get("tenant") != tenant:
+        source = reply.get("_source") or {}
+        if not reply.get("found") or source.get("tenant") != tenant:
             raise Problem(404, "Not Found", "no such event (or it is not indexed yet)")
-        return hit(reply["_source"])
+        return hit(source, source.get("event") or await self.archived_event(tenant, source))
+
+    async def archived_event(self, tenant: str, source: dict[str, Any]) -> dict[str, Any]:
+        """The whole event, from the archive object of the batch the document points at."""
+        received = datetime.fromisoformat(source["received_at"].replace("Z", "+00:00"))
+        try:
+            async with self._pool.acquire() as conn:
+                key = await conn.fetchval(
+                    "SELECT key FROM archive_objects WHERE batch_id = $1 AND tenant = $2 AND received_hour = $3",
+                    source["batch"], tenant, received.replace(minute=0, second=0, microsecond=0))
+            if key is None:
+                raise Problem(404, "Not Found", "the event's archive object is not in the manifest; reconcile the "
+                                                "window and replay it")
+            reply = await self._s3.get_object(Bucket=self.settings.archive.bucket, Key=key)
+            async with reply["Body"] as body:
+                data = gzip.decompress(await body.read())
+        except Problem:
+            raise
+        except Exception as exc:
+            log.warning("archive read for %s failed: %s", source["event_id"], exc)
+            raise Problem(503, "Service Unavailable", "the archive is not reachable; retry later",
+                          {"Retry-After": "5"}) from None
+        for line in data.splitlines():
+            doc = orjson.loads(line)
+            if doc["meta"]["event_id"] == source["event_id"]:
+                return doc["item"]
+        raise Problem(404, "Not Found", "the event is not in its archive object; reconcile the window and replay it")
 
     @app.get("/events", response_model=EventPage, responses=_PROBLEMS,
              summary="Search events; newest first, paged with search_after")

@@ -2,16 +2,22 @@
 
 The order is what makes a crash harmless (DESIGN.md, "Data flow"):
 
-1. dedup against the committed ids (a read: nothing is claimed yet);
-2. archive: one gzip JSON-lines object per tenant and hour, under a key made of
-   the batch's first and last sequence numbers, so a retried batch writes the
-   same keys;
+1. dedup against the shard's in-memory state (lap/process/dedup.py): a read,
+   nothing is claimed yet;
+2. write, per tenant and hour: the archive object (the events to keep, gzip
+   JSON lines) and the receipt object (every copy read, duplicates flagged:
+   lap/audit/receipts.py), under keys made of the batch's first and last
+   sequence numbers, so a retried batch writes the same keys;
 3. aggregate with numpy;
-4. commit, in ONE transaction: the lease check, the manifest and its archive
-   objects, the dedup rows, the aggregates, the audit counters and the checkpoint.
+4. commit, in ONE transaction: the lease check, the manifest (with the
+   fingerprints of what it stored) and its archive objects, the aggregates, the
+   audit counters and the checkpoint;
+5. only then add the stored fingerprints to the in-memory dedup state.
 
-An object written in step 2 whose transaction never commits is an orphan: no
-manifest names it, so nothing reads it, and the sweeper removes it.
+An archive object written in step 2 whose transaction never commits is an
+orphan: no manifest names it, so nothing reads it, and the sweeper removes it.
+Its receipt object stays: the events were read from the stream, and reconcile
+finds them missing until the batch is committed again (or replayed).
 """
 
 from __future__ import annotations
@@ -23,16 +29,22 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
+from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import quote
 
 import asyncpg
+import numpy as np
 import orjson
 
 from lap import metrics
+from lap.audit.receipts import ADD_STAGE_COUNT, encode_receipts, receipt_key
 from lap.process.aggregate import Aggregates, aggregate_records
+from lap.process.dedup import DedupStore, fingerprints, to_bytes
 from lap.settings import Settings
 from lap.stream import record_format
+from lap.stream.producer import partition_key_for
+from lap.stream.shard_map import hash_key
 
 log = logging.getLogger("lap.process")
 
@@ -41,10 +53,6 @@ GZIP_LEVEL = 3  # ~4x smaller than the JSON at a few ms per MB; the archive is w
 
 class LeaseLost(Exception):
     """Another consumer holds this shard now; this one must stop without committing."""
-
-
-class DedupRace(Exception):
-    """An id of this batch was committed elsewhere between the dedup read and the commit."""
 
 
 @dataclass(slots=True)
@@ -128,17 +136,22 @@ def archive_line(record: Decoded, shard_id: str) -> bytes:
 
 
 class BatchWriter:
-    """Writes a shard's batches; one per consumer, holding that consumer's lease epoch.
+    """Writes a shard's batches; one per consumer, holding that consumer's lease epoch and dedup state.
 
-    A replay (`replay` = its id) goes through the same steps for records read
-    again from the archive or the stream, but it holds no lease and moves no
-    checkpoint: its manifest rows belong to the stream "replay:<id>", its
-    objects' keys end in "-r<id>", and ids already committed are simply skipped
-    (not counted as new duplicates), so running a replay twice changes nothing.
+    A replay (`replay` = its id) goes through the same steps for events read
+    again from the archive or the stream, but it holds no lease, no dedup state
+    and moves no checkpoint: it is given only events that reconcile found
+    stored nowhere (behind the shard's checkpoint, so the live consumer never
+    reads them again), its manifest rows belong to the stream "replay:<id>" and
+    its objects' keys end in "-r<id>"; it writes no receipts (the events have
+    theirs) and counts no new acceptance. Running a replay twice changes
+    nothing: the second finds nothing missing.
     """
 
     def __init__(self, settings: Settings, pool: asyncpg.Pool, s3: Any, shard_id: str, epoch: int | None,
-                 replay: str | None = None):
+                 replay: str | None = None, dedup: DedupStore | None = None,
+                 hash_range: tuple[int, int] | None = None,
+                 forward: Callable[[list[Decoded]], Awaitable[None]] | None = None):
         self.settings = settings
         self.pool = pool
         self.s3 = s3
@@ -146,6 +159,11 @@ class BatchWriter:
         self.shard_id = shard_id
         self.epoch = epoch
         self.replay = replay
+        self.dedup_store = dedup
+        # The shard's hash-key range, and how to put an event back into the stream for the shard that owns it
+        # (`foreign`). Set for live consumers.
+        self.hash_range = hash_range
+        self.forward = forward
 
     async def process(self, records: list[dict[str, Any]]) -> BatchResult:
         """Archive, aggregate and commit one batch of GetRecords records (in stream order)."""
@@ -155,81 +173,116 @@ class BatchWriter:
 
     async def process_events(self, first: int, last: int, records: int, decoded: list[Decoded]) -> BatchResult:
         """The same for events already decoded, from the records `first`..`last` (`records` of them)."""
+        foreign = self.foreign(decoded)
+        kept, duplicate = self.dedup(decoded, foreign)
+        duplicates = [d for d, dup in zip(decoded, duplicate) if dup]
+        if self.replay is not None and not kept:
+            return BatchResult(last, 0, len(duplicates))
+        if any(foreign):  # before the commit moves the checkpoint past them: never lost, at worst sent twice
+            await self.forward([d for d, f in zip(decoded, foreign) if f])
+        stored = fingerprints([r.key for r in kept])
+        keys = await self.archive(kept, decoded, duplicate, foreign, first, last)
+        aggregates = aggregate_records([{"meta": r.meta, "item": r.item} for r in kept])
         for attempt in range(5):
-            kept, duplicates = await self.dedup(decoded)
-            if self.replay is not None and not kept:
-                return BatchResult(last, 0, len(duplicates))
-            keys = await self.archive(kept, first, last)
-            aggregates = aggregate_records([{"meta": r.meta, "item": r.item} for r in kept])
             started = time.monotonic()
             try:
-                await self.commit(first, last, records, kept, duplicates, keys, aggregates)
+                await self.commit(first, last, records, decoded, kept, duplicates, keys, aggregates, stored)
                 metrics.batch_commit_seconds().observe(time.monotonic() - started, tags={"shard": self.shard_id})
-            except DedupRace:
-                log.warning("shard %s: an id of batch %s was committed meanwhile; redoing it", self.shard_id, first)
-                await asyncio.sleep(0.1 * (attempt + 1))
-                continue
+                break
             except asyncpg.exceptions.DeadlockDetectedError:  # rolled back as a whole: simply commit again
                 log.warning("shard %s: batch %s hit a deadlock; committing it again", self.shard_id, first)
                 await asyncio.sleep(0.1 * (attempt + 1))
-                continue
-            return BatchResult(last, len(kept), len(duplicates))
-        raise RuntimeError(f"shard {self.shard_id}: batch {first} kept racing with another consumer")
+        else:
+            raise RuntimeError(f"shard {self.shard_id}: batch {first} kept deadlocking")
+        if self.dedup_store is not None:
+            self.dedup_store.add(stored, [r.received_at for r in kept])
+        return BatchResult(last, len(kept), len(duplicates))
 
-    async def dedup(self, decoded: list[Decoded]) -> tuple[list[Decoded], list[Decoded]]:
-        """Split the batch into the records to keep and the duplicates (in this batch or committed)."""
-        seen_here: set[tuple[str, str]] = set()
-        unique: list[Decoded] = []
-        duplicates: list[Decoded] = []
+    def foreign(self, decoded: list[Decoded]) -> list[bool]:
+        """Which events belong to another shard: their learner's hash key is outside this shard's range.
+
+        Ingest groups a request's events by its shard map; for a moment after a
+        split or merge that map is stale, and a record can land on a shard that
+        does not own all of its learners. Dedup state is per shard, so a later
+        resend of such an event would go to its own shard and be stored twice:
+        the consumer puts it back into the stream for that shard instead.
+        """
+        if self.hash_range is None:
+            return [False] * len(decoded)
+        low, high = self.hash_range
+        out = []
         for record in decoded:
-            if record.key in seen_here:
-                duplicates.append(record)
-            else:
-                seen_here.add(record.key)
-                unique.append(record)
-        if not unique:
-            return unique, duplicates
-        window = timedelta(seconds=self.settings.process.dedup_window_s)
-        async with self.pool.acquire() as conn:
-            rows = await conn.fetch(
-                """SELECT s.tenant, s.event_id, s.received_at, s.shard_id, s.sequence_number, s.position
-                     FROM seen_events s
-                     JOIN unnest($1::text[], $2::text[]) AS b(tenant, event_id) USING (tenant, event_id)""",
-                [r.meta["tenant"] for r in unique], [r.meta["event_id"] for r in unique])
-        committed = {(row["tenant"], row["event_id"]): row for row in rows}
-        kept: list[Decoded] = []
-        for record in unique:
-            before = committed.get(record.key)
-            if before is None or record.received_at - before["received_at"] >= window:
-                kept.append(record)
-            elif (before["shard_id"] == self.shard_id and int(before["sequence_number"]) == record.sequence
-                  and before["position"] == record.position):
-                continue  # this very record is committed already (a replay got there first): not a duplicate
-            else:
-                duplicates.append(record)
-        return kept, duplicates
+            key = partition_key_for(record.meta.get("learner") or record.meta["event_id"])
+            out.append(not low <= hash_key(key) <= high)
+        return out
 
-    async def archive(self, kept: list[Decoded], first: int, last: int) -> dict[str, tuple[str, datetime, int, int]]:
-        """Put one object per tenant and hour; returns key -> (tenant, hour, records, bytes)."""
+    def dedup(self, decoded: list[Decoded], foreign: list[bool]) -> tuple[list[Decoded], list[bool]]:
+        """The events to keep, and for each decoded copy whether it is a duplicate (in this batch, or stored before).
+
+        Foreign events are neither: their own shard decides.
+        """
+        seen_here: set[tuple[str, str]] = set()
+        first_copy = []
+        for record, elsewhere in zip(decoded, foreign):
+            key = record.key
+            first_copy.append(not elsewhere and key not in seen_here)
+            if not elsewhere:
+                seen_here.add(key)
+        candidates = [r for r, first in zip(decoded, first_copy) if first]
+        if self.dedup_store is None or not candidates:  # a replay: given only what is stored nowhere
+            known = np.zeros(len(candidates), dtype=bool)
+        else:
+            known = self.dedup_store.state.contains(fingerprints([r.key for r in candidates]))
+        kept: list[Decoded] = []
+        duplicate: list[bool] = []
+        it = iter(known)
+        for record, first, elsewhere in zip(decoded, first_copy, foreign):
+            dup = False if elsewhere else (not first or bool(next(it)))
+            duplicate.append(dup)
+            if first and not dup:
+                kept.append(record)
+        return kept, duplicate
+
+    async def archive(self, kept: list[Decoded], decoded: list[Decoded], duplicate: list[bool], foreign: list[bool],
+                      first: int, last: int) -> dict[str, tuple[str, datetime, int, int]]:
+        """Put one archive object and one receipt object per tenant and hour; returns the archive keys ->
+        (tenant, hour, records, bytes)."""
         groups: dict[tuple[str, datetime], list[bytes]] = {}
         for record in kept:
             groups.setdefault((record.meta["tenant"], hour_of(record.received_at)), []).append(
                 archive_line(record, self.shard_id))
         objects: dict[str, tuple[str, datetime, int, int]] = {}
+        bucket = self.settings.archive.bucket
         puts = []
         for (tenant, hour), lines in groups.items():
             key = archive_key(self.settings, tenant, hour, self.shard_id, first, last, self.replay)
             body = gzip.compress(b"\n".join(lines) + b"\n", compresslevel=GZIP_LEVEL, mtime=0)
             objects[key] = (tenant, hour, len(lines), len(body))
-            puts.append(self.s3.put_object(Bucket=self.settings.archive.bucket, Key=key, Body=body,
+            puts.append(self.s3.put_object(Bucket=bucket, Key=key, Body=body,
                                            ContentType="application/x-ndjson", ContentEncoding="gzip"))
+        if self.replay is None:  # what was read from the stream, duplicates included
+            copies: dict[tuple[str, datetime], tuple[list[Decoded], list[bool], list[bool]]] = {}
+            for record, dup, elsewhere in zip(decoded, duplicate, foreign):
+                group = copies.setdefault((record.meta["tenant"], hour_of(record.received_at)), ([], [], []))
+                group[0].append(record)
+                group[1].append(dup)
+                group[2].append(elsewhere)
+            for (tenant, hour), (records, dups, forwarded) in copies.items():
+                minutes = [r.received_at.astimezone(timezone.utc).minute for r in records]
+                key = receipt_key(self.settings.archive.receipts_prefix, tenant, hour, self.shard_id, first, last,
+                                  (min(minutes), max(minutes)))
+                puts.append(self.s3.put_object(Bucket=bucket, Key=key,
+                                               Body=encode_receipts(tenant, self.shard_id, first, last, records, dups,
+                                                                    forwarded),
+                                               ContentType="application/json", ContentEncoding="gzip"))
         await asyncio.gather(*puts)
         return objects
 
-    async def commit(self, first: int, last: int, count: int, kept: list[Decoded], duplicates: list[Decoded],
-                     keys: dict[str, tuple[str, datetime, int, int]], aggregates: Aggregates) -> None:
-        window = timedelta(seconds=self.settings.process.dedup_window_s)
+    async def commit(self, first: int, last: int, count: int, decoded: list[Decoded], kept: list[Decoded],
+                     duplicates: list[Decoded], keys: dict[str, tuple[str, datetime, int, int]], aggregates: Aggregates,
+                     stored: np.ndarray) -> None:
         describes = sum(1 for r in kept if r.meta.get("kind") == "entity")
+        newest = max((r.received_at for r in decoded), default=None)
         async with self.pool.acquire() as conn, conn.transaction():
             if self.replay is None:
                 epoch = await conn.fetchval(
@@ -238,82 +291,49 @@ class BatchWriter:
                 if epoch != self.epoch:
                     raise LeaseLost(f"shard {self.shard_id}: lease epoch is {epoch}, this consumer holds {self.epoch}")
             batch_id = await conn.fetchval(
-                """INSERT INTO batches (stream, shard_id, first_seq, last_seq, records, events, describes, duplicates)
-                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING id""",
+                """INSERT INTO batches (stream, shard_id, first_seq, last_seq, records, events, describes, duplicates,
+                                        fingerprints, max_received_at)
+                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) RETURNING id""",
                 self.stream, self.shard_id, Decimal(first), Decimal(last), count, len(kept) - describes,
-                describes, len(duplicates))
-            if kept:
-                claimed = await conn.fetchval(
-                    """WITH claimed AS (
-                         INSERT INTO seen_events AS s (tenant, event_id, received_at, batch_id, shard_id,
-                                                       sequence_number, position)
-                         SELECT t, e, r, $4, $5, q, p
-                           FROM unnest($1::text[], $2::text[], $3::timestamptz[], $6::numeric[], $8::int[])
-                                AS b(t, e, r, q, p)
-                         ON CONFLICT (tenant, event_id) DO UPDATE
-                            SET received_at = excluded.received_at, batch_id = excluded.batch_id,
-                                shard_id = excluded.shard_id, sequence_number = excluded.sequence_number,
-                                position = excluded.position
-                          WHERE s.received_at <= excluded.received_at - $7::interval
-                         RETURNING 1)
-                       SELECT count(*) FROM claimed""",
-                    [r.meta["tenant"] for r in kept], [r.meta["event_id"] for r in kept],
-                    [r.received_at for r in kept], batch_id, self.shard_id,
-                    _sequences(kept), window, [r.position for r in kept])
-                if claimed != len(kept):
-                    raise DedupRace()
+                describes, len(duplicates), to_bytes(stored) if len(stored) else None,
+                max((r.received_at for r in kept), default=newest))
             if keys:
                 await conn.executemany(
                     """INSERT INTO archive_objects (key, batch_id, tenant, received_hour, records, bytes)
                        VALUES ($1, $2, $3, $4, $5, $6)""",
                     [(key, batch_id, *info) for key, info in keys.items()])
             await write_aggregates(conn, aggregates)
-            await conn.executemany(ADD_STAGE_COUNT,
-                                   stage_rows(self.shard_id, kept, duplicates if self.replay is None else []))
+            # every copy read is accepted, but for copies another shard's consumer forwarded: counted there already
+            read = [] if self.replay is not None else [r for r in decoded if "forwarded_from" not in r.meta]
+            await conn.executemany(ADD_STAGE_COUNT, stage_rows(self.shard_id, kept, duplicates if read else [], read))
             if self.replay is not None:
                 return
             await conn.execute(
                 """UPDATE shard_checkpoints
-                      SET sequence_number = $3, lease_expires = now() + $4::interval, updated_at = now()
+                      SET sequence_number = $3, lease_expires = now() + $4::interval, updated_at = now(),
+                          received_at = greatest(received_at, $5)
                     WHERE stream = $1 AND shard_id = $2""",
-                self.stream, self.shard_id, Decimal(last), timedelta(seconds=self.settings.process.lease_ttl_s))
+                self.stream, self.shard_id, Decimal(last), timedelta(seconds=self.settings.process.lease_ttl_s),
+                newest)
 
 
-def _sequences(kept: list[Decoded]) -> list[Decimal]:
-    """Each event's record sequence number as a Decimal, made once per record (a record holds many events)."""
-    out: list[Decimal] = []
-    last_seq, last_dec = None, None
-    for r in kept:
-        if r.sequence != last_seq:
-            last_seq, last_dec = r.sequence, Decimal(r.sequence)
-        out.append(last_dec)  # type: ignore[arg-type]
-    return out
-
-
-ADD_STAGE_COUNT = """
-INSERT INTO stage_counts (tenant, sensor, shard_id, received_minute, stage, events)
-VALUES ($1, $2, $3, $4, $5, $6)
-ON CONFLICT (tenant, received_minute, sensor, shard_id, stage)
-DO UPDATE SET events = stage_counts.events + excluded.events
-"""
-
-
-def stage_rows(shard_id: str, kept: list[Decoded], duplicates: list[Decoded]) -> list[tuple]:
-    """Audit counters of a batch: every kept record is archived and aggregated (a describe too:
-    the stage holds it, though it adds to no figure); describes and duplicates are also counted apart."""
+def stage_rows(shard_id: str, kept: list[Decoded], duplicates: list[Decoded], read: list[Decoded]) -> list[tuple]:
+    """Audit counters of a batch: every copy read from the stream is accepted; every kept record is archived and
+    aggregated (a describe too: the stage holds it, though it adds to no figure); describes and duplicates are
+    also counted apart."""
     counts: dict[tuple, int] = {}
 
-    def add(record: Decoded, stage: str) -> None:
-        key = (record.meta["tenant"], record.meta.get("sensor") or "", shard_id, minute_of(record.received_at), stage)
-        counts[key] = counts.get(key, 0) + 1
+    def add(records: list[Decoded], stage: str) -> None:
+        for record in records:
+            key = (record.meta["tenant"], record.meta.get("sensor") or "", shard_id, minute_of(record.received_at),
+                   stage)
+            counts[key] = counts.get(key, 0) + 1
 
-    for record in kept:
-        add(record, "archived")
-        add(record, "aggregated")
-        if record.meta.get("kind") == "entity":
-            add(record, "describes")
-    for record in duplicates:
-        add(record, "duplicates")
+    add(read, "accepted")
+    add(kept, "archived")
+    add(kept, "aggregated")
+    add([r for r in kept if r.meta.get("kind") == "entity"], "describes")
+    add(duplicates, "duplicates")
     return sorted((*key, n) for key, n in counts.items())  # in key order: no deadlock between shards
 
 

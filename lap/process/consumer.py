@@ -17,7 +17,7 @@ import os
 import random
 import time
 from contextlib import AsyncExitStack
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import ray
@@ -27,14 +27,19 @@ from lap import metrics
 from lap.audit.actor import AUDIT_ACTOR, NAMESPACE
 from lap.aws import open_client
 from lap.process.batch import BatchWriter, Decoded, LeaseLost, decode_record
+from lap.process.dedup import DedupState, DedupStore
 from lap.process import run_in_background
 from lap.settings import Settings, load_settings
 from lap.sinks.store import create_pool
+from lap.stream import record_format
+from lap.stream.kinesis import list_shards
+from lap.stream.producer import Producer, Record, partition_key_for
 from lap.stream.record_format import NotLapRecord
 from lap.stream.records_client import RecordsClient
 
 log = logging.getLogger("lap.process")
 
+DEDUP_SAVE_EVERY_S = 10.0  # how often closed dedup buckets are looked for and saved
 RETRIABLE_READ = {"ProvisionedThroughputExceededException", "LimitExceededException", "KMSThrottlingException",
                   "InternalFailure", "ServiceUnavailable"}
 
@@ -148,7 +153,13 @@ class ShardConsumer:
             if finished:
                 return "finished"
             log.info("shard %s: lease epoch %d, resuming after %s", self.shard_id, epoch, checkpoint)
-            writer = BatchWriter(s, pool, s3, self.shard_id, epoch)
+            dedup = DedupStore(s, pool, s3, s.stream.name, self.shard_id, DedupState(s.process.dedup_window_s))
+            loaded = await dedup.load(await ancestors(pool, s.stream.name, self.shard_id))
+            log.info("shard %s: dedup state of %d ids loaded", self.shard_id, loaded)
+            producer = Producer(records_client, s.stream.name, deadline_s=60.0)
+            writer = BatchWriter(s, pool, s3, self.shard_id, epoch, dedup=dedup,
+                                 hash_range=await hash_range(kinesis, s, self.shard_id),
+                                 forward=lambda events: forward(producer, self.shard_id, events))
             reader = ShardReader(s, kinesis, records_client, self.shard_id, checkpoint)
             try:
                 return await self._loop(pool, reader, writer, audit, epoch)
@@ -163,6 +174,8 @@ class ShardConsumer:
         pending_bytes = 0
         first_at = 0.0
         renewed = time.monotonic()
+        saved = time.monotonic()
+        newest_committed: datetime | None = None
         idle = p.idle_poll_s
         while True:
             records = [] if reader.closed else await reader.read()
@@ -194,6 +207,13 @@ class ShardConsumer:
                                                      len(batch), events)
                 self.committed_batches += 1
                 renewed = time.monotonic()
+                newest = max((e.received_at for e in events), default=None)
+                if newest is not None and (newest_committed is None or newest > newest_committed):
+                    newest_committed = newest
+                if newest_committed is not None and time.monotonic() - saved >= DEDUP_SAVE_EVERY_S:
+                    saved = time.monotonic()
+                    await writer.dedup_store.save_closed(newest_committed)
+                    writer.dedup_store.expire(datetime.now(timezone.utc))
                 if pending:
                     first_at = time.monotonic()
                 # behind the tip: what Kinesis says, or the age of the newest record just committed
@@ -215,6 +235,48 @@ class ShardConsumer:
                 idle = min(idle * 2, p.max_poll_s) if not records else p.idle_poll_s
             else:
                 idle = p.idle_poll_s
+
+
+async def hash_range(kinesis, settings: Settings, shard_id: str) -> tuple[int, int] | None:
+    """The shard's hash-key range (None if the stream no longer lists it)."""
+    for shard in await list_shards(kinesis, settings):
+        if shard["ShardId"] == shard_id:
+            r = shard["HashKeyRange"]
+            return int(r["StartingHashKey"]), int(r["EndingHashKey"])
+    return None
+
+
+async def forward(producer: Producer, shard_id: str, events: list[Decoded]) -> None:
+    """Put events back into the stream by their learner's partition key, for the shard that owns them.
+
+    Each becomes a record of its own (this happens only for a moment after a
+    reshard), marked `forwarded_from` so that the owning shard does not count a
+    new acceptance for it.
+    """
+    records = []
+    for event in events:
+        meta = event.meta
+        shared = {name: meta[name] for name in record_format.SHARED_FIELDS if name in meta and name != "forwarded_from"}
+        shared["forwarded_from"] = {"shard": shard_id, "sequence": str(event.sequence), "position": event.position}
+        own = {k: v for k, v in meta.items() if k not in record_format.SHARED_FIELDS}
+        records.append(Record(record_format.encode(shared, [record_format.event_line(own, event.item)]),
+                              partition_key_for(meta.get("learner") or meta["event_id"])))
+    await producer.put(records)
+    log.info("shard %s: %d events belong to other shards (routed by a shard map from before a reshard); "
+             "put back for them", shard_id, len(events))
+
+
+async def ancestors(pool, stream: str, shard_id: str) -> list[str]:
+    """The shards this one came from by splits and merges, parents first: their dedup state is handed down."""
+    async with pool.acquire() as conn:
+        rows = await conn.fetch(
+            """WITH RECURSIVE up(shard_id, depth) AS (
+                   SELECT unnest(parent_ids), 1 FROM shard_checkpoints WHERE stream = $1 AND shard_id = $2
+                   UNION
+                   SELECT unnest(c.parent_ids), up.depth + 1 FROM shard_checkpoints c
+                     JOIN up ON c.stream = $1 AND c.shard_id = up.shard_id WHERE up.depth < 64)
+               SELECT shard_id, min(depth) AS depth FROM up GROUP BY shard_id ORDER BY 2, 1""", stream, shard_id)
+    return [r["shard_id"] for r in rows]
 
 
 async def renew_lease(pool, settings: Settings, shard_id: str, epoch: int) -> None:

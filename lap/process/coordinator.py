@@ -16,6 +16,7 @@ import time
 from contextlib import AsyncExitStack
 from datetime import datetime, timedelta, timezone
 from typing import Any
+from urllib.parse import quote
 
 import ray
 
@@ -93,6 +94,38 @@ async def prune_older_than(pool, table: str, window_s: float, chunk: int = 50_00
             return removed
 
 
+async def sweep_audit_trail(settings: Settings, pool, s3) -> int:
+    """Delete what the dedup window no longer needs: saved dedup buckets, batches' unsaved fingerprints (replays'),
+    and receipt objects (reconcile looks at single events only within the window). Returns objects deleted."""
+    window = timedelta(seconds=settings.process.dedup_window_s)
+    cutoff = datetime.now(timezone.utc) - window - window / 24 - timedelta(hours=1)
+    async with pool.acquire() as conn:
+        segments = await conn.fetch("DELETE FROM dedup_segments WHERE bucket_start < $1 RETURNING key", cutoff)
+        await conn.execute("UPDATE batches SET fingerprints = NULL WHERE fingerprints IS NOT NULL AND "
+                           "max_received_at < $1", cutoff)
+        tenants = [r["name"] for r in await conn.fetch("SELECT name FROM tenants")]
+    keys = [r["key"] for r in segments]
+    paginator = s3.get_paginator("list_objects_v2")
+    for tenant in tenants:  # keys sort by date and hour within a tenant: stop at the first one inside the window
+        prefix = f"{settings.archive.receipts_prefix}/tenant={quote(tenant, safe='')}/"
+        done = False
+        async for page in paginator.paginate(Bucket=settings.archive.bucket, Prefix=prefix):
+            for obj in page.get("Contents", []):
+                try:
+                    stamp = datetime.strptime(obj["Key"][len(prefix):len(prefix) + 23], "date=%Y-%m-%d/hour=%H")
+                except ValueError:
+                    continue
+                if stamp.replace(tzinfo=timezone.utc) >= cutoff:
+                    done = True
+                    break
+                keys.append(obj["Key"])
+            if done:
+                break
+    for key in keys:
+        await s3.delete_object(Bucket=settings.archive.bucket, Key=key)
+    return len(keys)
+
+
 async def roll_up_counters(pool, window_s: float) -> int:
     """Fold the audit counters of whole hours past the dedup window into one row per hour (its first minute).
 
@@ -168,8 +201,9 @@ class Coordinator:
         await self._open()
         grace = self.settings.process.orphan_grace_s if grace_s is None else grace_s
         removed = await sweep_orphans(self.settings, self.pool, self.s3, grace)
-        for table in ("seen_events", "receipts"):
+        for table in ("seen_events", "receipts"):  # rows of releases before the per-batch audit trail
             await prune_older_than(self.pool, table, self.settings.process.dedup_window_s)
+        await sweep_audit_trail(self.settings, self.pool, self.s3)
         await roll_up_counters(self.pool, self.settings.process.dedup_window_s)
         since = datetime.now(timezone.utc) - timedelta(seconds=self.settings.process.dedup_window_s)
         lost = await check_archive(self.settings, self.pool, self.s3, since.replace(minute=0, second=0, microsecond=0))
@@ -196,7 +230,8 @@ class Coordinator:
             tenants = [r["name"] for r in await conn.fetch(
                 """SELECT name FROM tenants t WHERE EXISTS (
                        SELECT 1 FROM stage_counts s WHERE s.tenant = t.name
-                          AND s.received_minute >= $1 AND s.received_minute < $2 AND s.stage = 'accepted')""",
+                          AND s.received_minute >= $1 AND s.received_minute < $2
+                          AND s.stage IN ('acknowledged', 'accepted'))""",
                 start, end)]
         reconciler = Reconciler(self.settings, self.pool, self.s3, self.search)
         missing = {}

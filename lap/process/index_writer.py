@@ -47,17 +47,18 @@ def _iri(value: Any) -> str | None:
     return None
 
 
-def document(line: dict[str, Any]) -> dict[str, Any]:
-    """The searchable fields of an archived record, plus the event itself (stored, not indexed)."""
+def document(line: dict[str, Any], batch_id: int) -> dict[str, Any]:
+    """The searchable fields of an archived event and where the whole event is: its batch's archive object.
+
+    The event itself stays in the archive (GET /v1/events/{id} reads it from
+    there): a document is a few hundred bytes, not the event twice over.
+    """
     meta, item = line["meta"], line["item"]
-    obj = item.get("object")
     return {
         "event_id": meta["event_id"], "tenant": meta["tenant"], "sensor": meta.get("sensor"),
         "type": meta.get("type"), "action": meta.get("action"), "learner": meta.get("learner"),
-        "actor": _iri(item.get("actor")), "object": _iri(obj),
-        "object_type": obj.get("type") if isinstance(obj, dict) else None,
-        "course": meta.get("course"), "event_time": meta.get("event_time"), "received_at": meta.get("received_at"),
-        "shard": meta.get("shard_id"), "sequence": meta.get("sequence_number"), "event": item,
+        "actor": _iri(item.get("actor")), "object": _iri(item.get("object")), "course": meta.get("course"),
+        "event_time": meta.get("event_time"), "received_at": meta.get("received_at"), "batch": batch_id,
     }
 
 
@@ -173,11 +174,11 @@ class IndexWriter:
                 # reconcile reports these events as missing from the archive and the index; replay repairs both
                 log.error("archive object %s of batch %s is gone; its events are not indexed", key, batch["id"])
         failures: list[tuple] = []
-        indexed: list[dict[str, Any]] = []
+        indexed: list[dict[str, Any]] = []  # new documents only: an event indexed again is not counted again
         size = self.settings.process.index_batch_docs
         for start in range(0, len(lines), size):
-            ok, failed = await self.bulk(lines[start:start + size])
-            indexed.extend(ok)
+            _, created, failed = await self.bulk(lines[start:start + size], batch["id"])
+            indexed.extend(created)
             failures.extend((line["meta"]["tenant"], line["meta"]["event_id"], batch["id"], status, reason)
                             for line, status, reason in failed)
         counts: dict[tuple, int] = {}
@@ -213,18 +214,20 @@ class IndexWriter:
         except ValueError:
             pass
 
-    async def bulk(self, lines: list[dict[str, Any]]) -> tuple[list[dict], list[tuple[dict, int, str]]]:
-        return await bulk_index(self.search, self.settings, lines)
+    async def bulk(self, lines: list[dict[str, Any]], batch_id: int):
+        return await bulk_index(self.search, self.settings, lines, batch_id)
 
 
-async def bulk_index(search, settings: Settings,
-                     lines: list[dict[str, Any]]) -> tuple[list[dict], list[tuple[dict, int, str]]]:
-    """Index `lines`; returns (indexed, [(line, status, reason) refused for good]).
+async def bulk_index(search, settings: Settings, lines: list[dict[str, Any]],
+                     batch_id: int) -> tuple[list[dict], list[dict], list[tuple[dict, int, str]]]:
+    """Index `lines` (archived by batch `batch_id`); returns (indexed, of those the new documents,
+    [(line, status, reason) refused for good]).
 
     Raises IndexOutage when OpenSearch cannot be reached or keeps failing whole items.
     """
     pending = lines
     ok: list[dict] = []
+    created: list[dict] = []
     refused: list[tuple[dict, int, str]] = []
     delay = settings.process.index_retry_s
     for attempt in range(ITEM_RETRIES + 1):
@@ -233,7 +236,7 @@ async def bulk_index(search, settings: Settings,
             meta = line["meta"]
             body += orjson.dumps({"index": {"_index": index_name(settings, meta["tenant"]),
                                             "_id": meta["event_id"]}})
-            body += b"\n" + orjson.dumps(document(line)) + b"\n"
+            body += b"\n" + orjson.dumps(document(line, batch_id)) + b"\n"
         reply = await search.bulk(body=bytes(body))
         retry: list[dict] = []
         for line, result in zip(pending, reply["items"]):
@@ -241,6 +244,8 @@ async def bulk_index(search, settings: Settings,
             status = outcome.get("status", 500)
             if status < 300:
                 ok.append(line)
+                if status == 201 or outcome.get("result") == "created":
+                    created.append(line)
             elif status == 429 or status >= 500:
                 retry.append(line)
             else:
@@ -248,7 +253,7 @@ async def bulk_index(search, settings: Settings,
                 reason = (error.get("reason") if isinstance(error, dict) else str(error)) or f"status {status}"
                 refused.append((line, status, reason[:1000]))
         if not retry:
-            return ok, refused
+            return ok, created, refused
         pending = retry
         if attempt < ITEM_RETRIES:
             await asyncio.sleep(delay)

@@ -1,7 +1,10 @@
 """The OpenSearch index: client and the explicit template for `lap-events-*`.
 
-The raw event is kept in `event` (stored, not indexed) so that a sensor's
-extensions can never explode the mapping; only the fields below are searchable.
+A document holds the fields people search and sort on, and `batch`: the
+committed batch whose archive object holds the whole event (GET
+/v1/events/{id} reads it from there). Documents of template version 1 also
+carry the event itself (`event`, stored, not indexed) and are still read.
+The mapping is strict, so a sensor's extensions can never explode it.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from opensearchpy import AsyncOpenSearch
 
 from lap.settings import Settings
 
-TEMPLATE_VERSION = 1
+TEMPLATE_VERSION = 2
 
 
 def events_template(settings: Settings) -> dict[str, Any]:
@@ -34,10 +37,12 @@ def events_template(settings: Settings) -> dict[str, Any]:
                     "learner": keyword,
                     "actor": keyword,
                     "object": keyword,
-                    "object_type": keyword,
                     "course": keyword,
                     "event_time": {"type": "date"},
                     "received_at": {"type": "date"},
+                    "batch": {"type": "long", "index": False},
+                    # version 1 documents only (the whole event, and the fields no query used)
+                    "object_type": keyword,
                     "shard": keyword,
                     "sequence": keyword,
                     "event": {"type": "object", "enabled": False},
@@ -81,6 +86,9 @@ async def ensure_templates(client: AsyncOpenSearch, settings: Settings) -> None:
         if versions and max(versions) >= TEMPLATE_VERSION:
             return
     await client.indices.put_index_template(name=name, body=events_template(settings))
+    if await has_event_indices(client, settings):  # indices made by the older template take the new field too
+        await client.indices.put_mapping(index=f"{name}-*", body={"properties": {"batch": {"type": "long",
+                                                                                           "index": False}}})
 
 
 async def has_event_indices(client: AsyncOpenSearch, settings: Settings) -> bool:

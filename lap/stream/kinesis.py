@@ -51,8 +51,26 @@ async def list_shards(kinesis: Any, settings: Settings) -> list[dict[str, Any]]:
         kwargs = {"NextToken": token}
 
 
+async def oldest_arrival(settings: Settings, shard_id: str):
+    """When the oldest record a shard still holds reached the stream (None: it holds none, or is gone)."""
+    record = await _oldest_record(settings, shard_id)
+    if record is None:
+        return None
+    arrival = record["ApproximateArrivalTimestamp"]
+    if isinstance(arrival, (int, float)):
+        from datetime import datetime, timezone
+
+        arrival = datetime.fromtimestamp(arrival, timezone.utc)
+    return arrival
+
+
 async def oldest_sequence(settings: Settings, shard_id: str) -> int | None:
     """The sequence number of the oldest record a shard still holds (None: it holds none, or is gone)."""
+    record = await _oldest_record(settings, shard_id)
+    return int(record["SequenceNumber"]) if record is not None else None
+
+
+async def _oldest_record(settings: Settings, shard_id: str) -> dict[str, Any] | None:
     from contextlib import AsyncExitStack
 
     from lap.aws import open_client
@@ -67,7 +85,7 @@ async def oldest_sequence(settings: Settings, shard_id: str) -> int | None:
         for _ in range(100):  # a trimmed shard can answer a few empty pages first
             reply = await kinesis.get_records(ShardIterator=iterator, Limit=1)
             if reply["Records"]:
-                return int(reply["Records"][0]["SequenceNumber"])
+                return reply["Records"][0]
             iterator = reply.get("NextShardIterator")
             if not iterator or reply.get("MillisBehindLatest", 0) == 0:
                 return None

@@ -28,7 +28,9 @@ PREFIX = MAGIC + bytes([FORMAT_VERSION])
 ZLIB_LEVEL = 1
 
 # What the header carries for every event of the record (docs/stream-records.md).
-SHARED_FIELDS = ("tenant", "sensor", "key_id", "received_at", "request_id", "data_version")
+SHARED_FIELDS = ("tenant", "sensor", "key_id", "received_at", "request_id", "data_version",
+                 # set only on a record a shard consumer put back for another shard (lap/process/batch.py)
+                 "forwarded_from")
 # A record holds the events of one request body (limits.max_body_bytes, 4 MB by default) plus their
 # metadata; anything that inflates past this is not LAP's, and must not take the consumer's memory.
 MAX_INFLATED_BYTES = 64 * 1024 * 1024
