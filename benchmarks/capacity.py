@@ -57,7 +57,7 @@ ASSUMPTIONS = {
     "put_payload_usd_per_million": 0.014,
     "s3_put_usd_per_1000": 0.005,
     "s3_standard_usd_per_gb_month": 0.023,
-    "archive_objects_per_shard_per_s": 1.0,   # process.batch_max_wait_s = 1 and one tenant per batch
+    "archive_objects_per_shard_per_s": 2.0,   # a batch a second, one tenant: its archive object and its receipts
     "opensearch_docs_per_s_per_data_node": 5000,  # planning figure for r6g.xlarge.search, replica 1: load-test it
     "opensearch_node_usd_per_hour": 0.335,    # r6g.xlarge.search
     "opensearch_index_days": 30,              # the index keeps 30 days; the archive keeps everything
@@ -67,7 +67,8 @@ ASSUMPTIONS = {
     "rds_usd_per_vcpu_hour": 0.12,            # db.r7g on-demand, per vCPU, single-AZ
     "rds_multi_az_factor": 2.0,
     "rds_gp3_usd_per_gb_month": 0.115,
-    "dedup_window_days": 7,                   # process.dedup_window_s: receipts and dedup rows kept that long
+    "dedup_window_days": 1,                   # process.dedup_window_s: receipts and dedup buckets kept that long
+    "events_per_learner_day": 50,             # a learner's events in a course on a day share aggregate rows: yours?
     "events_per_envelope": 50,                # what sensors send per POST /caliper: fewer events per record below it
 }
 
@@ -163,15 +164,20 @@ def shards_needed(rate: float, a: dict[str, float]) -> tuple[int, dict[str, floa
 
 def inputs() -> dict[str, float]:
     ingest = load("ingest.json")
-    pipeline = load("pipeline.json")["cpu_s_per_1k_events"]
-    reconcile = load("reconcile.json")["bytes_per_event"]
+    pipeline = load("pipeline.json")
+    cpu = pipeline["cpu_us_per_event"]
+    database = pipeline["database"]
     return {
-        # ms of CPU per 1,000 events = µs per event
         "ingest_cpu_us": ingest["ingest_cpu_us_per_event"],  # HAProxy + ingest replicas, beside processing
-        "consumer_cpu_us": pipeline["shard consumers"] * 1000,
-        "ray_cpu_us": pipeline["other (Ray, supervisor)"] * 1000,
-        "postgres_cpu_us": pipeline["postgres"] * 1000,
-        "audit_bytes": reconcile["receipts"] + reconcile["seen_events"],
+        "consumer_cpu_us": cpu["shard consumers"],
+        "ray_cpu_us": cpu["other (Ray, supervisor)"],
+        "postgres_cpu_us": cpu["postgres"],
+        # what the database keeps: per learner-day (aggregates), and the rest per event (per batch and minute
+        # rows, and a batch's fingerprints for about an hour), from a generated course
+        "aggregate_bytes_per_learner_day": database["bytes_per_learner_day"],
+        "other_db_bytes_per_event": database["other_bytes_per_event"],
+        "index_doc_bytes": pipeline["index"]["doc_bytes"],
+        "receipt_bytes_per_event": load("reconcile.json")["fill"]["receipt_bytes_per_event"],
         **measured_sizes(),
     }
 
@@ -186,27 +192,36 @@ def plan(rate: float, m: dict[str, float], a: dict[str, float]) -> dict[str, flo
     records_per_s = rate * sizes["records_per_event"]
     kinesis = (shards * a["shard_usd_per_hour"] * HOURS_PER_MONTH
                + records_per_s * SECONDS_PER_MONTH * units_per_record / 1e6 * a["put_payload_usd_per_million"])
-    archive_gb_month = rate * SECONDS_PER_MONTH * m["archive_gz_bytes"] / 1e9
+    events_month = rate * SECONDS_PER_MONTH
+    archive_gb_month = events_month * m["archive_gz_bytes"] / 1e9
+    window_s = a["dedup_window_days"] * 86_400
+    # receipts and saved dedup buckets are kept for the dedup window; the archive for good (a month counted here)
+    audit_gb = rate * window_s * (m["receipt_bytes_per_event"] + 8) / 1e9
     s3 = (shards * a["archive_objects_per_shard_per_s"] * SECONDS_PER_MONTH / 1000 * a["s3_put_usd_per_1000"]
-          + archive_gb_month * a["s3_standard_usd_per_gb_month"])
+          + (archive_gb_month + audit_gb) * a["s3_standard_usd_per_gb_month"])
+    dedup_memory_gb = rate * window_s * 8 / 1e9
     os_nodes = max(2, math.ceil(rate / a["opensearch_docs_per_s_per_data_node"]))
-    os_gb = (rate * 86_400 * a["opensearch_index_days"] * m["one_event_record_bytes"]
+    os_gb = (rate * 86_400 * a["opensearch_index_days"] * m["index_doc_bytes"]
              * a["opensearch_bytes_per_doc_factor"] / 1e9)
     opensearch = os_nodes * a["opensearch_node_usd_per_hour"] * HOURS_PER_MONTH + os_gb * a["opensearch_gp3_usd_per_gb_month"]
     pg_vcpus = max(2, math.ceil(rate * m["postgres_cpu_us"] / 1e6 / a["cpu_utilization_target"]))
-    pg_gb = rate * 86_400 * a["dedup_window_days"] * m["audit_bytes"] / 1e9
+    pg_bytes_per_event = (m["aggregate_bytes_per_learner_day"] / a["events_per_learner_day"]
+                          + m["other_db_bytes_per_event"])
+    pg_gb_month = events_month * pg_bytes_per_event / 1e9  # what a month adds (aggregates are kept)
     pg_instances = math.ceil(pg_vcpus / a["rds_vcpus_per_instance_max"])
     postgres = (pg_vcpus * a["rds_usd_per_vcpu_hour"] * a["rds_multi_az_factor"] * HOURS_PER_MONTH
-                + pg_gb * a["rds_gp3_usd_per_gb_month"] * a["rds_multi_az_factor"])
+                + pg_gb_month * a["rds_gp3_usd_per_gb_month"] * a["rds_multi_az_factor"])
     nodes = workers * a["worker_usd_per_hour"] * HOURS_PER_MONTH + a["head_usd_per_hour"] * HOURS_PER_MONTH
     total = nodes + kinesis + s3 + opensearch + postgres
-    billion = rate * SECONDS_PER_MONTH / 1e9
+    billion = events_month / 1e9
     return {
         "events_per_s": rate, "shards": shards, "events_per_record": round(1 / sizes["records_per_event"], 2),
         "stream_bytes_per_event": round(sizes["bytes_per_event"]), "worker_vcpus": round(vcpus, 1), "worker_nodes": workers,
-        "shards_per_worker_node": round(shards / workers, 1),
+        "shards_per_worker_node": round(shards / workers, 1), "dedup_memory_gb": round(dedup_memory_gb, 1),
         "opensearch_data_nodes": os_nodes, "opensearch_gb": round(os_gb), "postgres_vcpus": pg_vcpus,
-        "postgres_instances": pg_instances, "postgres_audit_gb": round(pg_gb), "archive_gb_per_month": round(archive_gb_month),
+        "postgres_instances": pg_instances, "postgres_gb_per_month": round(pg_gb_month),
+        "postgres_bytes_per_event": round(pg_bytes_per_event, 1), "archive_gb_per_month": round(archive_gb_month),
+        "audit_objects_gb": round(audit_gb),
         "usd_per_month": {"ray_nodes": round(nodes), "kinesis": round(kinesis), "s3": round(s3),
                           "opensearch": round(opensearch), "postgres": round(postgres), "total": round(total)},
         "usd_per_billion_events": round(total / billion, 2),
@@ -237,14 +252,15 @@ def main() -> int:
     print(f"\nOne {a['worker_vcpus']}-vCPU node at {a['cpu_utilization_target']:.0%} carries "
           f"{a['worker_vcpus'] * a['cpu_utilization_target'] * 1e6 / node_cpu_us:,.0f} events/s of ingest + "
           "processing.\n")
-    print("| events/s | shards | events per record | worker vCPUs | worker nodes | OpenSearch data nodes "
-          "| Postgres vCPUs (instances) | audit rows in Postgres (GB) | archive GB/month |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| events/s | shards | events per record | worker vCPUs | worker nodes | dedup memory GB "
+          "| OpenSearch data nodes | Postgres vCPUs (instances) | Postgres GB added a month | archive GB/month "
+          "| receipts + dedup GB in S3 |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for p in plans:
         print(f"| {p['events_per_s']:,.0f} | {p['shards']:,} | {p['events_per_record']} | {p['worker_vcpus']:,} "
-              f"| {p['worker_nodes']:,} "
+              f"| {p['worker_nodes']:,} | {p['dedup_memory_gb']:,} "
               f"| {p['opensearch_data_nodes']:,} | {p['postgres_vcpus']:,} ({p['postgres_instances']}) "
-              f"| {p['postgres_audit_gb']:,} | {p['archive_gb_per_month']:,} |")
+              f"| {p['postgres_gb_per_month']:,} | {p['archive_gb_per_month']:,} | {p['audit_objects_gb']:,} |")
     print("\n| events/s | Ray nodes | Kinesis | S3 | OpenSearch | Postgres | total $/month | $ per billion events |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     for p in plans:

@@ -106,15 +106,22 @@ async def read_progress(settings) -> tuple[dict[str, int], int | None]:
     return stages, lag
 
 
-async def database_bytes(settings) -> int:
+AGGREGATES = ("learner_days", "learner_day_actions", "course_days", "course_hours")
+
+
+async def database_bytes(settings) -> dict[str, int]:
+    """Bytes of every table of the database (with its indexes and TOAST), and rows of the aggregate tables."""
     from lap.sinks.store import connect
 
     conn = await connect(settings)
     try:
         await conn.execute("CHECKPOINT")
-        return int(await conn.fetchval(
-            "SELECT sum(pg_total_relation_size(c.oid)) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
-            "WHERE n.nspname = 'public' AND c.relkind IN ('r', 'm')"))
+        sizes = {r["relname"]: int(r["n"]) for r in await conn.fetch(
+            "SELECT c.relname, pg_total_relation_size(c.oid) AS n FROM pg_class c "
+            "JOIN pg_namespace ns ON ns.oid = c.relnamespace WHERE ns.nspname = 'public' AND c.relkind = 'r'")}
+        for table in AGGREGATES:
+            sizes[f"{table}.rows"] = int(await conn.fetchval(f"SELECT count(*) FROM {table}"))
+        return sizes
     finally:
         await conn.close()
 
@@ -232,6 +239,7 @@ def main() -> int:
     try:
         token = lap("keys", "create", "--tenant", "bench", "--role", "sensor", config=config).stdout.strip()
         course_token = lap("keys", "create", "--tenant", "course", "--role", "sensor", config=config).stdout.strip()
+        dense_token = lap("keys", "create", "--tenant", "dense", "--role", "sensor", config=config).stdout.strip()
         state = json.loads((settings.run_dir / "state.json").read_text())
         supervisor = state["pid"]
         print("raw stream read rate...", file=sys.stderr, flush=True)
@@ -240,7 +248,11 @@ def main() -> int:
         run = run_phase(settings, supervisor, token, args.rate, args.seconds, args.events_per_envelope,
                         args.drain_timeout, samples, {})
         print(f"database: a course of {args.course_events:,} events...", file=sys.stderr, flush=True)
-        course = database_phase(settings, course_token, args.course_events)
+        course = database_phase(settings, course_token, args.course_events, learners=500, courses=20, days=7)
+        print(f"database: a dense course of {args.course_events:,} events (50 per learner-day)...", file=sys.stderr,
+              flush=True)
+        dense = database_phase(settings, dense_token, args.course_events, learners=max(1, args.course_events // 50),
+                               courses=1, days=1)
         index = index_phase(settings, state["ray_address"], args.index_seconds)
     finally:
         lap("down", config=config)
@@ -275,6 +287,7 @@ def main() -> int:
         "duplicates": samples[-1]["stages"].get("duplicates", 0),
         "cpu_us_per_event": cpu,
         "database": course,
+        "database_dense": dense,
         "index": index,
     }
     rows = [
@@ -287,6 +300,11 @@ def main() -> int:
         ("CPU µs/event, shard consumers", f"{cpu.get('shard consumers')}", f"<= {TARGETS['consumer_cpu_us']}"),
         ("CPU µs/event, Postgres", f"{cpu.get('postgres')}", f"<= {TARGETS['postgres_cpu_us']}"),
         ("database growth per event (course)", f"{course['bytes_per_event']}", f"<= {TARGETS['db_bytes_per_event']}"),
+        ("  of which aggregates / the rest", f"{course['aggregate_bytes_per_event']} / "
+                                            f"{course['other_bytes_per_event']}", ""),
+        ("  learner-days in the course / bytes each", f"{course['learner_day_rows']:,} / "
+                                                     f"{course['bytes_per_learner_day']:,}", ""),
+        ("database growth per event (dense: 50/learner-day)", f"{dense['bytes_per_event']}", ""),
         ("peak RSS of the stack (GB)", f"{report['peak_rss_gb']}", ""),
         ("ingest p99 (ms) / errors", f"{report['ingest_p99_ms']} / {report['errors']}", ""),
         ("index docs/s (own phase)", f"{index.get('docs_per_s')}", ""),
@@ -301,14 +319,19 @@ def main() -> int:
     return 0 if drained_at else 1
 
 
-def database_phase(settings, token: str, count: int) -> dict:
-    """A generated course (and 5% of its envelopes twice): how much the database grew per event."""
+def database_phase(settings, token: str, count: int, learners: int, courses: int, days: int) -> dict:
+    """A generated course (and 5% of its envelopes twice): how much the database grew per event.
+
+    Aggregates are rows per learner, course and day, so their bytes per event
+    depend on how many events share a learner-day: the spread course (about one
+    each) is the worst case, the dense one (50 each) a busy course day.
+    """
     import httpx
     import orjson
 
     from lap.samples import EventFactory, envelope
 
-    events = EventFactory(seed=11, learners=500, courses=20, days=7).events(count)
+    events = EventFactory(seed=11, learners=learners, courses=courses, days=days).events(count)
     bodies = [orjson.dumps(envelope(events[i:i + 50])) for i in range(0, count, 50)]
     bodies += bodies[::20]
     before = asyncio.run(database_bytes(settings))
@@ -325,8 +348,18 @@ def database_phase(settings, token: str, count: int) -> dict:
             break
         time.sleep(1)
     after = asyncio.run(database_bytes(settings))
-    return {"events": count, "copies": len(bodies) * 50, "bytes": after - before,
-            "bytes_per_event": round((after - before) / count, 1)}
+    grown = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+    tables = {k: v for k, v in grown.items() if not k.endswith(".rows")}
+    total = sum(tables.values())
+    aggregates = sum(tables.get(t, 0) for t in AGGREGATES)
+    return {"events": count, "copies": len(bodies) * 50, "bytes": total,
+            "bytes_per_event": round(total / count, 1),
+            "aggregate_bytes_per_event": round(aggregates / count, 1),
+            "other_bytes_per_event": round((total - aggregates) / count, 1),
+            "learner_day_rows": grown.get("learner_days.rows", 0),
+            "bytes_per_learner_day": round(aggregates / max(1, grown.get("learner_days.rows", 0)), 1),
+            "by_table_bytes_per_event": {k: round(v / count, 1) for k, v in sorted(tables.items(), key=lambda x: -x[1])
+                                         if v}}
 
 
 def index_phase(settings, ray_address: str, seconds: float) -> dict:

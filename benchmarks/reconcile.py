@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gzip
+import os
 import shutil
 import sys
 import tempfile
@@ -52,9 +53,12 @@ def receipt_object(shard: str, second: int, per_batch: int, first: int) -> bytes
     """A consumer's receipt object for one batch: `per_batch` events in 10-event records."""
     start_us = int((HOUR + timedelta(seconds=second)).timestamp() * 1e6)
     records = (per_batch + 9) // 10
+    noise = os.urandom(16 * per_batch).hex()  # random ids, as sensors' UUIDs are: they do not compress
+    ids = [f"urn:uuid:{noise[k:k + 8]}-{noise[k + 8:k + 12]}-4{noise[k + 13:k + 16]}-8{noise[k + 17:k + 20]}-"
+           f"{noise[k + 20:k + 32]}" for k in range(0, 32 * per_batch, 32)]
     doc = {"format": 1, "tenant": TENANT, "shard": shard, "first_seq": str(first), "last_seq": str(first + records - 1),
            "seqs": [str(first + r) for r in range(records)], "requests": ["r"], "sensors": ["s"],
-           "event_id": [f"urn:uuid:{shard[-1]}{second:07x}-0000-4000-8000-{i:012x}" for i in range(per_batch)],
+           "event_id": ids,
            "record": [i // 10 for i in range(per_batch)], "position": [i % 10 for i in range(per_batch)],
            "received_us": [start_us + i * 1_000_000 // per_batch for i in range(per_batch)],
            "request": [0] * per_batch, "sensor": [0] * per_batch, "describe": [0] * per_batch,

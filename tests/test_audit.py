@@ -181,6 +181,32 @@ async def delete_documents(settings, tenant: str, event_ids: list[str]) -> None:
         await search.close()
 
 
+async def test_a_document_counts_for_the_batch_that_made_it_and_no_other(settings):
+    """A writer that died between its bulk and its commit left documents: the next try of that batch counts them,
+    any other batch that meets them does not, and an existing document is never overwritten."""
+    from lap.process.index_writer import bulk_index
+
+    tenant = f"bulk{datetime.now(timezone.utc):%H%M%S%f}"
+    received = datetime.now(timezone.utc).isoformat()
+    lines = [{"meta": {"event_id": f"urn:uuid:{tenant}-{n}", "tenant": tenant, "sensor": "s", "type": "Event",
+                       "action": "Viewed", "learner": "https://example.edu/u/1", "course": None,
+                       "event_time": received, "received_at": received},
+              "item": {"actor": "https://example.edu/u/1", "object": "https://example.edu/page"}} for n in range(6)]
+    search = open_opensearch(settings)
+    try:
+        ok, counted, refused = await bulk_index(search, settings, lines[:4], 7)  # a try that never committed
+        assert (len(ok), len(counted), refused) == (4, 4, [])
+        ok, counted, refused = await bulk_index(search, settings, lines, 7)  # the same batch, tried again
+        assert (len(ok), [line["meta"]["event_id"] for line in counted], refused) == (
+            6, [line["meta"]["event_id"] for line in lines[4:] + lines[:4]], [])
+        ok, counted, refused = await bulk_index(search, settings, lines[:2], 8)  # another batch meets them
+        assert (len(ok), counted, refused) == (2, [], [])
+        doc = await search.get(index=index_name(settings, tenant), id=lines[0]["meta"]["event_id"])
+        assert doc["_source"]["batch"] == 7
+    finally:
+        await search.close()
+
+
 async def undo_batch(settings, db, tenant: str, events: list[dict], event_id: str) -> tuple[int, list[str]]:
     """Lose the committed batch that stored `event_id`, as if its commit had never happened; its id and event ids.
 

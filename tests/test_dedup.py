@@ -78,3 +78,34 @@ async def test_closed_buckets_are_saved_and_a_new_consumer_loads_them_with_its_p
         for table in ("batches", "dedup_segments", "shard_checkpoints"):
             await db.execute(f"DELETE FROM {table} WHERE stream = $1", stream)
         await pool.close()
+
+
+async def test_rows_of_the_release_before_are_read_until_they_age_out(settings, db):
+    """Migration by reading both: dedup rows (`seen_events`) seed a shard's state, and receipt rows
+    (`receipts`) are read by reconcile with the receipt objects."""
+    from lap.audit.reconcile import Reconciler, Window
+    from lap.sinks.store import create_pool
+
+    tenant = f"legacy{uuid.uuid4().hex[:8]}"
+    shard = f"shardId-legacy-{uuid.uuid4().hex[:6]}"
+    received = datetime.now(timezone.utc) - timedelta(hours=2)
+    await db.execute("""INSERT INTO seen_events (tenant, event_id, received_at, batch_id, shard_id, sequence_number)
+                        VALUES ($1, 'urn:uuid:legacy-1', $2, 0, $3, 7)""", tenant, received, shard)
+    await db.execute("""INSERT INTO receipts (event_id, tenant, sensor, shard_id, sequence_number, received_at, request_id,
+                                              kind) VALUES ('urn:uuid:legacy-1', $1, 's', $2, 7, $3, 'r', 'event')""",
+                     tenant, shard, received)
+    pool = await create_pool(settings)
+    try:
+        async with AsyncExitStack() as stack:
+            s3 = await open_client(stack, settings, "s3")
+            store = DedupStore(settings, pool, s3, settings.stream.name, shard,
+                               DedupState(settings.process.dedup_window_s))
+            assert await store.load([]) == 1
+            assert store.state.contains(fingerprints([(tenant, "urn:uuid:legacy-1")])).all()
+            receipts = await Reconciler(settings, pool, s3, None).load_receipts(
+                Window(tenant, received - timedelta(minutes=1), received + timedelta(minutes=1)))
+            assert receipts.event_id == ["urn:uuid:legacy-1"] and receipts.shard(0) == shard and receipts.seq(0) == 7
+    finally:
+        await pool.close()
+        for table in ("seen_events", "receipts"):
+            await db.execute(f"DELETE FROM {table} WHERE tenant = $1", tenant)

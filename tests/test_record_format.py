@@ -134,3 +134,17 @@ def test_pack_splits_a_group_over_the_record_limit_and_refuses_an_item_that_cann
         pack(env, PRINCIPAL, datetime.now(timezone.utc), "req", one_shard, 8 * 1024)
     assert [p.index for p in refused.value.problems] == [7]
     assert "compressed stream record" in refused.value.problems[0].message
+
+
+def test_archive_lines_keep_the_items_bytes_as_the_stream_held_them():
+    """The archive line made from the record's own item bytes is the line made by serialising the item again."""
+    from dataclasses import replace
+
+    from lap.process.batch import archive_line
+
+    env = _envelope(40, seed=9)
+    packed = pack(env, PRINCIPAL, datetime.now(timezone.utc), "req", ShardMap(four_shards()), 1024 * 1024)
+    for n, record in enumerate(packed.records):
+        for event in decode_record({"SequenceNumber": str(100 + n), "Data": record.data}):
+            assert event.raw_item is not None
+            assert archive_line(event, "s") == archive_line(replace(event, raw_item=None), "s")

@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import gzip
+import heapq
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -35,7 +36,6 @@ import orjson
 
 from lap.audit.receipts import ReceiptObject, Receipts, decode_receipts, hour_prefix, micros
 from lap.process.batch import hour_of, minute_of
-from lap.process.dedup import fingerprint
 from lap.settings import Settings
 from lap.sinks.archive import keys_in_s3
 from lap.sinks.index import index_name
@@ -104,16 +104,16 @@ class Trail:
     batch_of: np.ndarray  # the committed live batch that stored it, -1 if none did
     index_pending: np.ndarray  # stored by a batch the index writer has not reached yet
     hour_index: np.ndarray  # its copy's received hour, in hours since the epoch
+    chosen_ids: np.ndarray  # the ids (str objects), in the order of `chosen`
 
     def __len__(self) -> int:
         return len(self.chosen)
 
     def id(self, k: int) -> str:
-        return self.receipts.event_id[self.chosen[k]]
+        return self.chosen_ids[k]
 
-    def ids(self, which: np.ndarray | None = None) -> list[str]:
-        rows = self.chosen if which is None else self.chosen[which]
-        return [self.receipts.event_id[i] for i in rows]
+    def ids(self, which: np.ndarray | None = None) -> np.ndarray:
+        return self.chosen_ids if which is None else self.chosen_ids[which]
 
     def first_copy(self, k: int) -> tuple[str, int, int]:
         """(shard, sequence number, position) of the copy to read back."""
@@ -295,8 +295,9 @@ class Reconciler:
         result.finish()
         if with_ids:
             def listed(mask: np.ndarray, stage: str) -> list[str]:
+                """The first `limit` ids after the cursor, in byte order, of those the mask marks."""
                 start = after.get(stage, "")
-                return sorted(i for i, m in zip(ids, mask) if m and i > start)[:limit]
+                return heapq.nsmallest(limit, (i for i in ids[mask] if i > start))
 
             result.missing_ids = {
                 "archive": listed(~trail.archived, "archive"),  # not stored, or its object is gone
@@ -313,18 +314,14 @@ class Reconciler:
         if not n:
             empty = np.zeros(0, dtype=bool)
             return Trail(receipts, np.zeros(0, np.int64), 0, empty, empty, np.zeros(0, np.int64), empty,
-                         np.zeros(0, np.int64))
-        fps = np.fromiter((fingerprint(tenant, e) for e in receipts.event_id), dtype=np.uint64, count=n)
-        # the copy that counts for each id: one the consumer did not flag as a duplicate nor forward, else the first
-        order = np.lexsort((receipts.position, receipts.received_us, receipts.duplicate | receipts.forwarded, fps))
-        first_of = np.ones(n, dtype=bool)
-        first_of[1:] = fps[order][1:] != fps[order][:-1]
-        chosen = order[first_of]
+                         np.zeros(0, np.int64), np.empty(0, dtype=object))
+        chosen, id_array = _first_copies(receipts)
+        chosen_ids = id_array[chosen]
         batch_of = await self._covering_batches(receipts, chosen)
         stored = batch_of >= 0
         restored = await self._restored(window)
         if restored:
-            stored |= np.isin(fps[chosen], np.fromiter(restored, dtype=np.uint64, count=len(restored)))
+            stored |= np.fromiter((i in restored for i in chosen_ids), dtype=bool, count=len(chosen))
         hour_index = receipts.received_us[chosen] // HOUR_US
         present = await self._archive_objects(tenant, batch_of)
         archived = stored.copy()
@@ -335,7 +332,7 @@ class Reconciler:
         index_pending = np.isin(batch_of, np.fromiter(waiting, dtype=np.int64, count=len(waiting))) if waiting \
             else np.zeros(len(chosen), dtype=bool)
         return Trail(receipts, chosen, n - int(receipts.relayed.sum()), stored, archived, batch_of, index_pending,
-                     hour_index)
+                     hour_index, chosen_ids)
 
     async def load_receipts(self, window: Window, batches: set[tuple[str, int, int]] | None = None) -> Receipts:
         """The receipts of the window (the consumers' objects, and the rows of releases before them); with
@@ -442,17 +439,17 @@ class Reconciler:
                 sorted(batch_ids), self.settings.stream.name)
         return {r["id"] for r in rows}
 
-    async def _restored(self, window: Window) -> set[int]:
-        """Fingerprints of the events replays stored in the window's hours (read from their archive objects)."""
+    async def _restored(self, window: Window) -> set[str]:
+        """The ids of the events replays stored in the window's hours (read from their archive objects)."""
         async with self.pool.acquire() as conn:
             keys = [r["key"] for r in await conn.fetch(
                 """SELECT o.key FROM archive_objects o JOIN batches b ON b.id = o.batch_id
                     WHERE o.tenant = $1 AND o.received_hour >= $2 AND o.received_hour < $3 AND b.stream LIKE 'replay:%'""",
                 window.tenant, hour_of(window.start), window.end)]
-        found: set[int] = set()
+        found: set[str] = set()
         for key in keys:
             for line in await self.read_archive_object(key):
-                found.add(fingerprint(window.tenant, line["meta"]["event_id"]))
+                found.add(line["meta"]["event_id"])
         return found
 
     async def read_archive_object(self, key: str) -> list[dict[str, Any]]:
@@ -538,6 +535,45 @@ def _minutes_overlap(key: str, hour: datetime, window: Window) -> bool:
     except (IndexError, ValueError):
         return True
     return hour + timedelta(minutes=low) < window.end and hour + timedelta(minutes=high + 1) > window.start
+
+
+def _first_copies(receipts: Receipts) -> tuple[np.ndarray, np.ndarray]:
+    """For each distinct id, the row of the copy that counts, and the ids of all rows (str objects).
+
+    The copy that counts is one its consumer neither flagged as a duplicate nor
+    forwarded, else the first received. Rows are grouped by Python's string
+    hash (fast, and stable within this process); only ids with several rows
+    (a few percent: duplicates) are sorted further, and should two different
+    ids share a hash, they are told apart by the ids themselves.
+    """
+    n = len(receipts)
+    ids = np.asarray(receipts.event_id, dtype=object)
+    keys = np.fromiter(map(hash, receipts.event_id), dtype=np.int64, count=n)
+    order = np.argsort(keys, kind="stable")
+    keys_sorted = keys[order]
+    same = np.flatnonzero(keys_sorted[1:] == keys_sorted[:-1])  # row k+1 has the hash of row k
+    if same.size and (ids[order[same]] != ids[order[same + 1]]).any():  # two ids share a hash
+        rank = {value: r for r, value in enumerate(sorted(set(receipts.event_id)))}
+        keys = np.fromiter((rank[i] for i in receipts.event_id), dtype=np.int64, count=n)
+        order = np.argsort(keys, kind="stable")
+        keys_sorted = keys[order]
+        same = np.flatnonzero(keys_sorted[1:] == keys_sorted[:-1])
+    starts = np.ones(n, dtype=bool)
+    starts[same + 1] = False
+    chosen = order[starts]
+    if same.size:  # ids with several copies: the best copy of each
+        group = np.cumsum(starts) - 1  # group of each sorted row
+        several = np.zeros(n, dtype=bool)
+        several[same] = True
+        several[same + 1] = True
+        rows = order[several]
+        groups = group[several]
+        best = np.lexsort((receipts.position[rows], receipts.received_us[rows],
+                           receipts.duplicate[rows] | receipts.forwarded[rows], groups))
+        firsts = np.ones(len(best), dtype=bool)
+        firsts[1:] = groups[best][1:] != groups[best][:-1]
+        chosen[groups[best][firsts]] = rows[best][firsts]
+    return chosen, ids
 
 
 def _overlaps_removed(receipts: Receipts) -> Receipts:

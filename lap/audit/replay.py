@@ -246,7 +246,7 @@ class Replayer:
         indexed = await reconciler._indexed_ids(window)
         # not those the index writer has still to reach: it indexes them itself, and counts them
         candidates = np.flatnonzero(trail.archived & ~trail.index_pending)
-        wanted = {i: int(k) for k, i in zip(candidates, trail.ids(candidates)) if i not in indexed}
+        wanted = {i: int(k) for k, i in zip(candidates.tolist(), trail.ids(candidates).tolist()) if i not in indexed}
         if not wanted:
             return 0
         async with self.pool.acquire() as conn:

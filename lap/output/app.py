@@ -302,9 +302,13 @@ def summary_rows(rows, actions) -> list[CourseFigures]:
     return out
 
 
-def hit(source: dict[str, Any], event: dict[str, Any] | None = None) -> EventHit:
-    return EventHit(event_id=source["event_id"], type=source.get("type"), action=source.get("action"),
-                    actor=source.get("actor"), object=source.get("object"), course=source.get("course"),
+def hit(found: dict[str, Any], event: dict[str, Any] | None = None) -> EventHit:
+    """An index hit (or GET reply) as the API shows it; documents store neither their id nor, mostly, the actor
+    (docs/decisions.md, "Index")."""
+    source = found.get("_source") or {}
+    actor = source.get("actor") or source.get("actor_iri") or source.get("learner")
+    return EventHit(event_id=source.get("event_id") or found["_id"], type=source.get("type"),
+                    action=source.get("action"), actor=actor, object=source.get("object"), course=source.get("course"),
                     sensor=source.get("sensor"), event_time=source.get("event_time"),
                     received_at=source.get("received_at"), event=event)
 
@@ -686,11 +690,12 @@ class OutputAPI:
             raise Problem(503, "Service Unavailable", "the search index is not reachable; retry later",
                           {"Retry-After": "5"}) from None
         source = reply.get("_source") or {}
-        if not reply.get("found") or source.get("tenant") != tenant:
+        # the tenant's own index: a document of another tenant cannot be there (its tenant is not in the source)
+        if not reply.get("found") or reply.get("_index") != index_name(self.settings, tenant):
             raise Problem(404, "Not Found", "no such event (or it is not indexed yet)")
-        return hit(source, source.get("event") or await self.archived_event(tenant, source))
+        return hit(reply, source.get("event") or await self.archived_event(tenant, reply["_id"], source))
 
-    async def archived_event(self, tenant: str, source: dict[str, Any]) -> dict[str, Any]:
+    async def archived_event(self, tenant: str, event_id: str, source: dict[str, Any]) -> dict[str, Any]:
         """The whole event, from the archive object of the batch the document points at."""
         received = datetime.fromisoformat(source["received_at"].replace("Z", "+00:00"))
         try:
@@ -707,12 +712,12 @@ class OutputAPI:
         except Problem:
             raise
         except Exception as exc:
-            log.warning("archive read for %s failed: %s", source["event_id"], exc)
+            log.warning("archive read for %s failed: %s", event_id, exc)
             raise Problem(503, "Service Unavailable", "the archive is not reachable; retry later",
                           {"Retry-After": "5"}) from None
         for line in data.splitlines():
             doc = orjson.loads(line)
-            if doc["meta"]["event_id"] == source["event_id"]:
+            if doc["meta"]["event_id"] == event_id:
                 return doc["item"]
         raise Problem(404, "Not Found", "the event is not in its archive object; reconcile the window and replay it")
 
@@ -751,5 +756,5 @@ class OutputAPI:
         reply = await self.search(tenant, body)
         hits = reply.get("hits", {}).get("hits", [])
         next_cursor = encode_cursor(hits[-1]["sort"]) if len(hits) == limit and "sort" in hits[-1] else None
-        return EventPage(events=[hit(h["_source"]) for h in hits], next_cursor=next_cursor)
+        return EventPage(events=[hit(h) for h in hits], next_cursor=next_cursor)
 

@@ -19,6 +19,7 @@ from typing import Any
 from urllib.parse import quote
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from lap import metrics
 from lap.audit.actor import NAMESPACE
@@ -153,6 +154,7 @@ class Coordinator:
     def __init__(self) -> None:
         self.settings = load_settings()
         self.consumers: dict[str, Any] = {}
+        self.placed: dict[str, str] = {}  # shard id -> the node its consumer was asked to start on
         self.runs: dict[str, asyncio.Task] = {}
         self._task: asyncio.Task | None = None
         self._clients: AsyncExitStack | None = None
@@ -273,10 +275,29 @@ class Coordinator:
         if handle is None:
             handle = ShardConsumer.options(
                 name=consumer_name(shard_id), namespace=NAMESPACE, get_if_exists=True,
-                num_cpus=self.settings.process.actor_num_cpus, scheduling_strategy="SPREAD",
+                num_cpus=self.settings.process.actor_num_cpus, scheduling_strategy=self.placement(shard_id),
             ).remote(shard_id)
             self.consumers[shard_id] = handle
         self.runs[shard_id] = asyncio.get_running_loop().create_task(self._consume(shard_id, handle))
+
+    def placement(self, shard_id: str):
+        """The live worker node with the fewest consumers this coordinator placed, asked softly.
+
+        Ray's SPREAD is best effort: with actors that reserve no CPU it put all
+        four consumers on one of three nodes now and then. Soft affinity still
+        lets Ray start (or restart) the consumer elsewhere when that node is
+        full or gone. Nodes without CPUs (the cluster's head) are left out.
+        """
+        nodes = sorted(n["NodeID"] for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU", 0) > 0)
+        if not nodes:
+            return "SPREAD"
+        self.placed = {s: n for s, n in self.placed.items() if n in nodes and s in self.consumers}
+        load = {n: 0 for n in nodes}
+        for node in self.placed.values():
+            load[node] += 1
+        node = min(nodes, key=lambda n: (load[n], n))
+        self.placed[shard_id] = node
+        return NodeAffinitySchedulingStrategy(node_id=node, soft=True)
 
     async def _consume(self, shard_id: str, handle) -> str:
         # Ray re-runs `run` itself when the actor restarts; this returns when the shard is done

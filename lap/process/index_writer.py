@@ -3,7 +3,8 @@
 It reads what the consumers committed (the manifest and its archive objects),
 never the stream, so an OpenSearch outage pauses indexing only: archiving and
 aggregation go on, and the cursor catches up when OpenSearch is back. Each
-document's `_id` is the event id, so indexing a batch twice changes nothing.
+document's `_id` is the event id and documents are only created, so indexing
+a batch twice changes nothing and counts nothing twice.
 Bulk item errors are sorted one by one: 429 and 5xx are retried, anything
 else is recorded in `index_failures` with its reason.
 """
@@ -54,12 +55,16 @@ def document(line: dict[str, Any], batch_id: int) -> dict[str, Any]:
     there): a document is a few hundred bytes, not the event twice over.
     """
     meta, item = line["meta"], line["item"]
-    return {
+    learner, actor = meta.get("learner"), _iri(item.get("actor"))
+    doc = {
         "event_id": meta["event_id"], "tenant": meta["tenant"], "sensor": meta.get("sensor"),
-        "type": meta.get("type"), "action": meta.get("action"), "learner": meta.get("learner"),
-        "actor": _iri(item.get("actor")), "object": _iri(item.get("object")), "course": meta.get("course"),
+        "type": meta.get("type"), "action": meta.get("action"), "learner": learner,
+        "actor": actor, "object": _iri(item.get("object")), "course": meta.get("course"),
         "event_time": meta.get("event_time"), "received_at": meta.get("received_at"), "batch": batch_id,
     }
+    if actor != learner:  # a grader, say: the source keeps it (`actor` itself is searchable, not stored)
+        doc["actor_iri"] = actor
+    return doc
 
 
 class IndexOutage(Exception):
@@ -220,22 +225,26 @@ class IndexWriter:
 
 async def bulk_index(search, settings: Settings, lines: list[dict[str, Any]],
                      batch_id: int) -> tuple[list[dict], list[dict], list[tuple[dict, int, str]]]:
-    """Index `lines` (archived by batch `batch_id`); returns (indexed, of those the new documents,
+    """Index `lines` (archived by batch `batch_id`); returns (indexed, of those the ones this batch counts,
     [(line, status, reason) refused for good]).
 
-    Raises IndexOutage when OpenSearch cannot be reached or keeps failing whole items.
+    Documents are created, never overwritten. One that exists already counts for this batch only when an
+    earlier try of this same batch made it (a writer that died between the bulk and its commit): so every
+    event is counted once, whoever indexed it first. Raises IndexOutage when OpenSearch cannot be reached or
+    keeps failing whole items.
     """
     pending = lines
     ok: list[dict] = []
     created: list[dict] = []
+    existing: list[dict] = []
     refused: list[tuple[dict, int, str]] = []
     delay = settings.process.index_retry_s
     for attempt in range(ITEM_RETRIES + 1):
         body = bytearray()
         for line in pending:
             meta = line["meta"]
-            body += orjson.dumps({"index": {"_index": index_name(settings, meta["tenant"]),
-                                            "_id": meta["event_id"]}})
+            body += orjson.dumps({"create": {"_index": index_name(settings, meta["tenant"]),
+                                             "_id": meta["event_id"]}})
             body += b"\n" + orjson.dumps(document(line, batch_id)) + b"\n"
         reply = await search.bulk(body=bytes(body))
         retry: list[dict] = []
@@ -244,8 +253,10 @@ async def bulk_index(search, settings: Settings, lines: list[dict[str, Any]],
             status = outcome.get("status", 500)
             if status < 300:
                 ok.append(line)
-                if status == 201 or outcome.get("result") == "created":
-                    created.append(line)
+                created.append(line)
+            elif status == 409:
+                ok.append(line)
+                existing.append(line)
             elif status == 429 or status >= 500:
                 retry.append(line)
             else:
@@ -253,9 +264,28 @@ async def bulk_index(search, settings: Settings, lines: list[dict[str, Any]],
                 reason = (error.get("reason") if isinstance(error, dict) else str(error)) or f"status {status}"
                 refused.append((line, status, reason[:1000]))
         if not retry:
-            return ok, created, refused
+            break
         pending = retry
         if attempt < ITEM_RETRIES:
             await asyncio.sleep(delay)
             delay = min(delay * 2, MAX_BACKOFF_S)
-    raise IndexOutage(f"{len(pending)} documents still refused with 429/5xx after {ITEM_RETRIES} retries")
+    else:
+        raise IndexOutage(f"{len(pending)} documents still refused with 429/5xx after {ITEM_RETRIES} retries")
+    if existing:
+        created.extend(await made_by_batch(search, settings, existing, batch_id))
+    return ok, created, refused
+
+
+async def made_by_batch(search, settings: Settings, lines: list[dict[str, Any]], batch_id: int) -> list[dict]:
+    """Of these lines, whose documents exist already, those an earlier try of batch `batch_id` indexed."""
+    by_index: dict[str, list[dict]] = {}
+    for line in lines:
+        by_index.setdefault(index_name(settings, line["meta"]["tenant"]), []).append(line)
+    ours: list[dict] = []
+    for name, group in by_index.items():
+        reply = await search.mget(index=name, body={"ids": [line["meta"]["event_id"] for line in group]},
+                                  params={"_source_includes": "batch"})
+        for line, doc in zip(group, reply["docs"]):
+            if doc.get("found") and (doc.get("_source") or {}).get("batch") == batch_id:
+                ours.append(line)
+    return ours

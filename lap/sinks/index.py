@@ -28,6 +28,9 @@ def events_template(settings: Settings) -> dict[str, Any]:
             "settings": {"number_of_shards": 1, "refresh_interval": "5s"},
             "mappings": {
                 "dynamic": "strict",
+                # searchable, but not stored again in the source: the id is the document's `_id`, the tenant
+                # its index's, and the actor is the learner unless `actor_iri` says otherwise
+                "_source": {"excludes": ["event_id", "tenant", "actor"]},
                 "properties": {
                     "event_id": keyword,
                     "tenant": keyword,
@@ -41,6 +44,7 @@ def events_template(settings: Settings) -> dict[str, Any]:
                     "event_time": {"type": "date"},
                     "received_at": {"type": "date"},
                     "batch": {"type": "long", "index": False},
+                    "actor_iri": {"type": "keyword", "index": False, "doc_values": False},
                     # version 1 documents only (the whole event, and the fields no query used)
                     "object_type": keyword,
                     "shard": keyword,
@@ -87,8 +91,9 @@ async def ensure_templates(client: AsyncOpenSearch, settings: Settings) -> None:
             return
     await client.indices.put_index_template(name=name, body=events_template(settings))
     if await has_event_indices(client, settings):  # indices made by the older template take the new field too
-        await client.indices.put_mapping(index=f"{name}-*", body={"properties": {"batch": {"type": "long",
-                                                                                           "index": False}}})
+        await client.indices.put_mapping(index=f"{name}-*", body={"properties": {
+            "batch": {"type": "long", "index": False},
+            "actor_iri": {"type": "keyword", "index": False, "doc_values": False}}})
 
 
 async def has_event_indices(client: AsyncOpenSearch, settings: Settings) -> bool:

@@ -52,10 +52,25 @@ def event_line(meta: dict[str, Any], item: dict[str, Any]) -> bytes:
 
 def decode(data: bytes) -> list[tuple[dict[str, Any], dict[str, Any]]]:
     """The (meta, item) pairs of a record, in position order; each meta is complete (shared fields merged in)."""
+    return [(meta, item) for meta, item, _ in decode_lines(data)]
+
+
+_ITEM = b',"item":'
+
+
+def _raw_item(line: bytes) -> bytes | None:
+    """The item's JSON as it is in a line `{"meta": {...}, "item": {...}}` LAP wrote (meta first): no key in
+    meta is "item", and a quote inside a JSON string is escaped, so the first `,"item":` is the one."""
+    at = line.find(_ITEM)
+    return line[at + len(_ITEM):-1] if at > 0 and line.endswith(b"}") else None
+
+
+def decode_lines(data: bytes) -> list[tuple[dict[str, Any], dict[str, Any], bytes | None]]:
+    """As `decode`, with each item's JSON bytes as the record holds them (None if the layout is another's)."""
     if data[:1] == b"{":  # format 0: one event
         try:
             doc = orjson.loads(data)
-            return [(doc["meta"], doc["item"])]
+            return [(doc["meta"], doc["item"], _raw_item(data))]
         except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
             raise NotLapRecord(f"not a LAP event record: {exc}") from None
     if data[:3] != MAGIC:
@@ -76,7 +91,7 @@ def decode(data: bytes) -> list[tuple[dict[str, Any], dict[str, Any]]]:
             doc = orjson.loads(line)
             meta = doc["meta"]
             meta.update(shared)
-            events.append((meta, doc["item"]))
+            events.append((meta, doc["item"], _raw_item(line)))
     except (zlib.error, orjson.JSONDecodeError, KeyError, TypeError) as exc:
         raise NotLapRecord(f"a format 1 record that cannot be read: {exc}") from None
     if header.get("events") != len(events):
