@@ -280,6 +280,20 @@ def test_replay_needs_an_admin_key(settings, audited):
     assert get(settings, audited["reader"], "/audit/replay/nope").status_code == 404
 
 
+@pytest.mark.parametrize("start,words", [
+    ("0001-01-01T00:00:00+14:00", "out of the range"),
+    ((datetime.now(timezone.utc) - timedelta(days=3)).isoformat(), "past the dedup window"),
+])
+def test_a_replay_that_cannot_be_done_is_refused_up_front(settings, audited, start, words):
+    """Refused with 400 when asked, not accepted with 202 and failed later; and no internals in the text."""
+    body = {"start": start, "end": (datetime.now(timezone.utc) - timedelta(days=2)).isoformat(), "stages": ["index"]}
+    reply = httpx.post(f"{settings.api_url}/v1/audit/replay", json=body, timeout=30,
+                       headers={"Authorization": f"Bearer {audited['admin']}"})
+    assert reply.status_code == 400, reply.text
+    detail = reply.json()["detail"]
+    assert words in detail and "$" not in detail and "datetime." not in detail
+
+
 @pytest.mark.parametrize("params", [
     {"start": "2026-11-02T00:00:00Z", "end": "2026-11-01T00:00:00Z"},
     {"start": "2026-11-01T00:00:00", "end": "2026-11-02T00:00:00"},
@@ -287,6 +301,8 @@ def test_replay_needs_an_admin_key(settings, audited):
     {"start": "2026-11-01T00:00:00Z"},
     {"start": "2026-11-01T00:00:00Z", "end": "2026-11-02T00:00:00Z", "detail": "everything"},
     {"start": "2026-11-01T00:00:00Z", "end": "2026-11-02T00:00:00Z", "cursor": "bad"},
+    {"start": "2026-11-01T00:00:00Z", "end": "2026-11-02T00:00:00Z", "sensor": "\x00"},
+    {"start": "0001-01-01T00:00:00+14:00", "end": "2026-11-02T00:00:00Z"},
 ])
 def test_bad_reconcile_parameters_get_400(settings, audited, params):
     reply = get(settings, audited["reader"], "/audit/reconcile", **params)

@@ -194,10 +194,13 @@ async def test_missing_or_unknown_credentials_get_401(api, auth):
 
 
 async def test_reader_keys_and_other_sensors_cannot_send(api, tokens):
+    """A valid key that may not send gets 403, as on /v1; only an unknown or missing key gets 401."""
     body = orjson.dumps(envelope(fresh_events(1)))
-    assert_problem(await api.post("/caliper", content=body, headers=headers(tokens["reader"])), 401)
+    refused = assert_problem(await api.post("/caliper", content=body, headers=headers(tokens["reader"])), 403)
+    assert "reader key cannot send events" in refused["detail"]
+    assert_problem(await api.get("/caliper", headers=headers(tokens["reader"])), 403)
     # A key bound to one sensor IRI cannot send for another.
-    assert_problem(await api.post("/caliper", content=body, headers=headers(tokens["bound"])), 401)
+    assert_problem(await api.post("/caliper", content=body, headers=headers(tokens["bound"])), 403)
     bound = orjson.dumps(envelope(fresh_events(1), sensor="https://example.edu/sensors/bound"))
     assert (await api.post("/caliper", content=bound, headers=headers(tokens["bound"]))).status_code == 200
 
@@ -230,6 +233,63 @@ async def test_unknown_content_encoding_gets_415_and_broken_gzip_400(api, tokens
     truncated = gzip.compress(body)[:-12]
     assert_problem(await api.post("/caliper", content=truncated,
                                   headers=headers(tokens["sensor"], **{"Content-Encoding": "gzip"})), 400)
+
+
+async def test_gzip_members_are_read_in_turn_and_trailing_bytes_refused(api, tokens):
+    body = orjson.dumps(envelope(fresh_events(3)))
+    two_members = gzip.compress(body[:40]) + gzip.compress(body[40:])  # RFC 1952: one stream of several members
+    reply = await api.post("/caliper", content=two_members,
+                           headers=headers(tokens["sensor"], **{"Content-Encoding": "gzip"}))
+    assert reply.status_code == 200, reply.text
+    trailing = gzip.compress(orjson.dumps(envelope(fresh_events(1)))) + b"garbage"
+    refused = assert_problem(await api.post("/caliper", content=trailing,
+                                            headers=headers(tokens["sensor"], **{"Content-Encoding": "gzip"})), 400)
+    assert "7 bytes that are not gzip" in refused["detail"]
+
+
+async def test_items_nested_too_deep_to_store_get_400_and_are_quarantined(api, tokens, db):
+    sensor = f"https://example.edu/sensors/{uuid.uuid4().hex[:8]}"
+    for depth in (253, 600, 1000):  # orjson reads up to 1,024 levels, but writes only ~254
+        events = fresh_events(2)
+        events[1]["extensions"] = {"deep": "PLACEHOLDER"}
+        payload = orjson.dumps(envelope(events, sensor=sensor)).replace(
+            b'"PLACEHOLDER"', b'{"a":' * depth + b"1" + b"}" * depth)
+        body = assert_problem(await api.post("/caliper", content=payload, headers=headers(tokens["sensor"])), 400)
+        assert [(e["index"], "levels deep" in e["message"]) for e in body["errors"]] == [(1, True)]
+    for _ in range(50):
+        count = await db.fetchval("SELECT count FROM quarantine_counts WHERE tenant = 'acme' AND sensor = $1 "
+                                  "AND status = 400", sensor)
+        if count == 3:
+            break
+        await asyncio.sleep(0.2)
+    assert count == 3
+
+
+async def test_a_slow_client_with_an_oversized_body_reads_its_413(settings, tokens):
+    """The body is sent in small pieces after a Content-Length over the limit: the 413 must arrive whole, not as a
+    connection reset while the client is still writing."""
+    limit = settings.limits.max_body_bytes
+    size = limit + limit // 2
+    reader, writer = await asyncio.open_connection("127.0.0.1", settings.ray.http_port)
+    try:
+        writer.write(f"POST /caliper HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {tokens['sensor']}\r\n"
+                     f"Content-Type: application/json\r\nContent-Length: {size}\r\n\r\n".encode())
+        piece = b" " * 65536
+        sent = 0
+        while sent < size:
+            chunk = piece[:size - sent]
+            writer.write(chunk)
+            await writer.drain()
+            sent += len(chunk)
+            await asyncio.sleep(0.005)
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
+        assert head.startswith(b"HTTP/1.1 413"), head
+        length = int(next(line.split(b":", 1)[1] for line in head.split(b"\r\n")
+                          if line.lower().startswith(b"content-length:")))
+        problem = orjson.loads(await asyncio.wait_for(reader.readexactly(length), 30))
+    finally:
+        writer.close()
+    assert problem["status"] == 413 and str(limit) in problem["detail"]
 
 
 async def test_oversized_bodies_and_records_get_413(api, settings, tokens):

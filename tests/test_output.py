@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 from collections import Counter, defaultdict
 from datetime import date, datetime
 
@@ -136,8 +137,18 @@ def test_no_route_shows_another_tenants_data(settings, two_tenants):
     assert not {e["event_id"] for e in found} & {e["id"] for e in two_tenants["a_events"]}
 
 
+def _cursor(values: str) -> str:
+    return base64.urlsafe_b64encode(values.encode()).decode().rstrip("=")
+
+
 @pytest.mark.parametrize("path,params,status", [
     ("/learner-summary", {}, 400),
+    ("/events", {"cursor": _cursor('["x","x"]')}, 400),  # well formed, but not the sort values of a hit
+    ("/events", {"cursor": _cursor("[null,null]")}, 400),
+    ("/events", {"cursor": _cursor('[{"a":1},"x"]')}, 400),
+    ("/events/", {}, 400),  # no id
+    ("/events", {"sensor": "\x00"}, 400),
+    ("/learner-summary", {"learner": "a\x00b"}, 400),
     ("/course-learners", {"course": "x", "sort": "nope"}, 400),
     ("/course-learners", {"course": "x", "limit": 0}, 400),
     ("/course-learners", {"course": "x", "limit": 100000}, 400),
@@ -154,6 +165,7 @@ def test_bad_parameters_get_a_clear_4xx(settings, two_tenants, path, params, sta
     assert reply.status_code == status, reply.text
     assert reply.headers["content-type"].startswith("application/problem+json")
     assert reply.json()["detail"]
+    assert "$" not in reply.json()["detail"] and "datetime." not in reply.json()["detail"]  # no internals
 
 
 def test_keys_and_roles(settings, two_tenants):

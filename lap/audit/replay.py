@@ -57,6 +57,15 @@ class ReplayError(Exception):
     """The replay cannot do what was asked (say, rebuild an archive object from the archive)."""
 
 
+def check_replay_window(settings: Settings, start: datetime) -> None:
+    """Raises ReplayError for a window that starts past the dedup window (less an hour, for the replay's own time):
+    the consumers have forgotten those ids, so a replay would count events twice."""
+    oldest = datetime.now(timezone.utc) - timedelta(seconds=settings.process.dedup_window_s) + timedelta(hours=1)
+    if start < oldest:
+        raise ReplayError(f"a replay must start after {oldest:%Y-%m-%dT%H:%M}Z: older events are past the dedup "
+                          "window (process.dedup_window_s), so LAP can no longer tell which are stored")
+
+
 def new_replay_id() -> str:
     return uuid.uuid4().hex[:12]
 
@@ -91,12 +100,7 @@ class Replayer:
         self.progress = progress  # (step, done, total)
 
     async def run(self, replay_id: str, window: Window, stages: list[str], source: str) -> dict[str, Any]:
-        oldest = datetime.now(timezone.utc) - timedelta(seconds=self.settings.process.dedup_window_s) \
-            + timedelta(hours=1)
-        if window.start < oldest:
-            # beyond the dedup window the consumers forget the stored ids: a replay would count events twice
-            raise ReplayError(f"a replay must start after {oldest:%Y-%m-%dT%H:%M}Z: older events are past the dedup "
-                              "window (process.dedup_window_s), so LAP can no longer tell which are stored")
+        check_replay_window(self.settings, window.start)
         reconciler = Reconciler(self.settings, self.pool, self.s3, self.search)
         lock = int.from_bytes(hashlib.blake2b(f"replay:{window.tenant}".encode(), digest_size=8).digest(), "big",
                               signed=True)

@@ -28,7 +28,7 @@ from lap.caliper import SUPPORTED_VERSIONS, CaliperError, Envelope, Problem, par
 from lap.health import HEALTH_RESPONSES, CachedHealth, HealthReport, health_reply
 from lap.ingest.limits import RateLimiter, retry_after
 from lap.ingest.quarantine import Quarantine
-from lap.ingest.records import RecordTooLarge, pack
+from lap.ingest.records import ItemsTooDeep, RecordTooLarge, pack
 from lap.settings import Settings, load_settings
 from lap.sinks.store import create_pool
 from lap.stream.producer import CoalescedPuts, Producer, PutDeadlineExceeded, StreamRejected
@@ -99,6 +99,37 @@ def unauthorized(detail: str) -> Refused:
                    headers={"WWW-Authenticate": 'Bearer realm="lap", error="invalid_token"'})
 
 
+def forbidden(detail: str) -> Refused:
+    """A valid key that may not do this (RFC 6750: 403 insufficient_scope), as on /v1."""
+    return Refused(403, "Forbidden", detail,
+                   headers={"WWW-Authenticate": 'Bearer realm="lap", error="insufficient_scope"'})
+
+
+DRAIN_FACTOR = 8  # a body over the limit is still read (and dropped) up to this many times the limit
+
+
+def _gunzip(body: bytes, limit: int) -> bytes:
+    """Every gzip member of the body (RFC 1952 allows several), refused with 413 past `limit` bytes,
+    and with 400 when it is damaged, truncated, or followed by bytes that are not gzip."""
+    out = bytearray()
+    data = body
+    while True:
+        inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        try:
+            out += inflater.decompress(data, limit + 1 - len(out))
+        except zlib.error as exc:
+            raise Refused(400, "Bad Request", f"the gzip body cannot be decompressed: {exc}") from None
+        if len(out) > limit or inflater.unconsumed_tail:
+            raise Refused(413, "Payload Too Large", f"the decompressed body is over the limit of {limit} bytes")
+        if not inflater.eof:
+            raise Refused(400, "Bad Request", "the gzip body is truncated")
+        data = inflater.unused_data
+        if not data:
+            return bytes(out)
+        if not data.startswith(b"\x1f\x8b"):
+            raise Refused(400, "Bad Request", f"the gzip body is followed by {len(data)} bytes that are not gzip")
+
+
 @dataclass
 class Deps:
     """What a replica opens once and reuses for every request."""
@@ -113,17 +144,29 @@ class Deps:
 
 
 async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, decompressed if gzip, refused with 413 past `limit` bytes either way."""
+    """The request body, decompressed if gzip, refused with 413 past `limit` bytes either way.
+
+    A body over the limit is read to its end (up to DRAIN_FACTOR times the
+    limit) before the 413: a server that answers and closes while the client
+    is still writing resets the connection, and the sensor never reads why.
+    """
     declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
-        raise Refused(413, "Payload Too Large", f"the body is {declared} bytes; the limit is {limit} bytes")
+    too_big = bool(declared and declared.isdigit() and int(declared) > limit)
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            raise Refused(413, "Payload Too Large", f"the body is over the limit of {limit} bytes")
+            too_big = True
+            chunks.clear()
+        if too_big:
+            if size > limit * DRAIN_FACTOR:
+                break  # not worth reading further: the answer comes now, and the connection closes
+            continue
         chunks.append(chunk)
+    if too_big:
+        raise Refused(413, "Payload Too Large", f"the body is {declared or f'over {limit}'} bytes; "
+                      f"the limit is {limit} bytes")
     body = b"".join(chunks)
     encoding = request.headers.get("content-encoding", "identity").strip().lower()
     if encoding in ("", "identity"):
@@ -131,16 +174,7 @@ async def read_body(request: Request, limit: int) -> bytes:
     if encoding not in ("gzip", "x-gzip"):
         raise Refused(415, "Unsupported Media Type",
                       f"Content-Encoding {encoding!r} is not supported; send gzip or no encoding")
-    inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
-    try:
-        data = inflater.decompress(body, limit + 1)
-    except zlib.error as exc:
-        raise Refused(400, "Bad Request", f"the gzip body cannot be decompressed: {exc}") from None
-    if len(data) > limit or inflater.unconsumed_tail:
-        raise Refused(413, "Payload Too Large", f"the decompressed body is over the limit of {limit} bytes")
-    if not inflater.eof:
-        raise Refused(400, "Bad Request", "the gzip body is truncated")
-    return data
+    return _gunzip(body, limit)
 
 
 def check_content_type(value: str | None) -> None:
@@ -242,7 +276,8 @@ class IngestAPI:
         if principal is None:
             raise unauthorized("the bearer token is unknown or revoked")
         if principal.role != "sensor":
-            raise unauthorized(f"a {principal.role} key cannot send events; use a sensor key")
+            raise forbidden(f"an {principal.role} key cannot send events; use a sensor key" if principal.role == "admin"
+                            else f"a {principal.role} key cannot send events; use a sensor key")
         wait = deps.limiter.wait_seconds(principal.key_id, principal.rate_per_s)
         if wait > 0:
             raise Refused(429, "Too Many Requests", "this key is over its request rate; retry after the delay",
@@ -255,7 +290,7 @@ class IngestAPI:
         return await health_reply(self.health)
 
     @app.get("/caliper", summary="Endpoint configuration (Caliper 1.2, section 6.2)",
-             responses={401: _PROBLEM_SCHEMA})
+             responses={401: _PROBLEM_SCHEMA, 403: _PROBLEM_SCHEMA})
     async def caliper_config(self, request: Request) -> Response:
         request_id = uuid.uuid4().hex
         try:
@@ -278,7 +313,7 @@ class IngestAPI:
         description="200 (empty body) once every event is durably in the stream. With "
                     "`Prefer: return=representation` the body lists a receipt per event.",
         openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": _ENVELOPE_SCHEMA}}}},
-        responses={s: _PROBLEM_SCHEMA for s in (400, 401, 413, 415, 422, 429, 503)},
+        responses={s: _PROBLEM_SCHEMA for s in (400, 401, 403, 413, 415, 422, 429, 503)},
     )
     async def send(self, request: Request) -> Response:
         received_at = datetime.now(timezone.utc)
@@ -297,14 +332,17 @@ class IngestAPI:
             body = await read_body(request, self.settings.limits.max_body_bytes)
             envelope = self.parse(body)
             if principal.sensor and envelope.sensor != principal.sensor:
-                raise unauthorized(f"this key may send only for the sensor {principal.sensor!r}, "
-                                   f"not {envelope.sensor!r}")
+                raise forbidden(f"this key may send only for the sensor {principal.sensor!r}, "
+                                f"not {envelope.sensor!r}")
             try:
                 packed = pack(envelope, principal, received_at, request_id, await deps.shards.get(),
                               self.settings.limits.max_record_bytes)
             except RecordTooLarge as exc:
                 raise Refused(413, "Payload Too Large", "an event is over the stream's record size limit",
                               exc.problems) from None
+            except ItemsTooDeep as exc:
+                raise Refused(400, "Bad Request", f"{len(exc.problems)} items nest too deep; the envelope was "
+                              "refused as a whole", exc.problems) from None
             try:
                 receipts = await deps.producer.put(packed.records)
             except PutDeadlineExceeded as exc:

@@ -30,6 +30,17 @@ class RecordTooLarge(Exception):
         self.problems = problems
 
 
+class ItemsTooDeep(Exception):
+    """Some items nest deeper than a stream record's JSON can hold (orjson writes 254 levels at most)."""
+
+    def __init__(self, problems: list[Problem]):
+        super().__init__(f"{len(problems)} items nest too deep")
+        self.problems = problems
+
+
+MAX_ITEM_DEPTH = 250  # what orjson can write of an item inside its {"meta", "item"} line, rounded down
+
+
 @dataclass(slots=True)
 class Packed:
     """The stream records of one envelope; `members[r]` are the item indexes of record r, in position order."""
@@ -54,6 +65,7 @@ def pack(envelope: Envelope, principal: Principal, received_at: datetime, reques
     by_slot: dict[int, list[int]] = {}
     starts = shards.starts
     dumps = orjson.dumps
+    too_deep: list[Problem] = []
     for n, item in enumerate(envelope.items):
         event_time = item.event_time
         meta = {
@@ -61,7 +73,12 @@ def pack(envelope: Envelope, principal: Principal, received_at: datetime, reques
             "learner": item.learner, "course": item.course,
             "event_time": event_time.isoformat().replace("+00:00", "Z") if event_time is not None else None,
         }
-        lines.append(dumps({"meta": meta, "item": item.doc}))  # record_format.event_line, inlined: per event
+        try:
+            lines.append(dumps({"meta": meta, "item": item.doc}))  # record_format.event_line, inlined: per event
+        except orjson.JSONEncodeError:  # parsing takes 1,024 levels, writing fewer: refused, never retried
+            too_deep.append(Problem(item.index, f"$.data[{item.index}]",
+                                    f"this item nests objects or arrays more than {MAX_ITEM_DEPTH} levels deep"))
+            lines.append(b"")
         key = partition_key_for(item.learner or item.id)
         keys.append(key)
         slot = bisect_right(starts, hash_key(key)) - 1  # ShardMap.slot, inlined
@@ -71,6 +88,8 @@ def pack(envelope: Envelope, principal: Principal, received_at: datetime, reques
         else:
             group.append(n)
 
+    if too_deep:
+        raise ItemsTooDeep(too_deep)
     packed = Packed([], [], [])
     too_big: list[Problem] = []
 

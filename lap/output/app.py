@@ -24,7 +24,7 @@ from ray import serve
 
 from lap import __version__
 from lap.audit.reconcile import ReconcileRefused, Reconciler, Window
-from lap.audit.replay import STAGES, Replayer, ReplayError, new_replay_id
+from lap.audit.replay import STAGES, Replayer, ReplayError, check_replay_window, new_replay_id
 from lap.auth import KeyCache, Principal, bearer_token
 from lap.aws import open_client
 from lap.health import HEALTH_RESPONSES, CachedHealth, HealthReport, health_reply
@@ -64,8 +64,19 @@ async def _on_problem(request: Request, exc: Problem) -> Response:
 @app.exception_handler(asyncpg.DataError)
 @app.exception_handler(OverflowError)
 async def _on_out_of_range(request: Request, exc: Exception) -> Response:
-    # a parameter or cursor value Postgres or datetime cannot hold (a tampered cursor, year 9999 minus an offset)
-    return problem_response(Problem(400, "Bad Request", f"a parameter is out of range: {str(exc)[:200]}"))
+    # a parameter or cursor value Postgres or datetime cannot hold (a tampered cursor, year 9999 minus an offset);
+    # the exception's text names query arguments and Python values: logged, not shown
+    log.info("parameter out of range: %s", exc)
+    return problem_response(Problem(400, "Bad Request", "a date, number or text in the request is out of the range "
+                                                        "LAP can store"))
+
+
+@app.middleware("http")
+async def _refuse_nul(request: Request, call_next):
+    """A NUL character can be in no IRI, id or name, and Postgres refuses it in text: a 400 here, for every route."""
+    if "\x00" in request.url.path or any("\x00" in k or "\x00" in v for k, v in request.query_params.multi_items()):
+        return problem_response(Problem(400, "Bad Request", "the path or a query parameter holds a NUL character"))
+    return await call_next(request)
 
 
 @app.exception_handler(RequestValidationError)
@@ -243,6 +254,10 @@ def check_window(start: datetime, end: datetime) -> None:
     for name, value in (("start", start), ("end", end)):
         if value.tzinfo is None:
             raise Problem(400, "Bad Request", f"{name} must carry a timezone, e.g. 2026-11-27T00:00:00Z")
+        try:
+            value.astimezone(UTC)
+        except OverflowError:  # year 1 at +14:00, say: before the first UTC instant Python can hold
+            raise Problem(400, "Bad Request", f"{name} is out of the range of dates LAP can store") from None
     if end <= start:
         raise Problem(400, "Bad Request", "end must be after start (start is included, end excluded)")
     if end - start > MAX_WINDOW:
@@ -556,6 +571,10 @@ class OutputAPI:
         if principal.role != "admin":
             raise Problem(403, "Forbidden", "only an admin key can replay")
         check_window(body.start, body.end)
+        try:
+            check_replay_window(self.settings, body.start)
+        except ReplayError as exc:  # refused up front, not accepted and failed later
+            raise Problem(400, "Bad Request", str(exc)) from None
         replay_id = new_replay_id()
         stages = sorted(set(body.stages), key=STAGES.index)
         async with self._pool.acquire() as conn:
@@ -683,6 +702,8 @@ class OutputAPI:
     @app.get("/events/{event_id:path}", response_model=EventHit, responses=_PROBLEMS, summary="One event")
     async def event(self, request: Request, event_id: str):
         tenant = (await self.caller(request)).tenant
+        if not event_id.strip():
+            raise Problem(400, "Bad Request", "give the event's id: GET /v1/events/{id}")
         try:
             reply = await self._search.get(index=index_name(self.settings, tenant), id=event_id, ignore=[404])
         except Exception as exc:
@@ -752,7 +773,10 @@ class OutputAPI:
         body: dict[str, Any] = {"size": limit, "query": {"bool": {"filter": filters}},
                                 "sort": [{"event_time": "desc"}, {"event_id": "asc"}]}
         if cursor:
-            body["search_after"] = decode_cursor(cursor, 2)
+            after = decode_cursor(cursor, 2)  # the sort values of the last hit: event time (ms) and event id
+            if not (isinstance(after[0], int) and not isinstance(after[0], bool) and isinstance(after[1], str)):
+                raise Problem(400, "Bad Request", "cursor is not one this API handed out; start again without it")
+            body["search_after"] = after
         reply = await self.search(tenant, body)
         hits = reply.get("hits", {}).get("hits", [])
         next_cursor = encode_cursor(hits[-1]["sort"]) if len(hits) == limit and "sort" in hits[-1] else None
