@@ -365,6 +365,7 @@ def database_phase(settings, token: str, count: int, learners: int, courses: int
 def index_phase(settings, ray_address: str, seconds: float) -> dict:
     """Run the IndexWriter for `seconds` over what was archived; documents indexed per second."""
     os.environ.setdefault("RAY_AUTH_MODE", "token")
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # the local Ray's node is 127.0.0.1 (README)
     import ray
 
     from lap.audit.actor import NAMESPACE

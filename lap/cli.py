@@ -180,7 +180,10 @@ def _ray_token() -> str | None:
     token = os.environ.get("RAY_AUTH_TOKEN")
     if token:
         return token.strip()
-    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", "~/.ray/auth_token")).expanduser()
+    from lap.runner import protect_ray_token, ray_token_path
+
+    path = ray_token_path()
+    protect_ray_token()
     try:
         return path.read_text().strip()
     except OSError:

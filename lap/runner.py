@@ -203,12 +203,30 @@ def ray_address() -> str:
     return ray.get_runtime_context().gcs_address
 
 
+def ray_token_path() -> Path:
+    """Where Ray keeps the token of its token authentication (Ray creates it, readable by everyone)."""
+    return Path(os.environ.get("RAY_AUTH_TOKEN_PATH", "~/.ray/auth_token")).expanduser()
+
+
+def protect_ray_token() -> None:
+    """Make Ray's token file readable by its owner only: whoever reads it can drive the whole Ray."""
+    path = ray_token_path()
+    try:
+        if path.stat().st_mode & 0o077:
+            path.chmod(0o600)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:  # another user's file, say: say so, and go on
+        log.warning("could not make %s private: %s", path, exc)
+
+
 def start_ray(settings: Settings) -> None:
     import ray
 
     common: dict[str, Any] = {"log_to_driver": False, "logging_level": logging.WARNING, "namespace": "lap"}
     if settings.ray.address:  # a running cluster's Serve took its mode from its own nodes' environment
         ray.init(address=settings.ray.address, **common)
+        protect_ray_token()
         return
     if settings.ray.throughput_mode:
         os.environ.update(throughput_env(settings))
@@ -225,6 +243,7 @@ def start_ray(settings: Settings) -> None:
         _node_ip_address="127.0.0.1",
         **common,
     )
+    protect_ray_token()
 
 
 def serve_config(settings: Settings) -> dict[str, Any]:
@@ -334,6 +353,11 @@ def run_foreground(settings: Settings) -> int:
     code = 0
     try:
         t0 = time.monotonic()
+        if not settings.ray.address:
+            # Ray turns a node address of 127.0.0.1 into the machine's own unless this says the cluster is this
+            # machine alone; Ray reads it once, when first imported, so it is set before anything imports Ray.
+            # With it, the node is 127.0.0.1 and Ray's metrics servers (ray.metrics_port among them) bind loopback.
+            os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         check_ports_free(settings)
         stack = LocalStack(settings)
         stack.start()

@@ -103,6 +103,12 @@ class LimitsSettings(Section):
     quarantine_payload_bytes: int = Field(256 * 1024, ge=0)
 
 
+class CaliperSettings(Section):
+    # Caliper 1.1 decimals may always be whole numbers (15 for 15.0): its sensors write them so, IMS's JavaScript
+    # sensor among them. 1.2's conformance fixtures call them malformed, so 1.2 accepts them only when this is on.
+    whole_number_decimals_v1p2: bool = Field(False, description="accept 15 for 15.0 in Caliper 1.2 decimals too")
+
+
 class ProcessSettings(Section):
     """Stream processing: shard consumers, dedup, the index writer and the orphan sweeper."""
 
@@ -193,6 +199,7 @@ class Settings(BaseSettings):
     db: DbSettings = DbSettings()
     auth: AuthSettings = AuthSettings()
     limits: LimitsSettings = LimitsSettings()
+    caliper: CaliperSettings = CaliperSettings()
     process: ProcessSettings = ProcessSettings()
     ray: RaySettings = RaySettings()
     local: LocalSettings = LocalSettings()

@@ -28,6 +28,8 @@ LAP = [sys.executable, "-m", "lap"]
 
 # Ray 2.60 clusters take token auth; Ray reads this when imported, so it is set before any test imports ray.
 os.environ.setdefault("RAY_AUTH_MODE", "token")
+# LAP's local Ray runs at 127.0.0.1 (lap/runner.py); a driver joins it only with this set, read on import too.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 
 def free_port() -> int:

@@ -268,6 +268,34 @@ async def replay(settings, admin: str, started: datetime, stages: list[str], sou
     raise AssertionError(f"replay {replay_id} still running: {status}")
 
 
+async def test_a_replay_whose_replica_died_is_resumed_or_failed_in_bounded_time(settings, audited, db):
+    """What a replica that died mid-replay leaves behind: a `running` row whose heartbeat stopped. Another replica
+    resumes it (or, after REPLAY_MAX_RUNS runs, marks it failed) within REPLAY_STALE_S + REPLAY_WATCH_S."""
+    from lap.audit.replay import new_replay_id
+    from lap.output.app import REPLAY_MAX_RUNS, REPLAY_STALE_S, REPLAY_WATCH_S
+
+    span = window(audited["started"])
+    start, end = (datetime.fromisoformat(span[k]) for k in ("start", "end"))
+    orphan, worn_out = new_replay_id(), new_replay_id()
+    for replay_id, runs in ((orphan, 1), (worn_out, REPLAY_MAX_RUNS)):
+        await db.execute(
+            """INSERT INTO replays (id, tenant, window_start, window_end, stages, source, status, heartbeat_at, attempts,
+                                    requested_at)
+               VALUES ($1, $2, $3, $4, ARRAY['index'], 'archive', 'running', now() - interval '5 minutes', $5,
+                       now() - interval '5 minutes')""", replay_id, audited["tenant"], start, end, runs)
+    deadline = asyncio.get_running_loop().time() + REPLAY_STALE_S + 3 * REPLAY_WATCH_S + 30
+    states: dict[str, dict] = {}
+    while asyncio.get_running_loop().time() < deadline:
+        states = {i: get(settings, audited["admin"], f"/audit/replay/{i}").json() for i in (orphan, worn_out)}
+        if all(state["status"] != "running" for state in states.values()):
+            break
+        await asyncio.sleep(1)
+    assert states[orphan]["status"] == "done", states[orphan]
+    assert states[orphan]["result"]["replayed"] is not None
+    assert states[worn_out]["status"] == "failed" and "ask for the replay again" in states[worn_out]["error"]
+    assert await db.fetchval("SELECT attempts FROM replays WHERE id = $1", orphan) == 2
+
+
 def test_replay_needs_an_admin_key(settings, audited):
     span = window(audited["started"])
     body = {"start": span["start"], "end": span["end"], "stages": ["index"]}

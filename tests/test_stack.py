@@ -74,6 +74,40 @@ def test_stand_ins_listen_on_loopback_only(lap_up):
     assert api and {c.laddr.ip for c in api} == {"127.0.0.1"}
 
 
+def test_every_port_lap_opens_is_on_loopback_but_those_ray_hard_codes(lap_up):
+    """LAP's metrics port and Ray's own servers bind 127.0.0.1; the only wider sockets are the ones Ray binds on
+    every interface with no setting (HAProxy's stats and metrics ports, each Serve replica's inter-deployment gRPC
+    server), which docs/operations.md lists."""
+    root = psutil.Process(lap_up.pid)
+    tree = {p.pid: p for p in [root, *root.children(recursive=True)]}
+    wide = []
+    for c in psutil.net_connections("inet"):
+        if c.status != psutil.CONN_LISTEN or c.pid not in tree or c.laddr.ip in ("127.0.0.1", "::ffff:127.0.0.1", "::1"):
+            continue
+        try:
+            name = " ".join(tree[c.pid].cmdline())
+        except psutil.Error:
+            continue
+        ray_settings = lap_up.settings.ray
+        if "haproxy" in name and c.laddr.port in (ray_settings.haproxy_stats_port, ray_settings.haproxy_metrics_port):
+            continue
+        if name.startswith("ray::ServeReplica") and c.laddr.ip == "::":
+            continue
+        wide.append((c.laddr.ip, c.laddr.port, name[:60]))
+    assert not wide, wide
+    metrics = [c for c in psutil.net_connections("inet")
+               if c.status == psutil.CONN_LISTEN and c.laddr.port == lap_up.settings.ray.metrics_port]
+    assert metrics and {c.laddr.ip for c in metrics} <= {"127.0.0.1", "::ffff:127.0.0.1"}, metrics
+
+
+def test_rays_token_file_is_private(lap_up):
+    from lap.runner import ray_token_path
+
+    path = ray_token_path()
+    assert path.exists(), "Ray made no token file"  # LAP's Ray runs with token authentication
+    assert path.stat().st_mode & 0o777 == 0o600, oct(path.stat().st_mode)
+
+
 def test_ports_of_throughput_mode_are_the_configured_ones(lap_up):
     """HAProxy answers on the API port (loopback); its stats, metrics and Serve's fallback proxy use the ports
     the settings give, so that two LAPs on one machine never collide (README, "Ports")."""

@@ -46,8 +46,10 @@ Date-times
 
 Numbers
     Where the spec types a property ``decimal`` (scores, metric values, weights,
-    scale values) a JSON integer is refused (``15`` vs ``15.0``), as in the 1.2
-    conformance fixtures; integers must be JSON integers.  Strings never stand
+    scale values) a JSON integer (``15`` for ``15.0``) is refused in 1.2, as in
+    its conformance fixtures, unless ``parse_envelope(..., whole_numbers=True)``;
+    1.1 accepts it, as its JavaScript sensors write it.  Integers must be JSON
+    integers.  Strings never stand
     in for numbers, nor numbers for strings.
 
 Status codes

@@ -7,8 +7,9 @@ field is a ``Literal`` of its term and whose ``action`` (events) is a
 ``Literal`` of the actions the type allows.  Every entity-or-IRI property is
 ``Union[IRI, <allowed types discriminated on "type">]`` (left to right), so
 dispatch on ``type`` happens in pydantic-core, O(1), with no Python code on the
-hot path.  The only Python validator refuses JSON integers where the spec asks
-for a decimal (pydantic's strict float accepts ints; the 1.2 fixtures do not).
+hot path.  The only Python validators are the decimals': one refuses JSON
+integers (pydantic's strict float accepts ints; the 1.2 fixtures do not), the
+other, of 1.1 and of sets built with whole numbers allowed, takes them.
 
 The same types are also generated as TypedDicts and compiled into one
 validator per set, :attr:`ModelSet.item_list` (a list of a discriminated union of
@@ -73,7 +74,17 @@ def _decimal(value: Any) -> float:
     raise PydanticCustomError("caliper_decimal", "must be a decimal number with a fractional part (e.g. 15.0)")
 
 
+def _whole_or_decimal(value: Any) -> float:
+    # JSON has one number type, and JavaScript writes 15.0 as 15: where whole numbers are allowed, 15 means 15.0
+    if type(value) is int:
+        if abs(value) <= MAX_DECIMAL:
+            return float(value)
+        raise PydanticCustomError("caliper_decimal_range", "must be between -1e15 and 1e15")
+    return _decimal(value)
+
+
 Decimal = Annotated[float, PlainValidator(_decimal, json_schema_input_type=float)]
+WholeOrDecimal = Annotated[float, PlainValidator(_whole_or_decimal, json_schema_input_type=float)]
 NonNegativeInt = Annotated[int, Field(ge=0)]
 JsonObject = dict[str, Any]
 LocalContext = Union[str, list[Union[str, JsonObject]], JsonObject]
@@ -136,8 +147,9 @@ def _python_name(prop: str) -> str:
 class _Builder:
     """Turns a registry into annotated types, as BaseModels or as TypedDicts."""
 
-    def __init__(self, registry: Registry, typed_dict: bool, suffix: str):
+    def __init__(self, registry: Registry, typed_dict: bool, suffix: str, whole_numbers: bool = False):
         self.registry = registry
+        self.whole_numbers = whole_numbers  # a decimal may be written as a whole number
         self.typed_dict = typed_dict
         self.suffix = suffix  # keeps the two flavours' forward references apart
         self.discriminator = "type"
@@ -163,6 +175,8 @@ class _Builder:
 
     def annotation(self, owner: str, prop: str, spec: tuple) -> Any:
         kind = spec[0]
+        if kind == "decimal" and self.whole_numbers:
+            return WholeOrDecimal
         if kind in _SCALARS:
             return _SCALARS[kind]
         if kind == "ref":
@@ -228,10 +242,10 @@ class _Builder:
         return self.types
 
 
-def _build(registry: Registry) -> ModelSet:
-    public = _Builder(registry, typed_dict=False, suffix="")
+def _build(registry: Registry, whole_numbers: bool) -> ModelSet:
+    public = _Builder(registry, typed_dict=False, suffix="", whole_numbers=whole_numbers)
     models = public.build_all()
-    fast = _Builder(registry, typed_dict=True, suffix="Dict")
+    fast = _Builder(registry, typed_dict=True, suffix="Dict", whole_numbers=whole_numbers)
     dicts = fast.build_all()
     union = Annotated[Union[tuple(dicts.values())], Field(discriminator="type")]
 
@@ -247,7 +261,7 @@ def _build(registry: Registry) -> ModelSet:
     return ModelSet(registry, models, item_list, kinds, fast.ref_bases)
 
 
-_public_lists: dict[str, TypeAdapter] = {}
+_public_lists: dict[int, TypeAdapter] = {}
 
 
 def public_validator(model_set: ModelSet) -> TypeAdapter:
@@ -255,7 +269,7 @@ def public_validator(model_set: ModelSet) -> TypeAdapter:
 
     Slower than :attr:`ModelSet.item_list` (see there); built once per set on first use.
     """
-    key = model_set.registry.key
+    key = id(model_set)  # sets are cached for good; two sets may share a registry (whole-number decimals or not)
     if key not in _public_lists:
         namespace = next(iter(model_set.models.values())).__pydantic_parent_namespace__
         union = Annotated[Union[tuple(model_set.models.values())], Field(discriminator="type")]
@@ -314,15 +328,21 @@ _sets: dict[str, ModelSet] = {}
 _lock = threading.Lock()
 
 
-def model_set(version: str, extensions: frozenset[str] = frozenset()) -> ModelSet:
-    """The model set of a Caliper version plus (1.1 only) extension contexts; built once, cached."""
-    key = registry_key(version, extensions)
+def model_set(version: str, extensions: frozenset[str] = frozenset(), whole_numbers: bool = False) -> ModelSet:
+    """The model set of a Caliper version plus (1.1 only) extension contexts; built once, cached.
+
+    Decimals may be written as whole numbers (15 for 15.0) in 1.1 always, as
+    its sensors do (IMS's own JavaScript sensor among them), and in 1.2 only
+    with `whole_numbers`: 1.2's conformance fixtures call them malformed.
+    """
+    whole_numbers = whole_numbers or version == V.CALIPER_V1P1
+    key = registry_key(version, extensions) + ("/whole" if whole_numbers else "")
     found = _sets.get(key)
     if found is None:
         with _lock:
             found = _sets.get(key)
             if found is None:
-                found = _sets[key] = _build(build_registry(version, extensions))
+                found = _sets[key] = _build(build_registry(version, extensions), whole_numbers)
     return found
 
 

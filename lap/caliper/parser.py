@@ -116,12 +116,14 @@ def _utc(text: str) -> datetime | None:
     return moment.astimezone(timezone.utc)
 
 
-# the core contexts in every accepted spelling -> model set (extensions take the slower path)
-_SETS_BY_CONTEXT: dict[str, M.ModelSet] = {
-    spelling: M.model_set(*contexts.version_of(spelling))
-    for spelling, iri in contexts.SPELLINGS.items()
-    if iri in (V.CALIPER_V1P1, V.CALIPER_V1P2)
-}
+# whole numbers allowed for decimals -> the core contexts in every accepted spelling -> model set (extensions take
+# the slower path); the 1.2 set that allows them is built on first use
+def _sets_by_context(whole_numbers: bool) -> dict[str, M.ModelSet]:
+    return {spelling: M.model_set(*contexts.version_of(spelling), whole_numbers=whole_numbers)
+            for spelling, iri in contexts.SPELLINGS.items() if iri in (V.CALIPER_V1P1, V.CALIPER_V1P2)}
+
+
+_SETS_BY_CONTEXT: dict[bool, dict[str, M.ModelSet]] = {False: _sets_by_context(False)}
 
 
 def _load(body: bytes | bytearray | str) -> Any:
@@ -289,7 +291,7 @@ def _type_problem(model_set: M.ModelSet, index: int, item: dict) -> Problem | No
     return Problem(index, f"{base}.type", f"{show(etype)} is not a Caliper {version} event or entity type{hint}")
 
 
-def _parse(body: bytes | bytearray | memoryview | str) -> Envelope:
+def _parse(body: bytes | bytearray | memoryview | str, whole_numbers: bool = False) -> Envelope:
     if isinstance(body, memoryview):
         body = body.tobytes()
     if not isinstance(body, (bytes, bytearray, str)):
@@ -314,12 +316,14 @@ def _parse(body: bytes | bytearray | memoryview | str) -> Envelope:
         raise CaliperError(400, "Invalid Caliper envelope", problems)
 
     canonical_version = contexts.canonical(data_version)
-    envelope_set = M.model_set(*contexts.version_of(canonical_version))
+    envelope_set = M.model_set(*contexts.version_of(canonical_version), whole_numbers=whole_numbers)
     # items grouped by the model set they are read with: id(set) -> (model set, indexes, items)
     groups: dict[int, tuple[M.ModelSet, list[int], list[dict]]] = {}
     kinds: dict[int, bool] = {}
     found: list[Problem] = []
-    by_context = _SETS_BY_CONTEXT
+    by_context = _SETS_BY_CONTEXT.get(whole_numbers)
+    if by_context is None:
+        by_context = _SETS_BY_CONTEXT[whole_numbers] = _sets_by_context(whole_numbers)
     for index, item in enumerate(data):
         if type(item) is not dict:
             message = f"each data item must be an event or entity object; got {show(item, 40)}"
@@ -336,7 +340,7 @@ def _parse(body: bytes | bytearray | memoryview | str) -> Envelope:
                 except contexts.ContextError as exc:
                     found.append(Problem(index, f'$.data[{index}]["@context"]', str(exc)))
                     continue
-                model_set = envelope_set if named is None else M.model_set(*named)
+                model_set = envelope_set if named is None else M.model_set(*named, whole_numbers=whole_numbers)
         etype = item.get("type")
         is_event = model_set.kinds.get(etype) if type(etype) is str else None
         if is_event is None:
@@ -386,7 +390,7 @@ def _parse(body: bytes | bytearray | memoryview | str) -> Envelope:
     return Envelope(doc["sensor"], send_time, canonical_version, out)
 
 
-def parse_envelope(body: bytes) -> Envelope:
+def parse_envelope(body: bytes, whole_numbers: bool = False) -> Envelope:
     """Validate a Caliper envelope from the raw request body.
 
     Returns the envelope with one :class:`Item` per ``data`` entry, or raises
@@ -395,7 +399,7 @@ def parse_envelope(body: bytes) -> Envelope:
     exception escapes, whatever the bytes.
     """
     try:
-        return _parse(body)
+        return _parse(body, whole_numbers)
     except CaliperError:
         raise
     except RecursionError:

@@ -9,6 +9,7 @@ index and JSON path; refused envelopes (400, 413, 422) go to the quarantine.
 import asyncio
 import gc
 import logging
+import re
 import uuid
 import zlib
 from contextlib import AsyncExitStack
@@ -177,6 +178,16 @@ async def read_body(request: Request, limit: int) -> bytes:
     return _gunzip(body, limit)
 
 
+REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+def request_id_of(request: Request) -> str:
+    """The id Serve gives the request (and returns as `x-request-id`), so that the header and the body name one
+    request; a client's own id is kept when it is plain enough to be part of an object key."""
+    given = request.headers.get("x-request-id", "")
+    return given if REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+
+
 def check_content_type(value: str | None) -> None:
     media = (value or "").split(";", 1)[0].strip().lower()
     if media == "application/json" or (media.startswith("application/") and media.endswith("+json")):
@@ -292,7 +303,7 @@ class IngestAPI:
     @app.get("/caliper", summary="Endpoint configuration (Caliper 1.2, section 6.2)",
              responses={401: _PROBLEM_SCHEMA, 403: _PROBLEM_SCHEMA})
     async def caliper_config(self, request: Request) -> Response:
-        request_id = uuid.uuid4().hex
+        request_id = request_id_of(request)
         try:
             await self.authenticate(request, await self.deps())
         except Refused as refused:
@@ -317,7 +328,7 @@ class IngestAPI:
     )
     async def send(self, request: Request) -> Response:
         received_at = datetime.now(timezone.utc)
-        request_id = uuid.uuid4().hex
+        request_id = request_id_of(request)
         principal: Principal | None = None
         body = b""
         try:
@@ -330,7 +341,7 @@ class IngestAPI:
             principal = await self.authenticate(request, deps)
             check_content_type(request.headers.get("content-type"))
             body = await read_body(request, self.settings.limits.max_body_bytes)
-            envelope = self.parse(body)
+            envelope = self.parse(body, self.settings.caliper.whole_number_decimals_v1p2)
             if principal.sensor and envelope.sensor != principal.sensor:
                 raise forbidden(f"this key may send only for the sensor {principal.sensor!r}, "
                                 f"not {envelope.sensor!r}")
@@ -376,9 +387,9 @@ class IngestAPI:
         return Response(status_code=200)
 
     @staticmethod
-    def parse(body: bytes) -> Envelope:
+    def parse(body: bytes, whole_numbers: bool) -> Envelope:
         try:
-            return parse_envelope(body)
+            return parse_envelope(body, whole_numbers)
         except CaliperError as exc:
             raise Refused(exc.status, exc.title, _detail(exc), list(exc.problems)) from None
 

@@ -270,7 +270,10 @@ def _next_midnight(moment: datetime) -> datetime:
     return midnight if midnight == moment else midnight + timedelta(days=1)
 
 
-PROGRESS_SAVE_S = 2.0  # how often a running replay's progress is written for the other replicas
+PROGRESS_SAVE_S = 2.0  # how often a running replay's progress (and heartbeat) is written for the other replicas
+REPLAY_STALE_S = 30.0  # a running replay whose heartbeat is older than this lost its replica
+REPLAY_WATCH_S = 10.0  # how often each replica looks for such replays
+REPLAY_MAX_RUNS = 3  # a replay whose replica stopped this many times is marked failed, not run again
 NO_SCORE = -1e308  # sorts a learner without scores below every mean (a finite value, so it fits a JSON cursor)
 # sort name -> (SQL expression over the per-learner row, SQL type of its cursor value)
 COURSE_LEARNER_SORTS = {
@@ -339,6 +342,41 @@ class OutputAPI:
         self._keys: KeyCache | None = None
         self._search = None
         self._lock = asyncio.Lock()
+        self._watcher: asyncio.Task | None = None
+
+    async def check_health(self) -> None:
+        """Serve calls this every few seconds on every replica: it keeps the replay watcher running there."""
+        if self._watcher is None or self._watcher.done():
+            self._watcher = asyncio.get_running_loop().create_task(self._watch_replays())
+
+    async def _watch_replays(self) -> None:
+        """Resume the replays whose replica stopped (their heartbeat is stale), so none stays `running` for good."""
+        while True:
+            try:
+                await self._open()
+                await self._resume_stale_replays()
+            except Exception as exc:  # Postgres away: try again at the next round
+                log.warning("replay watcher: %s", exc)
+            await asyncio.sleep(REPLAY_WATCH_S)
+
+    async def _resume_stale_replays(self) -> None:
+        async with self._pool.acquire() as conn:
+            # one replica wins each stale replay: the row is re-checked under its lock
+            rows = await conn.fetch(
+                """UPDATE replays SET heartbeat_at = now(), attempts = attempts + 1
+                    WHERE status = 'running' AND heartbeat_at < now() - make_interval(secs => $1)
+                    RETURNING id, tenant, window_start, window_end, stages, source, attempts""", REPLAY_STALE_S)
+            for r in rows:
+                if r["attempts"] > REPLAY_MAX_RUNS:
+                    await conn.execute(
+                        """UPDATE replays SET status = 'failed', finished_at = now(), error = $2
+                            WHERE id = $1 AND status = 'running'""",
+                        r["id"], f"the replica running it stopped {REPLAY_MAX_RUNS} times; ask for the replay again")
+        for r in rows:
+            if r["attempts"] <= REPLAY_MAX_RUNS:
+                log.warning("resuming replay %s (run %d): the replica running it stopped", r["id"], r["attempts"])
+                self._start_replay(r["id"], Window(r["tenant"], r["window_start"], r["window_end"]),
+                                   list(r["stages"]), r["source"])
 
     async def _open(self) -> None:
         async with self._lock:
@@ -582,14 +620,15 @@ class OutputAPI:
                 """INSERT INTO replays (id, tenant, window_start, window_end, stages, source, status)
                    VALUES ($1, $2, $3, $4, $5, $6, 'running')""",
                 replay_id, principal.tenant, body.start, body.end, stages, body.source)
+        self._start_replay(replay_id, Window(principal.tenant, body.start, body.end), stages, body.source)
+        return ReplayAccepted(id=replay_id)
+
+    def _start_replay(self, replay_id: str, window: Window, stages: list[str], source: str) -> None:
         progress: dict[str, Any] = {}
         self._jobs[replay_id] = progress
-        window = Window(principal.tenant, body.start, body.end)
-        task = asyncio.get_running_loop().create_task(
-            self._run_replay(replay_id, window, stages, body.source, progress))
+        task = asyncio.get_running_loop().create_task(self._run_replay(replay_id, window, stages, source, progress))
         self._tasks.add(task)  # asyncio keeps only a weak reference to a task
         task.add_done_callback(self._tasks.discard)
-        return ReplayAccepted(id=replay_id)
 
     async def _run_replay(self, replay_id: str, window: Window, stages: list[str], source: str,
                           progress: dict[str, Any]) -> None:
@@ -601,8 +640,9 @@ class OutputAPI:
                 await asyncio.sleep(PROGRESS_SAVE_S)
                 try:
                     async with self._pool.acquire() as conn:
-                        await conn.execute("UPDATE replays SET progress = $2::jsonb WHERE id = $1 AND status = 'running'",
-                                           replay_id, orjson.dumps(progress).decode())
+                        await conn.execute(
+                            """UPDATE replays SET progress = $2::jsonb, heartbeat_at = now()
+                                WHERE id = $1 AND status = 'running'""", replay_id, orjson.dumps(progress).decode())
                 except Exception as exc:  # only the progress is late; the result is saved at the end
                     log.warning("replay %s: progress not saved: %s", replay_id, exc)
 

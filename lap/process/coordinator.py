@@ -36,6 +36,9 @@ from lap.stream.kinesis import list_shards
 log = logging.getLogger("lap.process")
 
 COORDINATOR = "lap-coordinator"
+# Ray places an actor that asks for no resources wherever it likes, ignoring its node affinity (measured on a
+# three-node cluster: 1 of 4 on the node asked for; with 0.01 CPU, 4 of 4). So a consumer asks for at least this.
+CONSUMER_MIN_CPUS = 0.01
 RECONCILE_SETTLE_S = 300  # the reconcile metrics look at an hour only this long after it ended
 RECONCILE_REPORT_TIMEOUT_S = 120
 
@@ -275,18 +278,19 @@ class Coordinator:
         if handle is None:
             handle = ShardConsumer.options(
                 name=consumer_name(shard_id), namespace=NAMESPACE, get_if_exists=True,
-                num_cpus=self.settings.process.actor_num_cpus, scheduling_strategy=self.placement(shard_id),
+                num_cpus=max(self.settings.process.actor_num_cpus, CONSUMER_MIN_CPUS),
+                scheduling_strategy=self.placement(shard_id),
             ).remote(shard_id)
             self.consumers[shard_id] = handle
         self.runs[shard_id] = asyncio.get_running_loop().create_task(self._consume(shard_id, handle))
 
-    def placement(self, shard_id: str):
+    def placement(self, shard_id: str) -> NodeAffinitySchedulingStrategy | str:
         """The live worker node with the fewest consumers this coordinator placed, asked softly.
 
-        Ray's SPREAD is best effort: with actors that reserve no CPU it put all
-        four consumers on one of three nodes now and then. Soft affinity still
-        lets Ray start (or restart) the consumer elsewhere when that node is
-        full or gone. Nodes without CPUs (the cluster's head) are left out.
+        Ray's SPREAD is best effort: it put all four consumers on one of three
+        nodes now and then. Soft affinity still lets Ray start (or restart) the
+        consumer elsewhere when that node is full or gone. Nodes without CPUs
+        (the cluster's head) are left out.
         """
         nodes = sorted(n["NodeID"] for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU", 0) > 0)
         if not nodes:
