@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,15 +13,10 @@ import yaml
 
 
 def free_ports(count: int) -> list[int]:
-    """Distinct free ports on 127.0.0.1 (the kernel may hand a port out again once its socket closes)."""
-    ports: list[int] = []
-    while len(ports) < count:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        if port not in ports:
-            ports.append(port)
-    return ports
+    """Distinct free ports on 127.0.0.1, where Ray's own servers never bind (lap/local/ports.py)."""
+    from lap.local.ports import free_ports as pick
+
+    return pick(count)
 
 
 def write_private_config(folder: Path, **extra: dict) -> Path:

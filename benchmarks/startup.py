@@ -14,7 +14,6 @@ import json
 import os
 import platform
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,9 +25,9 @@ import yaml
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    from lap.local.ports import free_port as pick  # where Ray's own servers never bind
+
+    return pick()
 
 
 def healthz_ok(port: int) -> bool:

@@ -194,6 +194,20 @@ def check_ports_free(settings: Settings) -> None:
         if port_is_open("127.0.0.1", port):
             raise RunError(f"port {port} ({name}) on 127.0.0.1 is already in use; stop what listens there "
                            f"or choose another port")
+    low, high = ephemeral_ports()
+    for name, port in ports.items():
+        if low <= port <= high and not settings.ray.address:
+            log.warning("port %d (%s) is in the kernel's range for random ports (%d-%d), where Ray's own servers "
+                        "bind: one may take it first; a port below %d is safer", port, name, low, high, low)
+
+
+def ephemeral_ports() -> tuple[int, int]:
+    """The kernel's range for ports bound as port 0 (Linux's default when it cannot be read)."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
 
 
 def ray_address() -> str:

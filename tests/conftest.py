@@ -33,20 +33,18 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    from lap.local.ports import free_port as pick
+
+    return pick()
 
 
 def write_config(folder: Path, **extra) -> Path:
     """A config for a private LAP in `folder`, on free ports."""
     folder.mkdir(parents=True, exist_ok=True)
     folder.chmod(0o755)  # Postgres runs as an unprivileged user when we are root
-    ports: list[int] = []
-    while len(ports) < 10:  # the kernel may hand out a port again once its socket is closed
-        port = free_port()
-        if port not in ports:
-            ports.append(port)
+    from lap.local.ports import free_ports
+
+    ports = free_ports(10)
     config = {
         "data_dir": str(folder / "data"),
         "local": dict(zip(("postgres_port", "kinesis_port", "s3_port", "opensearch_port"), ports)),

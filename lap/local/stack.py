@@ -1,4 +1,4 @@
-"""The local stand-ins for Postgres, Kinesis, S3 and OpenSearch (DESIGN.md).
+"""The local stand-ins for Postgres, Kinesis, S3 and OpenSearch (docs/decisions.md, "Stand-ins for the local stack").
 
 Each binds to 127.0.0.1 only and keeps its data under `<data_dir>/<name>/`.
 OpenSearch (osmem-server) is in memory: its index is derived and is rebuilt

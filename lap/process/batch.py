@@ -1,6 +1,6 @@
 """One batch of a shard, from stream records to a committed manifest.
 
-The order is what makes a crash harmless (DESIGN.md, "Data flow"):
+The order is what makes a crash harmless (docs/decisions.md, "Processing: one transaction per batch"):
 
 1. dedup against the shard's in-memory state (lap/process/dedup.py): a read,
    nothing is claimed yet;
