@@ -270,6 +270,37 @@ async def test_sigkill_of_a_consumer_process_mid_run(lap_up, settings, db, ray_d
     await assert_exact(settings, db, tenant, events)
 
 
+async def test_a_frozen_stream_gets_503s_and_loses_nothing(lap_up, settings, db):
+    """Kinesis frozen (SIGSTOP) while a sensor sends: every refusal is a 503 (never a 500), the sensor resends,
+    and once the stream is back the consumers go on: every acknowledged event is stored exactly once."""
+    import psutil
+
+    from tests.sensors import Sensor
+
+    tenant, token = new_tenant(lap_up)
+    events = make_events(3000)
+    sensor = Sensor(settings, token, events, per=50)  # stops at any reply but 200, 429 or 503
+    kinesis = psutil.Process(lap_up.state["stand_ins"]["kinesis"]["pid"])
+    frozen = [kinesis, *kinesis.children(recursive=True)]
+    sensor.start()
+    await asyncio.sleep(1.0)
+    for proc in frozen:
+        proc.send_signal(signal.SIGSTOP)
+    try:
+        await asyncio.sleep(settings.limits.put_deadline_s + 4)  # past the put deadline: requests get their 503
+        statuses_while_frozen = dict(sensor.statuses)
+    finally:
+        for proc in frozen:
+            proc.send_signal(signal.SIGCONT)
+    sensor.join(300)
+    assert not sensor.is_alive() and not sensor.transport_errors, sensor.transport_errors[:3]
+    assert statuses_while_frozen.get(503, 0) >= 1, statuses_while_frozen
+    assert set(sensor.statuses) <= {200, 503}, sensor.statuses
+    assert len(sensor.acknowledged) == len(events)
+    await wait_for(db, tenant, {"archived": len(events), "aggregated": len(events)})
+    await assert_exact(settings, db, tenant, events)
+
+
 async def test_opensearch_outage_pauses_only_indexing(lap_up, settings, db):
     tenant, token = new_tenant(lap_up)
     events = make_events(800)

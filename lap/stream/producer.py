@@ -119,6 +119,7 @@ class CoalescedPuts:
 
     def _pump(self) -> None:
         loop = asyncio.get_running_loop()
+        self._queue = [q for q in self._queue if not q[3].done()]  # callers that gave up (their deadline) send nothing
         while self._queue and self._in_flight < self.max_in_flight:
             due = self._last_start + self.linger_s
             if loop.time() < due and sum(len(q[1]) for q in self._queue) < MAX_RECORDS_PER_CALL:
@@ -185,9 +186,12 @@ class Producer:
         pending = list(range(len(records)))
         attempt = 0
         while True:
-            results = await asyncio.gather(
-                *(self._put_call(records, batch, receipts) for batch in split_batches(records, pending))
-            )
+            calls = asyncio.gather(*(self._put_call(records, batch, receipts)
+                                     for batch in split_batches(records, pending)))
+            try:  # a stream that hangs (frozen, or a network that drops packets) is bounded by the deadline too
+                results = await asyncio.wait_for(calls, timeout=max(deadline - time.monotonic(), 0.001))
+            except asyncio.TimeoutError:
+                raise PutDeadlineExceeded(len(pending), "the stream did not answer before the deadline") from None
             pending = [i for failed, _ in results for i in failed]
             if not pending:
                 return receipts  # type: ignore[return-value]
