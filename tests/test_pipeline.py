@@ -270,6 +270,40 @@ async def test_sigkill_of_a_consumer_process_mid_run(lap_up, settings, db, ray_d
     await assert_exact(settings, db, tenant, events)
 
 
+async def test_a_zombie_consumer_past_its_lease_cannot_commit(lap_up, settings, db, ray_driver):
+    """A consumer frozen (SIGSTOP) mid-run past its lease, while another owner takes the shard: when it wakes, its
+    next commit is refused (the lease epoch moved), it stops, and the shard resumes from the last committed batch
+    once the lease is free again. Nothing is lost or stored twice."""
+    from lap.process.consumer import take_lease
+    from lap.sinks.store import create_pool
+
+    ray = ray_driver
+    tenant, token = new_tenant(lap_up)
+    events = make_events(2000, learners=200)
+    shard_id = (await open_shards(settings))[0]["ShardId"]
+    pid = consumer_pids(ray, [shard_id])[shard_id]
+    sender = send_in_background(settings, token, envelopes(events), pause_s=0.05)
+    await asyncio.sleep(1.0)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        await asyncio.sleep(settings.process.lease_ttl_s + 1)  # its lease runs out while it sleeps
+        pool = await create_pool(settings)
+        try:
+            usurped = await take_lease(pool, settings, shard_id, "test-usurper")  # as a new consumer would
+        finally:
+            await pool.close()
+        assert usurped is not None, "the frozen consumer's lease did not expire"
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    join_sender(sender)
+    await wait_for(db, tenant, {"accepted": 2000, "archived": 2000, "aggregated": 2000})
+    owner, epoch = await db.fetchrow("SELECT lease_owner, lease_epoch FROM shard_checkpoints WHERE shard_id = $1 "
+                                     "AND stream = $2", shard_id, settings.stream.name)
+    assert owner != "test-usurper" and epoch > usurped[0]  # the consumer took the shard back after the usurper
+    assert ray.get(ray.get_actor(consumer_name(shard_id)).info.remote(), timeout=30)["leases_lost"] >= 1
+    await assert_exact(settings, db, tenant, events)
+
+
 async def test_a_frozen_stream_gets_503s_and_loses_nothing(lap_up, settings, db):
     """Kinesis frozen (SIGSTOP) while a sensor sends: every refusal is a 503 (never a 500), the sensor resends,
     and once the stream is back the consumers go on: every acknowledged event is stored exactly once."""
