@@ -271,11 +271,13 @@ async def test_sigkill_of_a_consumer_process_mid_run(lap_up, settings, db, ray_d
 
 
 async def test_a_zombie_consumer_past_its_lease_cannot_commit(lap_up, settings, db, ray_driver):
-    """A consumer frozen (SIGSTOP) mid-run past its lease, while another owner takes the shard: when it wakes, its
-    next commit is refused (the lease epoch moved), it stops, and the shard resumes from the last committed batch
-    once the lease is free again. Nothing is lost or stored twice."""
+    """A consumer frozen (SIGSTOP) mid-run past its lease, while another owner takes the shard: once awake it may
+    not commit. The new owner (this test) commits nothing, so any batch of the shard committed while it holds the
+    lease would be the zombie's. Then the lease runs out, the consumer takes the shard back, and nothing is lost
+    or stored twice."""
+    import asyncpg
+
     from lap.process.consumer import take_lease
-    from lap.sinks.store import create_pool
 
     ray = ray_driver
     tenant, token = new_tenant(lap_up)
@@ -284,23 +286,81 @@ async def test_a_zombie_consumer_past_its_lease_cannot_commit(lap_up, settings, 
     pid = consumer_pids(ray, [shard_id])[shard_id]
     sender = send_in_background(settings, token, envelopes(events), pause_s=0.05)
     await asyncio.sleep(1.0)
-    os.kill(pid, signal.SIGSTOP)
+    # the usurper's connection gives up on a row lock at once: a consumer frozen inside its commit holds one
+    usurper = await asyncpg.create_pool(settings.db.dsn.get_secret_value(), min_size=1, max_size=1,
+                                        server_settings={"lock_timeout": "2000"})
+    usurped = None
     try:
-        await asyncio.sleep(settings.process.lease_ttl_s + 1)  # its lease runs out while it sleeps
-        pool = await create_pool(settings)
-        try:
-            usurped = await take_lease(pool, settings, shard_id, "test-usurper")  # as a new consumer would
-        finally:
-            await pool.close()
-        assert usurped is not None, "the frozen consumer's lease did not expire"
+        for _ in range(3):
+            os.kill(pid, signal.SIGSTOP)
+            await asyncio.sleep(settings.process.lease_ttl_s + 1)  # its lease runs out while it sleeps
+            since = await db.fetchval("SELECT now()")
+            try:
+                usurped = await take_lease(usurper, settings, shard_id, "test-usurper")  # as a new consumer would
+            except asyncpg.LockNotAvailableError:  # frozen mid-commit: let it finish, and freeze it again
+                os.kill(pid, signal.SIGCONT)
+                await asyncio.sleep(0.5)
+                continue
+            os.kill(pid, signal.SIGCONT)
+            break
     finally:
         os.kill(pid, signal.SIGCONT)
+        await usurper.close()
+    assert usurped is not None, "the frozen consumer's lease could not be taken"
+    await asyncio.sleep(settings.process.lease_ttl_s / 2)  # awake, with records read, inside the usurper's lease
+    zombie_commits = await db.fetchval(
+        "SELECT count(*) FROM batches WHERE stream = $1 AND shard_id = $2 AND committed_at > $3",
+        settings.stream.name, shard_id, since)
+    assert zombie_commits == 0
     join_sender(sender)
     await wait_for(db, tenant, {"accepted": 2000, "archived": 2000, "aggregated": 2000})
     owner, epoch = await db.fetchrow("SELECT lease_owner, lease_epoch FROM shard_checkpoints WHERE shard_id = $1 "
                                      "AND stream = $2", shard_id, settings.stream.name)
     assert owner != "test-usurper" and epoch > usurped[0]  # the consumer took the shard back after the usurper
-    assert ray.get(ray.get_actor(consumer_name(shard_id)).info.remote(), timeout=30)["leases_lost"] >= 1
+    await assert_exact(settings, db, tenant, events)
+
+
+async def test_a_consumer_killed_between_its_archive_write_and_its_commit(lap_up, settings, db, ray_driver):
+    """Postgres frozen (SIGSTOP) while a batch is in flight: its consumer writes the archive object, then waits on
+    the commit. It is SIGKILLed right there (the object is in S3, its manifest is not), Postgres comes back, and
+    the restarted consumer commits the batch again: every event stored once, the aggregates exact."""
+    import psutil
+
+    from tests.sensors import Sensor
+
+    ray = ray_driver
+    tenant, token = new_tenant(lap_up)
+    events = make_events(1500, learners=150)
+    pids = consumer_pids(ray, [s["ShardId"] for s in await open_shards(settings)])
+    postmaster = psutil.Process(lap_up.state["stand_ins"]["postgres"]["pid"])
+    sensor = Sensor(settings, token, events, per=50)  # retries the 503s of the freeze
+    sensor.start()
+    await asyncio.sleep(0.5)
+    frozen = [postmaster, *postmaster.children(recursive=True)]
+    for proc in frozen:
+        proc.send_signal(signal.SIGSTOP)
+    killed = None
+    try:
+        async with AsyncExitStack() as stack:
+            s3 = await open_client(stack, settings, "s3")
+            prefix = f"{settings.archive.prefix}/tenant={tenant}/"
+            for _ in range(100):  # an archive object of this tenant: a batch now waits on its commit
+                listing = await s3.list_objects_v2(Bucket=settings.archive.bucket, Prefix=prefix)
+                keys = [o["Key"] for o in listing.get("Contents", [])]
+                if keys:
+                    shard = keys[0].split("/shard=")[1].split("/")[0]
+                    killed = pids[shard]
+                    os.kill(killed, signal.SIGKILL)
+                    break
+                await asyncio.sleep(0.2)
+    finally:
+        for proc in frozen:
+            proc.send_signal(signal.SIGCONT)
+    assert killed is not None, "no batch reached its archive write while Postgres was frozen"
+    sensor.join(300)
+    assert not sensor.is_alive() and len(sensor.acknowledged) == len(events), sensor.statuses
+    await wait_for(db, tenant, {"archived": len(events), "aggregated": len(events)})
+    assert killed not in consumer_pids(ray, list(pids)).values()  # Ray restarted it
     await assert_exact(settings, db, tenant, events)
 
 

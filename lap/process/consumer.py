@@ -122,12 +122,10 @@ class ShardConsumer:
         self.owner = f"consumer-{shard_id}"
         self._task: asyncio.Task | None = None
         self.committed_batches = 0
-        self.leases_lost = 0  # runs ended by a refused commit or renewal: another owner holds the shard
         self.pid = os.getpid()
 
     def info(self) -> dict[str, Any]:
-        return {"shard_id": self.shard_id, "pid": self.pid, "batches": self.committed_batches,
-                "leases_lost": self.leases_lost}
+        return {"shard_id": self.shard_id, "pid": self.pid, "batches": self.committed_batches}
 
     async def run(self) -> str:
         """Consume the shard until it is finished ("finished") or the lease is lost ("lost")."""
@@ -166,7 +164,6 @@ class ShardConsumer:
             try:
                 return await self._loop(pool, reader, writer, audit, epoch)
             except LeaseLost as exc:
-                self.leases_lost += 1
                 log.warning("%s; stopping (zombie shutdown)", exc)
                 return "lost"
 
