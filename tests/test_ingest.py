@@ -247,7 +247,7 @@ async def test_reader_keys_and_other_sensors_cannot_send(api, tokens):
     """A valid key that may not send gets 403, as on /v1; only an unknown or missing key gets 401."""
     body = orjson.dumps(envelope(fresh_events(1)))
     refused = assert_problem(await api.post("/caliper", content=body, headers=headers(tokens["reader"])), 403)
-    assert "reader key cannot send events" in refused["detail"]
+    assert "reader keys cannot send events" in refused["detail"]
     assert_problem(await api.get("/caliper", headers=headers(tokens["reader"])), 403)
     # A key bound to one sensor IRI cannot send for another.
     assert_problem(await api.post("/caliper", content=body, headers=headers(tokens["bound"])), 403)

@@ -57,6 +57,10 @@ class ReplayError(Exception):
     """The replay cannot do what was asked (say, rebuild an archive object from the archive)."""
 
 
+class ReplayBusy(ReplayError):
+    """Another replay of the tenant holds its lock: one whose replica is alive."""
+
+
 def check_replay_window(settings: Settings, start: datetime) -> None:
     """Raises ReplayError for a window that starts past the dedup window (less an hour, for the replay's own time):
     the consumers have forgotten those ids, so a replay would count events twice."""
@@ -106,7 +110,7 @@ class Replayer:
                               signed=True)
         async with self.pool.acquire() as conn:
             if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", lock):
-                raise ReplayError(f"another replay of tenant {window.tenant!r} is running; ask again when it is done")
+                raise ReplayBusy(f"another replay of tenant {window.tenant!r} is running; ask again when it is done")
             try:
                 before = await reconciler.run(window)
                 trail = await reconciler.trail(window)

@@ -287,8 +287,7 @@ class IngestAPI:
         if principal is None:
             raise unauthorized("the bearer token is unknown or revoked")
         if principal.role != "sensor":
-            raise forbidden(f"an {principal.role} key cannot send events; use a sensor key" if principal.role == "admin"
-                            else f"a {principal.role} key cannot send events; use a sensor key")
+            raise forbidden(f"{principal.role} keys cannot send events; use a sensor key")
         wait = deps.limiter.wait_seconds(principal.key_id, principal.rate_per_s)
         if wait > 0:
             raise Refused(429, "Too Many Requests", "this key is over its request rate; retry after the delay",

@@ -24,7 +24,7 @@ from ray import serve
 
 from lap import __version__
 from lap.audit.reconcile import ReconcileRefused, Reconciler, Window
-from lap.audit.replay import STAGES, Replayer, ReplayError, check_replay_window, new_replay_id
+from lap.audit.replay import STAGES, Replayer, ReplayBusy, ReplayError, check_replay_window, new_replay_id
 from lap.auth import KeyCache, Principal, bearer_token
 from lap.aws import open_client
 from lap.health import HEALTH_RESPONSES, CachedHealth, HealthReport, health_reply
@@ -376,7 +376,7 @@ class OutputAPI:
             if r["attempts"] <= REPLAY_MAX_RUNS:
                 log.warning("resuming replay %s (run %d): the replica running it stopped", r["id"], r["attempts"])
                 self._start_replay(r["id"], Window(r["tenant"], r["window_start"], r["window_end"]),
-                                   list(r["stages"]), r["source"])
+                                   list(r["stages"]), r["source"], resumed=True)
 
     async def _open(self) -> None:
         async with self._lock:
@@ -623,15 +623,17 @@ class OutputAPI:
         self._start_replay(replay_id, Window(principal.tenant, body.start, body.end), stages, body.source)
         return ReplayAccepted(id=replay_id)
 
-    def _start_replay(self, replay_id: str, window: Window, stages: list[str], source: str) -> None:
+    def _start_replay(self, replay_id: str, window: Window, stages: list[str], source: str,
+                      resumed: bool = False) -> None:
         progress: dict[str, Any] = {}
         self._jobs[replay_id] = progress
-        task = asyncio.get_running_loop().create_task(self._run_replay(replay_id, window, stages, source, progress))
+        task = asyncio.get_running_loop().create_task(
+            self._run_replay(replay_id, window, stages, source, progress, resumed))
         self._tasks.add(task)  # asyncio keeps only a weak reference to a task
         task.add_done_callback(self._tasks.discard)
 
     async def _run_replay(self, replay_id: str, window: Window, stages: list[str], source: str,
-                          progress: dict[str, Any]) -> None:
+                          progress: dict[str, Any], resumed: bool = False) -> None:
         def report(step: str, done: int, total: int) -> None:
             progress[step] = {"done": done, "total": total}
 
@@ -651,6 +653,12 @@ class OutputAPI:
         try:
             replayer = Replayer(self.settings, self._pool, self._s3, self._search, self._kinesis, report)
             result = await replayer.run(replay_id, window, stages, source)
+        except ReplayBusy as exc:
+            if resumed:  # its first replica is alive after all (a heartbeat late behind long work): it goes on
+                self._jobs.pop(replay_id, None)
+                log.info("replay %s: %s; left to the replica running it", replay_id, exc)
+                return
+            status, error = "failed", str(exc)
         except ReplayError as exc:
             status, error = "failed", str(exc)
         except Exception as exc:  # a store went away: the replay can simply be asked for again
