@@ -286,7 +286,7 @@ async def test_a_zombie_consumer_past_its_lease_cannot_commit(lap_up, settings, 
     pid = consumer_pids(ray, [shard_id])[shard_id]
     sender = send_in_background(settings, token, envelopes(events), pause_s=0.05)
     await asyncio.sleep(1.0)
-    # the usurper's connection gives up on a row lock at once: a consumer frozen inside its commit holds one
+    # the usurper gives up on a row lock after 2 s: a consumer frozen inside its commit holds one
     usurper = await asyncpg.create_pool(settings.db.dsn.get_secret_value(), min_size=1, max_size=1,
                                         server_settings={"lock_timeout": "2000"})
     usurped = None
