@@ -9,6 +9,7 @@ SIGKILLed, OpenSearch frozen with SIGSTOP, a shard split in the stand-in.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 import os
 import random
@@ -22,6 +23,7 @@ from contextlib import AsyncExitStack
 
 import httpx
 import orjson
+import pytest
 
 from lap.aws import open_client
 from lap.process.aggregate import Aggregates, aggregate_python
@@ -320,10 +322,12 @@ async def test_a_zombie_consumer_past_its_lease_cannot_commit(lap_up, settings, 
     await assert_exact(settings, db, tenant, events)
 
 
-async def test_a_consumer_killed_between_its_archive_write_and_its_commit(lap_up, settings, db, ray_driver):
+@pytest.mark.parametrize("victim", ["consumer", "postgres"])
+async def test_a_kill_between_the_archive_write_and_the_commit(lap_up, settings, db, ray_driver, victim):
     """Postgres frozen (SIGSTOP) while a batch is in flight: its consumer writes the archive object, then waits on
-    the commit. It is SIGKILLed right there (the object is in S3, its manifest is not), Postgres comes back, and
-    the restarted consumer commits the batch again: every event stored once, the aggregates exact."""
+    the commit. Right there (the object is in S3, its manifest is not) the consumer is SIGKILLed, or Postgres is,
+    in the middle of that commit. Postgres comes back (thawed, or restarted by `lap up`), and the batch is
+    committed again: every event stored once, the aggregates exact."""
     import psutil
 
     from tests.sensors import Sensor
@@ -349,19 +353,32 @@ async def test_a_consumer_killed_between_its_archive_write_and_its_commit(lap_up
                 keys = [o["Key"] for o in listing.get("Contents", [])]
                 if keys:
                     shard = keys[0].split("/shard=")[1].split("/")[0]
-                    killed = pids[shard]
-                    os.kill(killed, signal.SIGKILL)
+                    killed = pids[shard] if victim == "consumer" else postmaster.pid
+                    for proc in [psutil.Process(killed)] if victim == "consumer" else frozen:
+                        proc.send_signal(signal.SIGKILL)
                     break
                 await asyncio.sleep(0.2)
     finally:
         for proc in frozen:
-            proc.send_signal(signal.SIGCONT)
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.send_signal(signal.SIGCONT)
     assert killed is not None, "no batch reached its archive write while Postgres was frozen"
     sensor.join(300)
     assert not sensor.is_alive() and len(sensor.acknowledged) == len(events), sensor.statuses
-    await wait_for(db, tenant, {"archived": len(events), "aggregated": len(events)})
-    assert killed not in consumer_pids(ray, list(pids)).values()  # Ray restarted it
-    await assert_exact(settings, db, tenant, events)
+    if victim == "postgres":
+        from lap.sinks.store import connect
+
+        assert lap_up.state["stand_ins"]["postgres"]["pid"] != killed  # `lap up` started it again
+        db.terminate()  # its server was killed
+        db = await connect(settings)
+    try:
+        await wait_for(db, tenant, {"archived": len(events), "aggregated": len(events)})
+        if victim == "consumer":
+            assert killed not in consumer_pids(ray, list(pids)).values()  # Ray restarted it
+        await assert_exact(settings, db, tenant, events)
+    finally:
+        if victim == "postgres":
+            await db.close()
 
 
 async def test_a_frozen_stream_gets_503s_and_loses_nothing(lap_up, settings, db):
