@@ -195,8 +195,8 @@ def check_ports_free(settings: Settings) -> None:
             raise RunError(f"port {port} ({name}) on 127.0.0.1 is already in use; stop what listens there "
                            f"or choose another port")
     low, high = ephemeral_ports()
-    for name, port in ports.items():
-        if low <= port <= high and not settings.ray.address:
+    for name, port in ports.items() if not settings.ray.address else ():
+        if low <= port <= high:
             log.warning("port %d (%s) is in the kernel's range for random ports (%d-%d), where Ray's own servers "
                         "bind: one may take it first; a port below %d is safer", port, name, low, high, low)
 

@@ -257,13 +257,19 @@ async def test_ray_kill_of_consumers_mid_run_loses_and_doubles_nothing(lap_up, s
     await assert_exact(settings, db, tenant, events)
 
 
-async def test_sigkill_of_a_consumer_process_mid_run(lap_up, settings, db, ray_driver):
-    ray = ray_driver
+async def traffic_past_a_consumer(lap_up, settings, ray, count: int, learners: int):
+    """A new tenant's `count` events sent in the background; (tenant, events, first open shard, its consumer's pid,
+    the sender)."""
     tenant, token = new_tenant(lap_up)
-    events = make_events(3000, learners=300)
+    events = make_events(count, learners=learners)
     shard_id = (await open_shards(settings))[0]["ShardId"]
     pid = consumer_pids(ray, [shard_id])[shard_id]
-    sender = send_in_background(settings, token, envelopes(events), pause_s=0.05)
+    return tenant, events, shard_id, pid, send_in_background(settings, token, envelopes(events), pause_s=0.05)
+
+
+async def test_sigkill_of_a_consumer_process_mid_run(lap_up, settings, db, ray_driver):
+    ray = ray_driver
+    tenant, events, shard_id, pid, sender = await traffic_past_a_consumer(lap_up, settings, ray, 3000, 300)
     await asyncio.sleep(1.5)
     os.kill(pid, signal.SIGKILL)
     join_sender(sender)
@@ -282,11 +288,7 @@ async def test_a_zombie_consumer_past_its_lease_cannot_commit(lap_up, settings, 
     from lap.process.consumer import take_lease
 
     ray = ray_driver
-    tenant, token = new_tenant(lap_up)
-    events = make_events(2000, learners=200)
-    shard_id = (await open_shards(settings))[0]["ShardId"]
-    pid = consumer_pids(ray, [shard_id])[shard_id]
-    sender = send_in_background(settings, token, envelopes(events), pause_s=0.05)
+    tenant, events, shard_id, pid, sender = await traffic_past_a_consumer(lap_up, settings, ray, 2000, 200)
     await asyncio.sleep(1.0)
     # the usurper gives up on a row lock after 2 s: a consumer frozen inside its commit holds one
     usurper = await asyncpg.create_pool(settings.db.dsn.get_secret_value(), min_size=1, max_size=1,
