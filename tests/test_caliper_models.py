@@ -344,6 +344,73 @@ def test_nested_entities_may_carry_local_contexts():
     parse_envelope(body(envelope(doc)))
 
 
+SCHEMA_ORG = "https://schema.org/docs/jsonldcontext.json"
+
+
+def test_an_added_remote_context_accounts_for_terms_caliper_does_not_define():
+    # Caliper 1.1 section 4.1, "Referencing multiple contexts": schema.org listed before the Caliper context
+    doc = fixture("caliperEventContextInlineCombined.json", V1P1_DIR)
+    doc["@context"] = [SCHEMA_ORG, CALIPER_V1P1]
+    doc["query"] = doc.pop("extensions")["query"]  # a schema.org property on the event itself
+    doc["object"] = {"id": "https://example.edu/books/9780", "type": "Book", "isbn": "9780"}  # a schema.org type
+    item = parse_envelope(body(envelope(doc, version=CALIPER_V1P1))).items[0]
+    assert item.doc["query"] == "Event OR Entity" and item.doc["object"]["type"] == "Book"
+    # under the Caliper context alone, the same terms are unknown
+    doc["@context"] = CALIPER_V1P1
+    problems = refused(envelope(doc, version=CALIPER_V1P1)).problems
+    assert [p.path for p in problems] == ["$.data[0].object", "$.data[0].query"], problems
+
+
+def test_an_inline_context_accounts_only_for_its_own_terms_and_only_where_it_is_defined():
+    doc = fixture("caliperEventContextInlineCombined.json", V1P1_DIR)  # the spec's own example, as published
+    parse_envelope(body(envelope(doc, version=CALIPER_V1P1)))
+    doc["query"] = "Event OR Entity"  # the term the inline context defines, now on the event itself
+    parse_envelope(body(envelope(doc, version=CALIPER_V1P1)))
+    doc["page"] = 2  # a term no context defines
+    problem = refused(envelope(doc, version=CALIPER_V1P1)).problems
+    assert [(p.path, "unknown property 'page'" in p.message) for p in problem] == [("$.data[0].page", True)]
+    del doc["page"]
+    # a context on the object covers the object, not the event around it
+    del doc["query"]
+    doc["@context"] = CALIPER_V1P1
+    doc["object"]["@context"] = {"isbn": "http://schema.org/isbn"}
+    doc["object"]["isbn"] = "9780"
+    parse_envelope(body(envelope(doc, version=CALIPER_V1P1)))
+    doc["isbn"] = "9780"
+    assert [p.path for p in refused(envelope(doc, version=CALIPER_V1P1)).problems] == ["$.data[0].isbn"]
+
+
+def test_an_entity_may_bring_its_own_1_1_profile_extension_context():
+    survey = {
+        "@context": f"{CALIPER_V1P1}/SurveyProfile-extension",
+        "id": "https://example.edu/surveys/100",
+        "type": "Survey",
+        "name": "Course feedback",
+    }
+    doc = fixture("caliperEventContextInlineCombined.json", V1P1_DIR)  # a generic Event: any entity as object
+    doc["@context"] = CALIPER_V1P1
+    doc["object"] = dict(survey)
+    parse_envelope(body(envelope(doc, version=CALIPER_V1P1)))
+    doc["object"]["mood"] = "sunny"  # the extension defines no such term: still refused
+    assert refused(envelope(doc, version=CALIPER_V1P1)).problems[0].path == "$.data[0].object.mood"
+    doc["object"] = {key: value for key, value in survey.items() if key != "@context"}
+    message = refused(envelope(doc, version=CALIPER_V1P1)).problems[0].message
+    assert "SurveyProfile-extension" in message or "not a Caliper entity type" in message
+
+
+def test_a_1_1_profile_extension_that_lap_does_not_list_is_read_as_1_1_with_its_terms_unknown():
+    doc = fixture("caliperEventViewViewed.json", V1P1_DIR)
+    doc["@context"] = f"{CALIPER_V1P1}/QuestionnaireProfile-extension"
+    doc["questionnaire"] = "https://example.edu/questionnaires/1"
+    item = parse_envelope(body(envelope(doc, version=CALIPER_V1P1))).items[0]
+    assert item.action == "Viewed"
+    doc["action"] = "Unheardof"  # Caliper's own terms keep Caliper's rules
+    assert refused(envelope(doc, version=CALIPER_V1P1)).problems[0].path == "$.data[0].action"
+    doc["action"] = "Viewed"
+    doc["@context"] = f"{CALIPER_V1P2}/QuestionnaireProfile-extension"  # 1.2 has no such extensions
+    assert "not a Caliper context" in refused(envelope(doc, version=CALIPER_V1P1)).problems[0].message
+
+
 # --- envelope level ---------------------------------------------------------------
 
 

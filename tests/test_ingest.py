@@ -167,6 +167,28 @@ async def test_caliper_1p1_envelopes_are_accepted(api, tokens):
     assert reply.status_code == 200, reply.text
 
 
+async def test_caliper_1p1_items_with_added_contexts_are_accepted(api, tokens):
+    # the two 1.1 shapes of the spec's section 4.1: another context before Caliper's, and an entity under a
+    # 1.1 profile extension context of its own inside a plain 1.1 event
+    actor = {"id": "https://example.edu/users/554433", "type": "Person"}
+    searched = {"@context": ["https://schema.org/docs/jsonldcontext.json", CALIPER_V1P1],
+                "id": f"urn:uuid:{uuid.uuid4()}", "type": "Event", "actor": actor, "action": "Searched",
+                "object": {"id": "https://example.edu/books/9780", "type": "Book", "isbn": "9780"},
+                "query": "Event OR Entity", "eventTime": "2026-11-15T10:15:00.000Z"}
+    survey = {"@context": f"{CALIPER_V1P1}/SurveyProfile-extension", "id": "https://example.edu/surveys/100",
+              "type": "Survey", "name": "Course feedback"}
+    viewed = {"@context": CALIPER_V1P1, "id": f"urn:uuid:{uuid.uuid4()}", "type": "Event", "actor": actor,
+              "action": "Viewed", "object": survey, "eventTime": "2026-11-15T10:16:00.000Z"}
+    reply = await api.post("/caliper", content=orjson.dumps(envelope([searched, viewed], data_version=CALIPER_V1P1)),
+                           headers=headers(tokens["sensor"]))
+    assert reply.status_code == 200, reply.text
+    searched["@context"] = CALIPER_V1P1  # the Caliper context alone defines neither Book nor query
+    searched["id"] = f"urn:uuid:{uuid.uuid4()}"
+    body = assert_problem(await api.post("/caliper", content=orjson.dumps(envelope([searched], data_version=CALIPER_V1P1)),
+                                         headers=headers(tokens["sensor"])), 400)
+    assert {e["path"] for e in body["errors"]} == {"$.data[0].object", "$.data[0].query"}
+
+
 def javascript_sensor_envelope(version: str) -> dict:
     """What IMS's JavaScript sensor (caliper-js) builds: scores as whole numbers (JavaScript writes 25.0 as 25), a
     sendTime with a +0000 offset, and entities referred to by their IRI alone."""

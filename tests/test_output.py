@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import http.client
 from collections import Counter, defaultdict
 from datetime import date, datetime
 
@@ -159,6 +160,7 @@ def _cursor(values: str) -> str:
     ("/events", {"cursor": "%%%"}, 400),
     ("/events", {"start": "2026-10-02T00:00:00", "end": "2026-10-01T00:00:00Z"}, 400),  # naive start is UTC
     ("/course-learners", {"course": "x", "cursor": "WzFlMzAsImEiXQ"}, 400),  # a tampered cursor: [1e30, "a"]
+    ("/events", {"actor": "https://example.edu/" + "a" * 5000}, 414),  # over MAX_QUERY_BYTES
 ])
 def test_bad_parameters_get_a_clear_4xx(settings, two_tenants, path, params, status):
     reply = get(settings, two_tenants["a_reader"], path, **params)
@@ -166,6 +168,19 @@ def test_bad_parameters_get_a_clear_4xx(settings, two_tenants, path, params, sta
     assert reply.headers["content-type"].startswith("application/problem+json")
     assert reply.json()["detail"]
     assert "$" not in reply.json()["detail"] and "datetime." not in reply.json()["detail"]  # no internals
+
+
+def test_a_query_string_beyond_the_proxy_buffer_is_a_4xx_not_a_5xx(settings, two_tenants):
+    # 100 KB never reaches LAP: Serve's HAProxy refuses it (README, "Reading insights"); it must stay a 4xx
+    url = httpx.URL(settings.api_url)
+    connection = http.client.HTTPConnection(url.host, url.port, timeout=30)  # httpx refuses URLs this long
+    try:
+        connection.request("GET", "/v1/events?actor=" + "a" * 100_000,
+                           headers={"Authorization": f"Bearer {two_tenants['a_reader']}"})
+        reply = connection.getresponse()
+        assert reply.status == 400, reply.read()[:200]
+    finally:
+        connection.close()
 
 
 def test_keys_and_roles(settings, two_tenants):

@@ -27,6 +27,9 @@ Versions and model sets
     A string must be a supported Caliper context; an array may add other remote
     or inline contexts but must end with the Caliper context; an unknown context
     is refused (400).  Nested entities may carry local contexts of any form.
+    The terms an added context introduces are accepted where it applies (see
+    :mod:`lap.caliper.contexts`); a 1.1 profile extension LAP does not list is
+    read as 1.1 with terms LAP cannot know.
 
 Rules beyond types
     Each event type allows its own actions, per version.  A 1.2 ``profile``

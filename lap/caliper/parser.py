@@ -291,6 +291,26 @@ def _type_problem(model_set: M.ModelSet, index: int, item: dict) -> Problem | No
     return Problem(index, f"{base}.type", f"{show(etype)} is not a Caliper {version} event or entity type{hint}")
 
 
+def _with_added_contexts(model_set: M.ModelSet, index: int, item: dict, whole_numbers: bool) -> list[Problem] | None:
+    """The problems of an item read with the contexts it adds, or None if it adds none.
+
+    Only items the Caliper models refused come here, so the common case pays nothing.
+    """
+    adds, extensions = contexts.nested_contexts(item)
+    registry = model_set.registry
+    if extensions - registry.extensions and registry.version == V.CALIPER_V1P1:
+        model_set = M.model_set(V.CALIPER_V1P1, registry.extensions | extensions, whole_numbers=whole_numbers)
+    elif not adds:
+        return None
+    stripped = contexts.strip_added_terms(item, model_set.registry)
+    try:
+        model_set.item_list.validator.validate_python([stripped])
+        return []
+    except ValidationError as exc:
+        errors = [{**err, "loc": err["loc"][1:]} for err in exc.errors(include_url=False, include_input=False)]
+    return item_problems(model_set, index, stripped, errors) or [Problem(index, f"$.data[{index}]", errors[0]["msg"])]
+
+
 def _parse(body: bytes | bytearray | memoryview | str, whole_numbers: bool = False) -> Envelope:
     if isinstance(body, memoryview):
         body = body.tobytes()
@@ -368,7 +388,11 @@ def _parse(body: bytes | bytearray | memoryview | str, whole_numbers: bool = Fal
                 if len(found) > MAX_PROBLEMS:
                     break  # the answer lists at most MAX_PROBLEMS; spare the translation of the rest
                 index = indexes[position]
-                located = item_problems(model_set, index, items[position], errors)
+                located = _with_added_contexts(model_set, index, items[position], whole_numbers)
+                if located == []:
+                    continue  # valid once the terms of its added contexts are accounted for
+                if located is None:
+                    located = item_problems(model_set, index, items[position], errors)
                 if not located:  # every error was in a union member that does not apply; keep one anyway
                     located = [Problem(index, f"$.data[{index}]", errors[0].get("msg", "invalid item"))]
                 found.extend(located)

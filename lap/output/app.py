@@ -71,9 +71,19 @@ async def _on_out_of_range(request: Request, exc: Exception) -> Response:
                                                         "LAP can store"))
 
 
+MAX_QUERY_BYTES = 4096  # far above any real query (cursors are ~100 bytes), below the proxies' own limits
+
+
 @app.middleware("http")
 async def _refuse_nul(request: Request, call_next):
-    """A NUL character can be in no IRI, id or name, and Postgres refuses it in text: a 400 here, for every route."""
+    """A NUL character can be in no IRI, id or name, and Postgres refuses it in text: a 400 here, for every route.
+
+    A query string over MAX_QUERY_BYTES gets a 414 here, as problem+json; one over about 15 KB never reaches LAP
+    (README, "Reading": Serve's HAProxy answers it).
+    """
+    if len(request.scope.get("query_string", b"")) > MAX_QUERY_BYTES:
+        detail = f"the query string is over {MAX_QUERY_BYTES} bytes; no LAP query needs that much"
+        return problem_response(Problem(414, "URI Too Long", detail))
     if "\x00" in request.url.path or any("\x00" in k or "\x00" in v for k, v in request.query_params.multi_items()):
         return problem_response(Problem(400, "Bad Request", "the path or a query parameter holds a NUL character"))
     return await call_next(request)
