@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import http.client
+import json
 from collections import Counter, defaultdict
 from datetime import date, datetime
 
@@ -244,3 +245,76 @@ def test_course_heatmap(settings, two_tenants):
     other = get(settings, two_tenants["b_reader"], "/course-heatmap", course=course, **SPAN).json()
     assert sum(n for row in other["learners"] for n in row["days"].values()) == len(b_records)
     assert sum(other["hour_of_week"]) == len(b_records)
+
+
+# --- generated requests --------------------------------------------------------------
+
+
+def test_openapi_generated_requests_get_a_2xx_or_a_problem(settings, two_tenants):
+    """Requests built by schemathesis from the Output API's own OpenAPI schema, for every route."""
+    import schemathesis
+    from hypothesis import HealthCheck, given, settings as hsettings
+
+    schema = schemathesis.openapi.from_url(f"{settings.api_url}/v1/openapi.json")
+    operations = [result.ok() for result in schema.get_all_operations()]
+    assert {f"{op.method.upper()} {op.path}" for op in operations} >= {
+        "GET /events", "GET /learner-summary", "GET /audit/reconcile", "POST /audit/replay"}
+    # a reader key: every route runs its validation, and a replay (admin only) is never started by chance
+    auth = {"Authorization": f"Bearer {two_tenants['a_reader']}"}
+    statuses: Counter = Counter()
+    for operation in operations:
+        @hsettings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+        @given(case=operation.as_strategy())
+        def check(case):
+            reply = case.call(base_url=f"{settings.api_url}/v1", headers=auth)
+            statuses[reply.status_code] += 1
+            assert reply.status_code < 500, (case.method, case.path, reply.status_code, reply.text[:300])
+            if reply.status_code >= 400:
+                content_type = reply.headers["content-type"]  # schemathesis lists each header's values
+                assert content_type[0].startswith("application/problem+json"), reply.text[:300]
+                assert reply.json()["detail"]
+
+        check()
+    assert statuses[200] > 0 and statuses[400] > 0, statuses
+
+
+def test_random_cursors_and_windows_get_a_2xx_or_a_400(settings, two_tenants):
+    from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
+
+    json_values = st.recursive(
+        st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=12),
+        lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+        max_leaves=8,
+    )
+    cursors = st.one_of(
+        json_values.map(lambda value: _cursor(json.dumps(value))),  # well-formed base64 of any JSON
+        st.text(max_size=40),  # anything at all
+    )
+    moments = st.one_of(
+        st.datetimes(timezones=st.timezones() | st.just(None)).map(lambda moment: moment.isoformat()),
+        st.text(max_size=30),
+    )
+    reader = two_tenants["a_reader"]
+    course = two_tenants["a_events"][0].get("group", {}).get("id", "https://example.edu/courses/1")
+    seen: Counter = Counter()
+
+    @hsettings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    @given(cursor=cursors, start=moments, end=moments, route=st.sampled_from(["events", "learners", "reconcile"]))
+    def check(cursor, start, end, route):
+        if route == "events":
+            reply = get(settings, reader, "/events", cursor=cursor, start=start, end=end, limit=5)
+        elif route == "learners":
+            reply = get(settings, reader, "/course-learners", course=course, cursor=cursor, sort="-score_mean")
+        else:
+            reply = get(settings, reader, "/audit/reconcile", start=start, end=end)
+        seen[reply.status_code] += 1
+        assert reply.status_code in (200, 400), (route, cursor, start, end, reply.status_code, reply.text[:300])
+        if reply.status_code == 400:
+            assert reply.headers["content-type"].startswith("application/problem+json")
+            assert "Traceback" not in reply.text and "datetime." not in reply.text
+
+    check()
+    assert seen[400] > 0
+    # a real cursor of each kind still works after all that
+    first = get(settings, reader, "/events", limit=1).json()
+    assert first["next_cursor"] and get(settings, reader, "/events", limit=1, cursor=first["next_cursor"]).status_code == 200
