@@ -395,6 +395,9 @@ def _print_reconciliation(result) -> None:
     click.echo(f"archived {result.archived:,}  aggregated {result.aggregated:,}  indexed {result.indexed:,}")
     click.echo("missing  " + "  ".join(f"{stage} {n:,}" for stage, n in result.missing.items())
                + f"  retention_lost {result.retention_lost:,}  pending {result.pending:,}")
+    if result.dead_lettered:
+        click.echo(f"dead-lettered {result.dead_lettered:,}: in records a consumer could not process, kept aside "
+                   "(GET /v1/audit/dead-letters says why); `lap replay` stores them once the cause is fixed")
     if result.complete:
         click.echo("complete" + (f" ({result.pending:,} still on their way through the stream)" if result.pending
                                  else ""))

@@ -42,6 +42,13 @@ def putrecords_retries():
 
 
 @cache
+def dead_letters():
+    return _metrics().Counter("lap_dead_letters", description="Stream records a shard consumer could not process "
+                                                              "and kept aside (dead_letters in Postgres).",
+                              tag_keys=("shard",))
+
+
+@cache
 def consumer_lag_ms():
     return _metrics().Gauge("lap_consumer_lag_ms", description="How far a shard's consumer is behind the stream's tip.",
                             tag_keys=("shard",))

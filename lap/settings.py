@@ -68,6 +68,8 @@ class ArchiveSettings(Section):
     receipts_prefix: str = "audit/receipts/v1"
     # The shard consumers' saved dedup state (sorted 8-byte fingerprints per shard and time bucket)
     dedup_prefix: str = "audit/dedup/v1"
+    # Stream records a shard consumer could not process, kept as read, with the reason (docs/decisions.md)
+    dead_letter_prefix: str = "dead-letter/v1"
 
 
 class IndexSettings(Section):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import gzip
 import json
 from contextlib import AsyncExitStack
@@ -569,3 +570,70 @@ async def test_sigkill_of_an_ingest_replica_under_load_loses_no_acceptance(lap_u
     assert report["accepted"] - report["duplicates"] == 3000, report
     assert report["complete"] is True and report["pending"] == 0, report
     await assert_aggregates(db, tenant, sensor.acknowledged)
+
+
+async def test_poison_records_are_dead_lettered_and_replayed_once_fixed(lap_up, settings, db):
+    """A record whose commit fails every time, and a record that is not LAP's: both kept aside, counted and listed;
+    the shard goes on; a replay stores the first once its cause is gone, and the window reconciles complete."""
+    started = datetime.now(timezone.utc)
+    tenant, sensor = new_tenant(lap_up)
+    reader, admin = key(lap_up, tenant, "reader"), key(lap_up, tenant, "admin")
+    poison_learner = f"https://example.edu/users/poison-{tenant}"
+    # the database refuses this learner's rows: a fault at a real boundary that an operator can remove
+    constraint = f"poison_{tenant}"
+    await db.execute(f"ALTER TABLE learner_days ADD CONSTRAINT {constraint} CHECK (learner <> '{poison_learner}') "
+                     "NOT VALID")
+    try:
+        before, after = make_events(100), make_events(100)
+        poison = [e for e in make_events(60) if e["type"] != "GradeEvent"][:10]
+        for event in poison:  # one learner: one partition key, so one stream record
+            event["actor"] = {"id": poison_learner, "type": "Person"}
+        send(settings, sensor, envelopes(before) + envelopes(poison, per=10))
+        async with AsyncExitStack() as stack:  # a record some other producer wrote to LAP's stream
+            kinesis = await open_client(stack, settings, "kinesis")
+            foreign = await kinesis.put_record(StreamName=settings.stream.name, Data=b"not a LAP record",
+                                               PartitionKey=f"foreign-{tenant}")
+        send(settings, sensor, envelopes(after))
+        await wait_for(db, tenant, {"accepted": 210, "archived": 200, "aggregated": 200})
+        letters = await db.fetch("SELECT * FROM dead_letters WHERE tenant = $1", tenant)
+        assert [(r["events"], "CheckViolation" in r["reason"]) for r in letters] == [(10, True)], letters
+        not_lap = await db.fetchrow("SELECT * FROM dead_letters WHERE shard_id = $1 AND sequence_number = $2",
+                                    foreign["ShardId"], int(foreign["SequenceNumber"]))
+        assert not_lap is not None and not_lap["tenant"] is None and "not a LAP record" in not_lap["reason"]
+        async with AsyncExitStack() as stack:  # each kept as read from the stream
+            s3 = await open_client(stack, settings, "s3")
+            for row, data in ((not_lap, b"not a LAP record"), (letters[0], None)):
+                reply = await s3.get_object(Bucket=settings.archive.bucket, Key=row["key"])
+                async with reply["Body"] as body:
+                    kept = orjson.loads(await body.read())
+                assert kept["sequence_number"] == str(row["sequence_number"]) and kept["reason"] == row["reason"]
+                assert data is None or base64.b64decode(kept["data_base64"]) == data
+
+        # reconcile: its own figure, not missing, and the window is not complete; the audit route lists it
+        report = await reconcile(settings, reader, started)
+        assert (report["accepted"], report["archived"], report["dead_lettered"]) == (210, 200, 10), report
+        assert report["missing"] == {"archive": 0, "aggregate": 0, "index": 0} and report["complete"] is False
+        report = await reconcile(settings, reader, started, detail="ids")
+        assert report["dead_lettered"] == 10 and report["missing_ids"] == {"archive": [], "aggregate": [], "index": []}
+        listed = get(settings, reader, "/audit/dead-letters", **window(started)).json()["entries"]
+        assert [(e["events"], e["replayed_at"]) for e in listed] == [(10, None)]
+
+        # a replay while the cause is still there: the record stays dead-lettered, nothing else changes
+        status = await replay(settings, admin, started, ["aggregate", "archive", "index"], "archive")
+        assert status["status"] == "done", status
+        assert (await reconcile(settings, reader, started))["dead_lettered"] == 10
+    finally:
+        await db.execute(f"ALTER TABLE learner_days DROP CONSTRAINT IF EXISTS {constraint}")
+
+    # the cause fixed, a replay stores the events once and closes the dead letter
+    status = await replay(settings, admin, started, ["aggregate", "archive", "index"], "archive")
+    assert status["status"] == "done", status
+    report = await reconcile(settings, reader, started)
+    assert (report["dead_lettered"], report["archived"], report["complete"]) == (0, 210, True), report
+    listed = get(settings, reader, "/audit/dead-letters", **window(started)).json()["entries"]
+    assert [e["replay_id"] for e in listed] == [status["id"]]
+    aggregates = (await stored_aggregates(db, tenant)).normalized()
+    expected = aggregate_python(expected_records(tenant, before + poison + after)).normalized()
+    assert aggregates == expected
+    ids = await archived_ids(settings, db, tenant)
+    assert set(ids) == {e["id"] for e in before + poison + after} and max(ids.values()) == 1

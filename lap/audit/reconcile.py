@@ -66,6 +66,7 @@ class Reconciliation:
     index_pending: int = 0
     missing: dict[str, int] = field(default_factory=dict)
     retention_lost: int = 0
+    dead_lettered: int = 0  # in records a consumer could not process and kept aside: not missing, not complete
     complete: bool = False
     # counts of whole hours take lost archive objects from the sweep's last check (None: per-event, checked now)
     archive_checked_at: datetime | None = None
@@ -78,10 +79,10 @@ class Reconciliation:
         return out
 
     def finish(self) -> "Reconciliation":
-        expected = self.accepted - self.duplicates - self.pending
+        expected = self.accepted - self.duplicates - self.pending - self.dead_lettered
         self.missing = {"archive": max(0, expected - self.archived), "aggregate": max(0, expected - self.aggregated),
                         "index": max(0, expected - self.indexed - self.index_pending)}
-        self.complete = not any(self.missing.values())
+        self.complete = not any(self.missing.values()) and not self.dead_lettered
         return self
 
 
@@ -105,6 +106,7 @@ class Trail:
     index_pending: np.ndarray  # stored by a batch the index writer has not reached yet
     hour_index: np.ndarray  # its copy's received hour, in hours since the epoch
     chosen_ids: np.ndarray  # the ids (str objects), in the order of `chosen`
+    dead: np.ndarray  # not stored, and its copy is in a dead-lettered record not replayed yet
 
     def __len__(self) -> int:
         return len(self.chosen)
@@ -126,6 +128,10 @@ class Trail:
     def batch(self, k: int) -> int | None:
         b = int(self.batch_of[k])
         return None if b < 0 else b
+
+    def unstored_records(self) -> set[tuple[str, int]]:
+        """(shard, sequence number) of the records whose copy counts for an id no batch stored."""
+        return {(self.receipts.shard(i), self.receipts.seq(i)) for i in self.chosen[~self.stored]}
 
 
 class Reconciler:
@@ -199,6 +205,7 @@ class Reconciler:
             lost_objects = await self.lost_archived(conn, window.tenant, first, last)
             result.archive_checked_at = await conn.fetchval("SELECT checked_at FROM archive_checks")
             result.quarantined = await self._quarantined(conn, window)
+            result.dead_lettered = await self._dead_lettered(conn, window)
         oldest: dict[str, datetime | None] = {}
         for r in rows:
             result.accepted += max(r["acknowledged"], r["accepted"])
@@ -281,6 +288,7 @@ class Reconciler:
         result.describes = int(trail.receipts.describe[trail.chosen].sum())
         result.aggregated = int(trail.stored.sum())
         result.archived = int(trail.archived.sum())
+        result.dead_lettered = int(trail.dead.sum())
         indexed_ids: set[str] | None = None
         if with_ids:
             indexed_ids = await self._indexed_ids(window)
@@ -299,10 +307,11 @@ class Reconciler:
                 start = after.get(stage, "")
                 return heapq.nsmallest(limit, (i for i in ids[mask] if i > start))
 
+            alive = ~trail.dead  # dead-lettered events are listed by /v1/audit/dead-letters, not as missing
             result.missing_ids = {
-                "archive": listed(~trail.archived, "archive"),  # not stored, or its object is gone
-                "aggregate": listed(~trail.stored, "aggregate"),
-                "index": listed(~in_index & ~trail.index_pending, "index") if result.missing["index"] else [],
+                "archive": listed(~trail.archived & alive, "archive"),  # not stored, or its object is gone
+                "aggregate": listed(~trail.stored & alive, "aggregate"),
+                "index": listed(~in_index & ~trail.index_pending & alive, "index") if result.missing["index"] else [],
             }
         return result
 
@@ -314,7 +323,7 @@ class Reconciler:
         if not n:
             empty = np.zeros(0, dtype=bool)
             return Trail(receipts, np.zeros(0, np.int64), 0, empty, empty, np.zeros(0, np.int64), empty,
-                         np.zeros(0, np.int64), np.empty(0, dtype=object))
+                         np.zeros(0, np.int64), np.empty(0, dtype=object), empty)
         chosen, id_array = _first_copies(receipts)
         chosen_ids = id_array[chosen]
         batch_of = await self._covering_batches(receipts, chosen)
@@ -331,8 +340,30 @@ class Reconciler:
         waiting = await self._not_indexed_yet({int(b) for b in np.unique(batch_of) if b >= 0})
         index_pending = np.isin(batch_of, np.fromiter(waiting, dtype=np.int64, count=len(waiting))) if waiting \
             else np.zeros(len(chosen), dtype=bool)
+        dead = np.zeros(len(chosen), dtype=bool)
+        if not stored.all():
+            open_letters = await self.dead_letter_records(window)
+            for k in np.flatnonzero(~stored) if open_letters else ():
+                i = chosen[k]
+                dead[k] = (receipts.shard(i), receipts.seq(i)) in open_letters
         return Trail(receipts, chosen, n - int(receipts.relayed.sum()), stored, archived, batch_of, index_pending,
-                     hour_index, chosen_ids)
+                     hour_index, chosen_ids, dead)
+
+    async def dead_letter_records(self, window: Window) -> set[tuple[str, int]]:
+        """(shard, sequence number) of the window's dead-lettered records that no replay has stored yet."""
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch(
+                """SELECT shard_id, sequence_number FROM dead_letters
+                    WHERE stream = $1 AND tenant = $2 AND received_at >= $3 AND received_at < $4
+                      AND replayed_at IS NULL""", self.settings.stream.name, window.tenant, window.start, window.end)
+        return {(r["shard_id"], int(r["sequence_number"])) for r in rows}
+
+    async def _dead_lettered(self, conn, window: Window) -> int:
+        return await conn.fetchval(
+            """SELECT coalesce(sum(events), 0) FROM dead_letters
+                WHERE stream = $1 AND tenant = $2 AND received_at >= $3 AND received_at < $4
+                  AND replayed_at IS NULL AND ($5::text IS NULL OR sensor = $5)""",
+            self.settings.stream.name, window.tenant, window.start, window.end, window.sensor)
 
     async def load_receipts(self, window: Window, batches: set[tuple[str, int, int]] | None = None) -> Receipts:
         """The receipts of the window (the consumers' objects, and the rows of releases before them); with

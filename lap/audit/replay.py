@@ -7,6 +7,9 @@
   through the consumers' BatchWriter in replay mode: archive, aggregate and
   commit. Reconcile reports events its consumer has not reached as pending,
   never as missing, so the live consumer never reads a replayed event again.
+  Dead-lettered events (records a consumer could not process) are read from
+  their dead-letter objects, and their dead letters closed once stored; a
+  record that still fails stays dead-lettered, and the rest goes on.
 - archive: an object a manifest names but S3 no longer has is written again
   from the stream, with the same key and the same lines.
 - index: ids missing from the index are read from their archive objects and
@@ -18,6 +21,7 @@ one replay per tenant runs at a time (a Postgres advisory lock).
 
 from __future__ import annotations
 
+import base64
 import gzip
 import hashlib
 import logging
@@ -25,6 +29,7 @@ import uuid
 from collections import defaultdict
 from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
+from decimal import Decimal
 from typing import Any
 from urllib.parse import quote
 
@@ -35,6 +40,7 @@ from lap.audit.receipts import ADD_STAGE_COUNT
 from lap.audit.reconcile import Reconciler, Trail, Window
 from lap.process.batch import (
     GZIP_LEVEL,
+    POISON,
     BatchWriter,
     Decoded,
     archive_line,
@@ -129,13 +135,18 @@ class Replayer:
     # --- aggregate: events no committed batch stored -------------------------------------------
 
     async def restore(self, replay_id: str, window: Window, trail: Trail, source: str) -> int:
+        """Store the ids no batch stored: the dead-lettered ones from their dead-letter objects, the rest from
+        `source`; then close the dead letters whose events are all stored now."""
         missing = [int(k) for k in np.flatnonzero(~trail.stored)]
         if not missing:
             return 0
-        if source == "archive":
-            events = await self.from_archive(window, {trail.id(k) for k in missing})
-        else:
-            events = await self.from_stream([(trail.id(k), trail.first_copy(k)) for k in missing])
+        events = await self.from_dead_letters(window, {trail.id(k) for k in missing if trail.dead[k]})
+        found = {event.meta["event_id"] for _, event in events}
+        rest = [k for k in missing if trail.id(k) not in found]
+        if rest and source == "archive":
+            events += await self.from_archive(window, {trail.id(k) for k in rest})
+        elif rest:
+            events += await self.from_stream([(trail.id(k), trail.first_copy(k)) for k in rest])
         by_shard: dict[str, list[Decoded]] = defaultdict(list)
         for shard, event in events:
             by_shard[shard].append(event)
@@ -144,14 +155,64 @@ class Replayer:
         for shard, shard_events in sorted(by_shard.items()):
             shard_events.sort(key=lambda e: (e.sequence, e.position))
             writer = BatchWriter(self.settings, self.pool, self.s3, shard, None, replay=replay_id)
-            result = await writer.process_events(shard_events[0].sequence, shard_events[-1].sequence,
-                                                 len({e.sequence for e in shard_events}), shard_events)
-            restored += result.kept
+            restored += await self.store(writer, shard_events)
             self.progress("aggregate", restored, total)
         if len(missing) > len(events):
             log.warning("replay %s: %d of %d ids were not found in the %s", replay_id, len(missing) - len(events),
                         len(missing), source)
+        if trail.dead.any():
+            await self.close_dead_letters(replay_id, window)
         return restored
+
+    async def store(self, writer: BatchWriter, events: list[Decoded]) -> int:
+        """Commit the events, record by record if they are poison; those that still fail stay where they are."""
+        try:
+            return (await writer.process_events(events[0].sequence, events[-1].sequence,
+                                                len({e.sequence for e in events}), events)).kept
+        except POISON as exc:
+            log.error("replay: events of shard %s failed (%s: %s); storing them record by record", writer.shard_id,
+                      type(exc).__name__, exc)
+        stored = 0
+        by_record: dict[int, list[Decoded]] = defaultdict(list)
+        for event in events:
+            by_record[event.sequence].append(event)
+        for sequence, record_events in sorted(by_record.items()):
+            try:
+                stored += (await writer.process_events(sequence, sequence, 1, record_events)).kept
+            except POISON as exc:
+                log.error("replay: record %s of shard %s still fails (%s: %s); it stays dead-lettered", sequence,
+                          writer.shard_id, type(exc).__name__, exc)
+        return stored
+
+    async def from_dead_letters(self, window: Window, wanted: set[str]) -> list[tuple[str, Decoded]]:
+        """The wanted events of the window's open dead letters, from the records they keep."""
+        if not wanted:
+            return []
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch(
+                """SELECT shard_id, key FROM dead_letters
+                    WHERE stream = $1 AND tenant = $2 AND received_at >= $3 AND received_at < $4
+                      AND replayed_at IS NULL ORDER BY shard_id, sequence_number""",
+                self.settings.stream.name, window.tenant, window.start, window.end)
+        found = []
+        for row in rows:
+            reply = await self.s3.get_object(Bucket=self.settings.archive.bucket, Key=row["key"])
+            async with reply["Body"] as body:
+                kept = orjson.loads(await body.read())
+            record = {"SequenceNumber": kept["sequence_number"], "Data": base64.b64decode(kept["data_base64"])}
+            found += [(row["shard_id"], event) for event in decode_record(record) if event.meta["event_id"] in wanted]
+        return found
+
+    async def close_dead_letters(self, replay_id: str, window: Window) -> None:
+        """Mark replayed the window's dead letters whose events some batch or replay has stored by now."""
+        reconciler = Reconciler(self.settings, self.pool, self.s3, self.search)
+        stored_now = await reconciler.dead_letter_records(window) - (await reconciler.trail(window)).unstored_records()
+        if stored_now:
+            async with self.pool.acquire() as conn:
+                await conn.executemany(
+                    """UPDATE dead_letters SET replayed_at = now(), replay_id = $4
+                        WHERE stream = $1 AND shard_id = $2 AND sequence_number = $3 AND replayed_at IS NULL""",
+                    [(self.settings.stream.name, shard, Decimal(seq), replay_id) for shard, seq in sorted(stored_now)])
 
     async def from_archive(self, window: Window, wanted: set[str]) -> list[tuple[str, Decoded]]:
         """Events of any object (committed or orphaned) under the window's hours, for the wanted ids."""

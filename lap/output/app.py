@@ -198,6 +198,9 @@ class ReconcileReport(BaseModel):
     index_pending: int = Field(0, description="archived events the index writer has still to reach: not missing")
     missing: dict[str, int]
     retention_lost: int
+    dead_lettered: int = Field(0, description="events in stream records a consumer could not process, kept aside "
+                                              "(listed by /v1/audit/dead-letters) until a replay stores them: not "
+                                              "missing, but the window is not complete")
     complete: bool
     archive_checked_at: datetime | None = None
     missing_ids: dict[str, list[str]] | None = None
@@ -227,6 +230,24 @@ class QuarantineEntry(BaseModel):
 
 class QuarantinePage(BaseModel):
     entries: list[QuarantineEntry]
+    next_cursor: str | None
+
+
+class DeadLetter(BaseModel):
+    shard_id: str
+    sequence_number: str
+    sensor: str | None
+    received_at: datetime | None
+    events: int
+    reason: str
+    object_key: str = Field(description="the record as read from the stream, with the reason, in the archive bucket")
+    dead_lettered_at: datetime
+    replayed_at: datetime | None
+    replay_id: str | None
+
+
+class DeadLetterPage(BaseModel):
+    entries: list[DeadLetter]
     next_cursor: str | None
 
 
@@ -756,6 +777,38 @@ class OutputAPI:
             QuarantineEntry(request_id=r["request_id"], sensor=r["sensor"], received_at=r["received_at"],
                             status=r["status"], title=r["title"], problems=orjson.loads(r["problems"]),
                             payload_bytes=r["payload_bytes"], object_key=r["object_key"]) for r in page])
+
+    @app.get("/audit/dead-letters", response_model=DeadLetterPage, responses=_PROBLEMS,
+             summary="Stream records of this tenant a consumer could not process, and why")
+    async def audit_dead_letters(
+        self, request: Request, start: datetime = Query(...), end: datetime = Query(...),
+        limit: int = Query(100, ge=1, le=MAX_LIMIT), cursor: str | None = Query(None, max_length=4000),
+    ):
+        tenant = (await self.caller(request)).tenant
+        check_window(start, end)
+        after = ("", -1)
+        if cursor:
+            shard_id, sequence = decode_cursor(cursor, 2)
+            if type(shard_id) is not str or type(sequence) is not str or not sequence.isdigit():
+                raise Problem(400, "Bad Request", "cursor is not one this API handed out")
+            after = (shard_id, int(sequence))
+        async with self._pool.acquire() as conn:
+            rows = await conn.fetch(
+                """SELECT shard_id, sequence_number, sensor, received_at, events, reason, key, dead_lettered_at,
+                          replayed_at, replay_id
+                     FROM dead_letters
+                    WHERE stream = $1 AND tenant = $2 AND received_at >= $3 AND received_at < $4
+                      AND (shard_id, sequence_number) > ($5, $6::numeric)
+                    ORDER BY shard_id, sequence_number LIMIT $7""",
+                self.settings.stream.name, tenant, start, end, after[0], after[1], limit + 1)
+        page = rows[:limit]
+        next_cursor = encode_cursor([page[-1]["shard_id"], str(page[-1]["sequence_number"])]) \
+            if len(rows) > limit else None
+        return DeadLetterPage(next_cursor=next_cursor, entries=[
+            DeadLetter(shard_id=r["shard_id"], sequence_number=str(r["sequence_number"]), sensor=r["sensor"],
+                       received_at=r["received_at"], events=r["events"], reason=r["reason"], object_key=r["key"],
+                       dead_lettered_at=r["dead_lettered_at"], replayed_at=r["replayed_at"],
+                       replay_id=r["replay_id"]) for r in page])
 
     @app.get("/events/{event_id:path}", response_model=EventHit, responses=_PROBLEMS, summary="One event")
     async def event(self, request: Request, event_id: str):

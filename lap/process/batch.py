@@ -23,6 +23,7 @@ finds them missing until the batch is committed again (or replayed).
 from __future__ import annotations
 
 import asyncio
+import base64
 import gzip
 import logging
 import time
@@ -54,6 +55,12 @@ GZIP_LEVEL = 3  # ~4x smaller than the JSON at a few ms per MB; the archive is w
 
 class LeaseLost(Exception):
     """Another consumer holds this shard now; this one must stop without committing."""
+
+
+# What the same records raise again on every try: their data, not a server, is at fault. Such a batch is processed
+# again record by record, and a record that still fails is dead-lettered (BatchWriter.dead_letter).
+POISON = (ValueError, TypeError, KeyError, IndexError, AttributeError, OverflowError, RecursionError,
+          asyncpg.DataError, asyncpg.IntegrityConstraintViolationError, asyncpg.ProgramLimitExceededError)
 
 
 @dataclass(slots=True)
@@ -132,6 +139,11 @@ def archive_key(settings: Settings, tenant: str, hour: datetime, shard_id: str, 
     suffix = "" if replay is None else f"-r{replay}"
     return (f"{settings.archive.prefix}/tenant={quote(tenant, safe='')}/date={hour:%Y-%m-%d}/hour={hour:%H}/"
             f"shard={shard_id}/{first}-{last}{suffix}.jsonl.gz")
+
+
+def dead_letter_key(settings: Settings, tenant: str | None, moment: datetime, shard_id: str, sequence: int) -> str:
+    owner = "tenant=" + quote(tenant, safe="") if tenant is not None else "not-lap"
+    return f"{settings.archive.dead_letter_prefix}/{owner}/date={moment:%Y-%m-%d}/shard={shard_id}/{sequence}.json"
 
 
 def archive_line(record: Decoded, shard_id: str) -> bytes:
@@ -267,22 +279,82 @@ class BatchWriter:
             puts.append(self.s3.put_object(Bucket=bucket, Key=key, Body=body,
                                            ContentType="application/x-ndjson", ContentEncoding="gzip"))
         if self.replay is None:  # what was read from the stream, duplicates included
-            copies: dict[tuple[str, datetime], tuple[list[Decoded], list[bool], list[bool]]] = {}
-            for record, dup, elsewhere in zip(decoded, duplicate, foreign):
-                group = copies.setdefault((record.meta["tenant"], hour_of(record.received_at)), ([], [], []))
-                group[0].append(record)
-                group[1].append(dup)
-                group[2].append(elsewhere)
-            for (tenant, hour), (records, dups, forwarded) in copies.items():
-                minutes = [r.received_at.astimezone(timezone.utc).minute for r in records]
-                key = receipt_key(self.settings.archive.receipts_prefix, tenant, hour, self.shard_id, first, last,
-                                  (min(minutes), max(minutes)))
-                puts.append(self.s3.put_object(Bucket=bucket, Key=key,
-                                               Body=encode_receipts(tenant, self.shard_id, first, last, records, dups,
-                                                                    forwarded),
-                                               ContentType="application/json", ContentEncoding="gzip"))
+            puts.extend(self.receipt_puts(decoded, duplicate, foreign, first, last))
         await asyncio.gather(*puts)
         return objects
+
+    def receipt_puts(self, decoded: list[Decoded], duplicate: list[bool], foreign: list[bool], first: int,
+                     last: int) -> list[Awaitable]:
+        """The puts of the receipt objects of records `first`..`last`: one per tenant and hour."""
+        copies: dict[tuple[str, datetime], tuple[list[Decoded], list[bool], list[bool]]] = {}
+        for record, dup, elsewhere in zip(decoded, duplicate, foreign):
+            group = copies.setdefault((record.meta["tenant"], hour_of(record.received_at)), ([], [], []))
+            group[0].append(record)
+            group[1].append(dup)
+            group[2].append(elsewhere)
+        puts = []
+        for (tenant, hour), (records, dups, forwarded) in copies.items():
+            minutes = [r.received_at.astimezone(timezone.utc).minute for r in records]
+            key = receipt_key(self.settings.archive.receipts_prefix, tenant, hour, self.shard_id, first, last,
+                              (min(minutes), max(minutes)))
+            puts.append(self.s3.put_object(Bucket=self.settings.archive.bucket, Key=key,
+                                           Body=encode_receipts(tenant, self.shard_id, first, last, records, dups,
+                                                                forwarded),
+                                           ContentType="application/json", ContentEncoding="gzip"))
+        return puts
+
+    async def dead_letter(self, record: dict[str, Any], decoded: list[Decoded] | None, reason: str) -> BatchResult:
+        """Keep a record that cannot be processed in S3, count it, and move the checkpoint past it.
+
+        Its events (if it has LAP's format) get receipts like any copy read, so
+        reconcile knows them by id: accepted, stored nowhere, and dead-lettered
+        rather than missing while the `dead_letters` row is open; a replay
+        stores them once the cause is fixed.
+        """
+        sequence = int(record["SequenceNumber"])
+        tenant = decoded[0].meta["tenant"] if decoded else None
+        received = decoded[0].received_at if decoded else None
+        key = dead_letter_key(self.settings, tenant, received or datetime.now(timezone.utc), self.shard_id, sequence)
+        kept_as_read = {"stream": self.settings.stream.name, "shard_id": self.shard_id,
+                        "sequence_number": str(sequence), "reason": reason,
+                        "data_base64": base64.b64encode(bytes(record["Data"])).decode()}
+        puts = [self.s3.put_object(Bucket=self.settings.archive.bucket, Key=key, Body=orjson.dumps(kept_as_read),
+                                   ContentType="application/json")]
+        if decoded:
+            puts.extend(self.receipt_puts(decoded, [False] * len(decoded), [False] * len(decoded), sequence, sequence))
+        await asyncio.gather(*puts)
+        read = [r for r in (decoded or []) if "forwarded_from" not in r.meta]
+        async with self.pool.acquire() as conn, conn.transaction():
+            await self.check_lease(conn)
+            await conn.execute(
+                """INSERT INTO dead_letters (stream, shard_id, sequence_number, tenant, sensor, received_at, events,
+                                             reason, key)
+                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+                   ON CONFLICT (stream, shard_id, sequence_number) DO UPDATE SET reason = excluded.reason""",
+                self.stream, self.shard_id, Decimal(sequence), tenant,
+                decoded[0].meta.get("sensor") if decoded else None, received, len(decoded or []), reason, key)
+            await conn.executemany(ADD_STAGE_COUNT, stage_rows(self.shard_id, [], [], read))
+            await self.advance_checkpoint(conn, sequence, received)
+        metrics.dead_letters().inc(tags={"shard": self.shard_id})
+        log.error("shard %s: record %s dead-lettered (%d events) to %s: %s", self.shard_id, sequence,
+                  len(decoded or []), key, reason)
+        return BatchResult(sequence, 0, 0)
+
+    async def check_lease(self, conn) -> None:
+        """Raises LeaseLost unless this writer's lease epoch is the shard's (and holds its row until commit)."""
+        epoch = await conn.fetchval(
+            "SELECT lease_epoch FROM shard_checkpoints WHERE stream = $1 AND shard_id = $2 FOR UPDATE",
+            self.stream, self.shard_id)
+        if epoch != self.epoch:
+            raise LeaseLost(f"shard {self.shard_id}: lease epoch is {epoch}, this consumer holds {self.epoch}")
+
+    async def advance_checkpoint(self, conn, last: int, newest: datetime | None) -> None:
+        await conn.execute(
+            """UPDATE shard_checkpoints
+                  SET sequence_number = $3, lease_expires = now() + $4::interval, updated_at = now(),
+                      received_at = greatest(received_at, $5)
+                WHERE stream = $1 AND shard_id = $2""",
+            self.stream, self.shard_id, Decimal(last), timedelta(seconds=self.settings.process.lease_ttl_s), newest)
 
     async def commit(self, first: int, last: int, count: int, decoded: list[Decoded], kept: list[Decoded],
                      duplicates: list[Decoded], keys: dict[str, tuple[str, datetime, int, int]], aggregates: Aggregates,
@@ -291,11 +363,7 @@ class BatchWriter:
         newest = max((r.received_at for r in decoded), default=None)
         async with self.pool.acquire() as conn, conn.transaction():
             if self.replay is None:
-                epoch = await conn.fetchval(
-                    "SELECT lease_epoch FROM shard_checkpoints WHERE stream = $1 AND shard_id = $2 FOR UPDATE",
-                    self.stream, self.shard_id)
-                if epoch != self.epoch:
-                    raise LeaseLost(f"shard {self.shard_id}: lease epoch is {epoch}, this consumer holds {self.epoch}")
+                await self.check_lease(conn)
             batch_id = await conn.fetchval(
                 """INSERT INTO batches (stream, shard_id, first_seq, last_seq, records, events, describes, duplicates,
                                         fingerprints, max_received_at)
@@ -312,15 +380,8 @@ class BatchWriter:
             # every copy read is accepted, but for copies another shard's consumer forwarded: counted there already
             read = [] if self.replay is not None else [r for r in decoded if "forwarded_from" not in r.meta]
             await conn.executemany(ADD_STAGE_COUNT, stage_rows(self.shard_id, kept, duplicates if read else [], read))
-            if self.replay is not None:
-                return
-            await conn.execute(
-                """UPDATE shard_checkpoints
-                      SET sequence_number = $3, lease_expires = now() + $4::interval, updated_at = now(),
-                          received_at = greatest(received_at, $5)
-                    WHERE stream = $1 AND shard_id = $2""",
-                self.stream, self.shard_id, Decimal(last), timedelta(seconds=self.settings.process.lease_ttl_s),
-                newest)
+            if self.replay is None:
+                await self.advance_checkpoint(conn, last, newest)
 
 
 def stage_rows(shard_id: str, kept: list[Decoded], duplicates: list[Decoded], read: list[Decoded]) -> list[tuple]:

@@ -26,7 +26,7 @@ from botocore.exceptions import ClientError
 from lap import metrics
 from lap.audit.actor import AUDIT_ACTOR, NAMESPACE
 from lap.aws import open_client
-from lap.process.batch import BatchWriter, Decoded, LeaseLost, decode_record
+from lap.process.batch import POISON, BatchResult, BatchWriter, Decoded, LeaseLost, decode_record
 from lap.process.dedup import DedupState, DedupStore
 from lap.process import run_in_background
 from lap.settings import Settings, load_settings
@@ -184,27 +184,24 @@ class ShardConsumer:
             for record in records:
                 try:
                     events = decode_record(record)
-                except NotLapRecord as exc:
-                    log.error("shard %s: record %s is not a LAP record; skipped: %s", self.shard_id,
-                              record["SequenceNumber"], exc)
-                    events = []
+                except NotLapRecord:
+                    events = None  # dead-lettered with its batch
                 pending.append((record, events))
-                pending_events += len(events)
+                pending_events += len(events or ())
                 pending_bytes += len(record["Data"])
             due = pending and (pending_events >= p.batch_max_events or pending_bytes >= p.batch_max_bytes
                                or time.monotonic() - first_at >= p.batch_max_wait_s or reader.closed)
             if due:
                 # a batch holds whole records, up to batch_max_events (one record may pass it): cut there
                 taken, events = 0, []
-                while taken < len(pending) and (not events or len(events) + len(pending[taken][1]) <= p.batch_max_events):
-                    events.extend(pending[taken][1])
+                while taken < len(pending) and (not events or len(events) + len(pending[taken][1] or ()) <= p.batch_max_events):
+                    events.extend(pending[taken][1] or ())
                     taken += 1
                 batch, pending = pending[:taken], pending[taken:]
                 pending_events -= len(events)
                 pending_bytes = sum(len(r["Data"]) for r, _ in pending)
                 last = batch[-1][0]
-                result = await writer.process_events(int(batch[0][0]["SequenceNumber"]), int(last["SequenceNumber"]),
-                                                     len(batch), events)
+                result = await self.process_batch(writer, batch, events)
                 self.committed_batches += 1
                 renewed = time.monotonic()
                 newest = max((e.received_at for e in events), default=None)
@@ -235,6 +232,43 @@ class ShardConsumer:
                 idle = min(idle * 2, p.max_poll_s) if not records else p.idle_poll_s
             else:
                 idle = p.idle_poll_s
+
+
+    async def process_batch(self, writer: BatchWriter, batch: list[tuple[dict[str, Any], list[Decoded] | None]],
+                            events: list[Decoded]) -> BatchResult:
+        """Commit a batch; if it is poison, commit its records one by one and dead-letter those that fail alone.
+
+        A poison record would otherwise stop its shard for good: the actor's
+        restarts would read and fail the same batch forever. Errors of a server
+        (S3, Postgres or the stream down) are not poison: they propagate, and the
+        batch is tried again from the checkpoint.
+        """
+        first, last = int(batch[0][0]["SequenceNumber"]), int(batch[-1][0]["SequenceNumber"])
+        if all(record_events is not None for _, record_events in batch):
+            try:
+                return await writer.process_events(first, last, len(batch), events)
+            except POISON as exc:
+                log.error("shard %s: batch %s-%s failed (%s: %s); committing its records one by one", self.shard_id,
+                          first, last, type(exc).__name__, exc)
+        kept = duplicates = 0
+        for record, record_events in batch:
+            sequence = int(record["SequenceNumber"])
+            if record_events is None:
+                try:
+                    decode_record(record)
+                    reason = "not a LAP record"
+                except NotLapRecord as exc:
+                    reason = f"not a LAP record: {exc}"
+                await writer.dead_letter(record, None, reason)
+                continue
+            try:
+                result = await writer.process_events(sequence, sequence, 1, record_events)
+            except POISON as exc:
+                await writer.dead_letter(record, record_events, f"{type(exc).__name__}: {exc}"[:2000])
+                continue
+            kept += result.kept
+            duplicates += result.duplicates
+        return BatchResult(last, kept, duplicates)
 
 
 async def hash_range(kinesis, settings: Settings, shard_id: str) -> tuple[int, int] | None:
