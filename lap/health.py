@@ -14,7 +14,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from lap.settings import Settings
-from lap.sinks.index import open_opensearch
+from lap.sinks.index import open_opensearch, rebuild_progress
 from lap.sinks.store import create_pool, load_migrations
 from lap.stream.kinesis import describe_stream
 
@@ -80,7 +80,17 @@ class HealthChecker:
         name = self.settings.index.index_prefix
         if not await self._opensearch.indices.exists_index_template(name=name):
             raise RuntimeError(f"index template {name} missing")
-        return f"cluster {health.get('status', '?')}"
+        detail = f"cluster {health.get('status', '?')}"
+        if self._pool is not None:  # made by the Postgres check, which runs alongside
+            try:
+                progress = await rebuild_progress(self._pool, self.settings)
+            except Exception:  # Postgres has its own line in the report
+                progress = None
+            if progress is not None:
+                done, total = progress
+                detail += (f"; rebuilding from the archive behind new events: {done:,} of {total:,} batches "
+                           f"({100 * done / max(total, 1):.0f}%)")
+        return detail
 
     async def check(self) -> HealthReport:
         checks = {

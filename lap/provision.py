@@ -52,9 +52,10 @@ async def provision(settings: Settings) -> dict[str, str]:
     if empty:  # a new domain, or the in-memory stand-in after a (re)start: index again from the archive
         conn = await connect(settings)
         try:
-            if await conn.fetchval("SELECT count(*) FROM index_cursors"):
-                await reset_index_progress(conn)
-                done["opensearch"] += "; the index is empty, so it is being rebuilt from the archive"
+            if await conn.fetchval("SELECT count(*) FROM batches"):
+                batches = await reset_index_progress(conn, settings)
+                done["opensearch"] += (f"; the index is empty: new events are indexed at once, and {batches:,} "
+                                       "archived batches are being indexed again behind them")
         finally:
             await conn.close()
     return done

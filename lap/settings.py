@@ -14,6 +14,7 @@ OpenSearch URL must be set.
 from __future__ import annotations
 
 import os
+from datetime import datetime, timedelta, timezone
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
@@ -32,6 +33,7 @@ REPO_DIR = PACKAGE_DIR.parent
 # Credentials the S3 stand-in (s3rver) accepts; kinesalite accepts any.
 LOCAL_AWS_KEY = "S3RVER"
 LOCAL_DB_USER = "lap"
+LOCAL_INDEX_RETENTION_DAYS = 7.0  # the local index is in memory
 LOCAL_DB_PASSWORD = "lap-local"  # the stand-in listens on 127.0.0.1 only
 LOCAL_DB_NAME = "lap"
 
@@ -78,6 +80,10 @@ class IndexSettings(Section):
     password: SecretStr | None = None
     index_prefix: str = "lap-events"
     verify_certs: bool = True
+    # Documents of events received longer ago are removed from the index, and a rebuild skips them (the archive
+    # keeps every event; a replay indexes any window again). Unset: 7 days in local mode, where the index is in
+    # memory, and no limit with AWS. 0: no limit.
+    retention_days: float | None = Field(None, ge=0)
 
 
 class DbSettings(Section):
@@ -230,6 +236,8 @@ class Settings(BaseSettings):
                 raise ValueError(f"mode 'aws' needs {' and '.join(missing)} (or the same keys in the --config file)")
             return self
         local = self.local
+        if self.index.retention_days is None:
+            self.index.retention_days = LOCAL_INDEX_RETENTION_DAYS
         self.stream.endpoint_url = self.stream.endpoint_url or local_url(local.kinesis_port)
         self.archive.endpoint_url = self.archive.endpoint_url or local_url(local.s3_port)
         self.index.url = self.index.url or local_url(local.opensearch_port)
@@ -240,6 +248,13 @@ class Settings(BaseSettings):
         return self
 
     # --- derived values used in several places -------------------------------
+
+    def index_cutoff(self, now: datetime | None = None) -> datetime | None:
+        """Events received before this are past the index's retention (None: the index keeps everything)."""
+        days = self.index.retention_days
+        if not days:
+            return None
+        return (now or datetime.now(timezone.utc)) - timedelta(days=days)
 
     @property
     def run_dir(self) -> Path:

@@ -586,3 +586,85 @@ async def test_dedup_state_survives_consumer_restarts(lap_up, settings, db, ray_
     totals = await wait_for(db, tenant, {"accepted": 1200, "duplicates": 600})
     assert totals["archived"] == totals["aggregated"] == 600
     await assert_exact(settings, db, tenant, events)
+
+
+async def test_an_emptied_index_is_rebuilt_behind_new_events(lap_up, settings, db, ray_driver):
+    """OpenSearch restarts empty: new events are indexed first, the archive is indexed again behind them, the
+    rebuild shows as such (not as missing), and every event ends up indexed and counted once."""
+    from lap.process.index_writer import INDEX_WRITER
+
+    started = datetime.now(timezone.utc)
+    tenant, token = new_tenant(lap_up)
+    reader = run_lap("keys", "create", "--tenant", tenant, "--role", "reader", config=lap_up.config).stdout.strip()
+    old = make_events(300)
+    send(settings, token, envelopes(old))
+    await wait_for(db, tenant, {"archived": 300, "indexed": 300})
+    writer_pid = ray_driver.get(ray_driver.get_actor(INDEX_WRITER).pid.remote(), timeout=30)
+    os.kill(writer_pid, signal.SIGSTOP)  # so that the rebuild cannot start before it is looked at
+    try:
+        opensearch_pid = lap_up.state["stand_ins"]["opensearch"]["pid"]
+        os.kill(opensearch_pid, signal.SIGKILL)
+        deadline = time.monotonic() + 90
+        while not await db.fetchval("SELECT count(*) FROM index_backfill"):  # the supervisor provisions again
+            assert time.monotonic() < deadline, "no index rebuild was set up after OpenSearch restarted empty"
+            await asyncio.sleep(0.5)
+        health = {}
+        for _ in range(60):
+            health = httpx.get(f"{settings.api_url}/healthz", timeout=30).json()
+            if "rebuilding" in health["components"]["opensearch"]["detail"]:
+                break
+            await asyncio.sleep(0.5)
+        assert "rebuilding from the archive" in health["components"]["opensearch"]["detail"], health
+        assert "rebuilding from the archive" in run_lap("status", config=lap_up.config, check=False).stdout
+        span = {"start": (started - timedelta(minutes=1)).isoformat(),
+                "end": (datetime.now(timezone.utc) + timedelta(minutes=1)).isoformat()}
+        report = httpx.get(f"{settings.api_url}/v1/audit/reconcile", params=span, timeout=60,
+                           headers={"Authorization": f"Bearer {reader}"}).json()
+        assert (report["indexed"], report["index_pending"], report["missing"]["index"]) == (0, 300, 0), report
+        new = make_events(100)
+        send(settings, token, envelopes(new))
+        await wait_for(db, tenant, {"archived": 400})
+    finally:
+        os.kill(writer_pid, signal.SIGCONT)
+    await wait_for(db, tenant, {"indexed": 400}, timeout=300)
+    deadline = time.monotonic() + 300
+    while await db.fetchval("SELECT count(*) FROM index_backfill"):
+        assert time.monotonic() < deadline, "the index rebuild did not finish"
+        await asyncio.sleep(1)
+    search = open_opensearch(settings)
+    try:
+        await search.indices.refresh(index=index_name(settings, tenant))
+        hits = (await search.search(index=index_name(settings, tenant), body={
+            "size": 1000, "seq_no_primary_term": True, "query": {"match_all": {}}}))["hits"]["hits"]
+    finally:
+        await search.close()
+    assert sorted(h["_id"] for h in hits) == sorted(e["id"] for e in old + new)  # each event once
+    new_ids = {e["id"] for e in new}
+    assert max(h["_seq_no"] for h in hits if h["_id"] in new_ids) < min(h["_seq_no"] for h in hits
+                                                                          if h["_id"] not in new_ids)
+    assert (await stage_totals(db, tenant))["indexed"] == 400  # counted once
+    assert "rebuilding" not in httpx.get(f"{settings.api_url}/healthz", timeout=30).json()[
+        "components"]["opensearch"]["detail"]
+
+
+async def test_documents_past_the_index_retention_are_removed(settings):
+    from lap.sinks.index import expire_documents
+
+    prefix = f"lap-expiry-{uuid.uuid4().hex[:8]}"
+    kept = settings.model_copy(update={"index": settings.index.model_copy(
+        update={"index_prefix": prefix, "retention_days": 2.0})})
+    search = open_opensearch(settings)
+    try:
+        now = datetime.now(timezone.utc)
+        for n, age in enumerate((timedelta(days=3), timedelta(days=1), timedelta(hours=1))):
+            await search.index(index=f"{prefix}-t", id=str(n), body={"received_at": (now - age).isoformat()},
+                               params={"refresh": "true"})
+        assert await expire_documents(search, kept) == 1
+        await search.indices.refresh(index=f"{prefix}-t")
+        left = (await search.search(index=f"{prefix}-t", body={"query": {"match_all": {}}}))["hits"]["hits"]
+        assert sorted(h["_id"] for h in left) == ["1", "2"]
+        no_limit = kept.model_copy(update={"index": kept.index.model_copy(update={"retention_days": 0})})
+        assert await expire_documents(search, no_limit) == 0
+    finally:
+        await search.indices.delete(index=f"{prefix}-*", params={"ignore_unavailable": "true"})
+        await search.close()

@@ -67,6 +67,7 @@ class Reconciliation:
     missing: dict[str, int] = field(default_factory=dict)
     retention_lost: int = 0
     dead_lettered: int = 0  # in records a consumer could not process and kept aside: not missing, not complete
+    index_expired: int = 0  # archived before index.retention_days: no longer expected in the index
     complete: bool = False
     # counts of whole hours take lost archive objects from the sweep's last check (None: per-event, checked now)
     archive_checked_at: datetime | None = None
@@ -81,7 +82,7 @@ class Reconciliation:
     def finish(self) -> "Reconciliation":
         expected = self.accepted - self.duplicates - self.pending - self.dead_lettered
         self.missing = {"archive": max(0, expected - self.archived), "aggregate": max(0, expected - self.aggregated),
-                        "index": max(0, expected - self.indexed - self.index_pending)}
+                        "index": max(0, expected - self.indexed - self.index_pending - self.index_expired)}
         self.complete = not any(self.missing.values()) and not self.dead_lettered
         return self
 
@@ -91,6 +92,15 @@ class ReconcileRefused(Exception):
 
 
 HOUR_US = 3_600_000_000
+# The batches (b) the index writer has still to reach: past their shard's live cursor (i), or inside an index
+# rebuild's range (f) and not backfilled yet. Neither is missing from the index.
+NOT_INDEXED_YET = """
+    ((i.last_seq IS NULL OR b.last_seq > i.last_seq)
+     OR (f.until_seq IS NOT NULL AND b.last_seq <= f.until_seq AND (f.after_seq IS NULL OR b.first_seq > f.after_seq)
+         AND (f.since IS NULL OR b.max_received_at >= f.since)))"""
+INDEX_PROGRESS_JOINS = """
+    LEFT JOIN index_cursors i ON i.stream = b.stream AND i.shard_id = b.shard_id
+    LEFT JOIN index_backfill f ON f.stream = b.stream AND f.shard_id = b.shard_id"""
 
 
 @dataclass
@@ -197,17 +207,20 @@ class Reconciler:
                     GROUP BY sensor, shard_id, received_minute""", window.tenant, first, last)
             reached = await self.consumers_reached(conn)
             result.index_pending = await conn.fetchval(
-                """SELECT coalesce(sum(o.records), 0) FROM archive_objects o JOIN batches b ON b.id = o.batch_id
-                     LEFT JOIN index_cursors i ON i.stream = b.stream AND i.shard_id = b.shard_id
-                    WHERE o.tenant = $1 AND o.received_hour >= $2 AND o.received_hour < $3 AND b.stream = $4
-                      AND (i.last_seq IS NULL OR b.last_seq > i.last_seq)""",
+                f"""SELECT coalesce(sum(o.records), 0) FROM archive_objects o JOIN batches b ON b.id = o.batch_id
+                      {INDEX_PROGRESS_JOINS}
+                     WHERE o.tenant = $1 AND o.received_hour >= $2 AND o.received_hour < $3 AND b.stream = $4
+                       AND {NOT_INDEXED_YET}""",
                 window.tenant, hour_of(first), last, self.settings.stream.name)
             lost_objects = await self.lost_archived(conn, window.tenant, first, last)
             result.archive_checked_at = await conn.fetchval("SELECT checked_at FROM archive_checks")
             result.quarantined = await self._quarantined(conn, window)
             result.dead_lettered = await self._dead_lettered(conn, window)
         oldest: dict[str, datetime | None] = {}
+        cutoff = self.settings.index_cutoff()
         for r in rows:
+            if cutoff is not None and r["received_minute"] + timedelta(minutes=1) <= cutoff:
+                result.index_expired += r["archived"]
             result.accepted += max(r["acknowledged"], r["accepted"])
             result.duplicates += r["duplicates"]
             result.describes += r["describes"]
@@ -227,7 +240,8 @@ class Reconciler:
         for edge in (Window(window.tenant, window.start, first), Window(window.tenant, last, window.end)):
             if edge.start < edge.end:
                 part = await self.exact(edge, False, 0, {})
-                for name in ("accepted", "duplicates", "describes", "archived", "aggregated", "pending"):  # not
+                for name in ("accepted", "duplicates", "describes", "archived", "aggregated", "pending",
+                             "index_expired"):  # not
                     # index_pending: counted above for the whole hours the edges fall in
                     setattr(result, name, getattr(result, name) + getattr(part, name))
         result.indexed = await self._indexed_count(window)
@@ -289,6 +303,10 @@ class Reconciler:
         result.aggregated = int(trail.stored.sum())
         result.archived = int(trail.archived.sum())
         result.dead_lettered = int(trail.dead.sum())
+        cutoff = self.settings.index_cutoff()
+        expired = np.zeros(len(trail), dtype=bool) if cutoff is None else \
+            trail.archived & (trail.receipts.received_us[trail.chosen] < micros(cutoff))
+        result.index_expired = int(expired.sum())
         indexed_ids: set[str] | None = None
         if with_ids:
             indexed_ids = await self._indexed_ids(window)
@@ -311,7 +329,8 @@ class Reconciler:
             result.missing_ids = {
                 "archive": listed(~trail.archived & alive, "archive"),  # not stored, or its object is gone
                 "aggregate": listed(~trail.stored & alive, "aggregate"),
-                "index": listed(~in_index & ~trail.index_pending & alive, "index") if result.missing["index"] else [],
+                "index": listed(~in_index & ~trail.index_pending & ~expired & alive, "index")
+                if result.missing["index"] else [],
             }
         return result
 
@@ -464,9 +483,8 @@ class Reconciler:
             return set()
         async with self.pool.acquire() as conn:
             rows = await conn.fetch(
-                """SELECT b.id FROM batches b
-                     LEFT JOIN index_cursors i ON i.stream = b.stream AND i.shard_id = b.shard_id
-                    WHERE b.id = ANY($1) AND b.stream = $2 AND (i.last_seq IS NULL OR b.last_seq > i.last_seq)""",
+                f"""SELECT b.id FROM batches b {INDEX_PROGRESS_JOINS}
+                     WHERE b.id = ANY($1) AND b.stream = $2 AND {NOT_INDEXED_YET}""",
                 sorted(batch_ids), self.settings.stream.name)
         return {r["id"] for r in rows}
 

@@ -195,7 +195,10 @@ class ReconcileReport(BaseModel):
     indexed: int
     pending: int = Field(0, description="acknowledged events the stream still holds ahead of their shard's consumer: "
                                         "on their way, not missing")
-    index_pending: int = Field(0, description="archived events the index writer has still to reach: not missing")
+    index_pending: int = Field(0, description="archived events the index writer has still to reach (new, or "
+                                              "behind an index rebuild): not missing")
+    index_expired: int = Field(0, description="archived events received before index.retention_days: no longer "
+                                              "expected in the index")
     missing: dict[str, int]
     retention_lost: int
     dead_lettered: int = Field(0, description="events in stream records a consumer could not process, kept aside "

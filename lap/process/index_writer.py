@@ -14,7 +14,9 @@ from __future__ import annotations
 import asyncio
 import gzip
 import logging
+import os
 import time
+from collections import Counter
 from contextlib import AsyncExitStack
 from decimal import Decimal
 from typing import Any
@@ -29,7 +31,7 @@ from lap.aws import open_client
 from lap.process.batch import ADD_STAGE_COUNT, minute_of, parse_time
 from lap.process import run_in_background
 from lap.settings import Settings, load_settings
-from lap.sinks.index import index_name, open_opensearch
+from lap.sinks.index import expire_documents, index_name, open_opensearch
 from lap.sinks.store import create_pool
 
 log = logging.getLogger("lap.index")
@@ -37,6 +39,9 @@ log = logging.getLogger("lap.index")
 ITEM_RETRIES = 5
 MAX_BACKOFF_S = 30.0
 BACKLOG_EVERY_S = 5.0
+LIVE_BATCHES_PER_SHARD = 8  # a pass that finds this many new batches of a shard leaves the rebuild for later
+BACKFILL_BATCHES_PER_PASS = 4  # per shard
+EXPIRE_EVERY_S = 600.0  # how often documents past index.retention_days are removed
 INDEX_WRITER = "lap-index-writer"
 
 
@@ -82,6 +87,11 @@ class IndexWriter:
         if self.settings.process.background_cpu:
             run_in_background()
         self._task: asyncio.Task | None = None
+        self.live_behind = False  # the last pass found a full page of new batches for some shard
+
+    def pid(self) -> int:
+        """Its worker process, for operators (and the fault tests) to find it."""
+        return os.getpid()
 
     async def run(self) -> None:
         if self._task is None or self._task.done():
@@ -98,12 +108,20 @@ class IndexWriter:
             stack.push_async_callback(self.search.close)
             delay = s.process.index_retry_s
             backlog_at = 0.0
+            expired_at = time.monotonic() - EXPIRE_EVERY_S + 60.0  # first a minute after the start
             while True:
                 if time.monotonic() - backlog_at >= BACKLOG_EVERY_S:  # also while OpenSearch is away
                     backlog_at = time.monotonic()
                     await self.report_backlog()
                 try:
                     done = await self.pass_once()
+                    if not self.live_behind:  # new events first: a rebuild takes the time that is left
+                        done += await self.backfill_once()
+                    if time.monotonic() - expired_at >= EXPIRE_EVERY_S:
+                        expired_at = time.monotonic()
+                        expired = await expire_documents(self.search, s)
+                        if expired:
+                            log.info("%d documents past index.retention_days removed from the index", expired)
                     delay = s.process.index_retry_s
                 except Exception as exc:  # OpenSearch (or Postgres) away: wait, then pick up where the cursor is
                     log.warning("indexing paused for %.0f s: %s", delay, exc)
@@ -144,9 +162,11 @@ class IndexWriter:
                          SELECT id, shard_id, first_seq, last_seq FROM batches b
                           WHERE b.stream = c.stream AND b.shard_id = c.shard_id
                             AND (i.last_seq IS NULL OR b.first_seq > i.last_seq)
-                          ORDER BY b.first_seq LIMIT 8) b
+                          ORDER BY b.first_seq LIMIT $2) b
                     WHERE c.stream = $1
-                    ORDER BY b.shard_id, b.first_seq""", stream)
+                    ORDER BY b.shard_id, b.first_seq""", stream, LIVE_BATCHES_PER_SHARD)
+        per_shard = Counter(batch["shard_id"] for batch in batches)
+        self.live_behind = bool(per_shard) and max(per_shard.values()) >= LIVE_BATCHES_PER_SHARD
         cursors: dict[str, Decimal | None] = {}
         for batch in batches:
             shard = batch["shard_id"]
@@ -159,13 +179,49 @@ class IndexWriter:
             cursors[shard] = batch["last_seq"]
         return len(batches)
 
+    async def backfill_once(self) -> int:
+        """Index the next batches of an index rebuild (oldest first, behind the live cursors); returns how many.
+
+        A shard whose backfill has nothing left loses its `index_backfill` row: the rebuild is over when none is left.
+        """
+        stream = self.settings.stream.name
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch(
+                """SELECT f.shard_id, f.after_seq AS cursor, b.id, b.first_seq, b.last_seq
+                     FROM index_backfill f
+                     LEFT JOIN LATERAL (
+                         SELECT id, first_seq, last_seq FROM batches b
+                          WHERE b.stream = f.stream AND b.shard_id = f.shard_id AND b.last_seq <= f.until_seq
+                            AND (f.after_seq IS NULL OR b.first_seq > f.after_seq)
+                            AND (f.since IS NULL OR b.max_received_at >= f.since)
+                          ORDER BY b.first_seq LIMIT $2) b ON true
+                    WHERE f.stream = $1
+                    ORDER BY f.shard_id, b.first_seq""", stream, BACKFILL_BATCHES_PER_PASS)
+            finished = sorted({r["shard_id"] for r in rows if r["id"] is None})
+            if finished:
+                await conn.execute("DELETE FROM index_backfill WHERE stream = $1 AND shard_id = ANY($2)",
+                                   stream, finished)
+                log.info("index rebuild of shards %s done", ", ".join(finished))
+        cursors: dict[str, Decimal | None] = {}
+        done = 0
+        for batch in (r for r in rows if r["id"] is not None):
+            shard = batch["shard_id"]
+            try:
+                await self.index_batch(batch, cursors.get(shard, batch["cursor"]), backfill=True)
+            except CursorMoved:
+                return done + 1
+            cursors[shard] = batch["last_seq"]
+            done += 1
+        return done
+
     async def read_object(self, key: str) -> list[dict[str, Any]]:
         reply = await self.s3.get_object(Bucket=self.settings.archive.bucket, Key=key)
         async with reply["Body"] as body:
             data = await body.read()
         return [orjson.loads(line) for line in gzip.decompress(data).splitlines() if line]
 
-    async def index_batch(self, batch, cursor: Decimal | None) -> None:
+    async def index_batch(self, batch, cursor: Decimal | None, backfill: bool = False) -> None:
+        """Index one committed batch and move its cursor (the live one, or the rebuild's with `backfill`)."""
         async with self.pool.acquire() as conn:
             keys = [r["key"] for r in await conn.fetch(
                 "SELECT key FROM archive_objects WHERE batch_id = $1 ORDER BY key", batch["id"])]
@@ -201,7 +257,12 @@ class IndexWriter:
                               failed_at = now()""", failures)
             await conn.executemany(ADD_STAGE_COUNT, sorted((*k, n) for k, n in counts.items()))
             # compare-and-set: if the cursor was reset meanwhile, this batch's counts must not stand
-            if cursor is None:
+            if backfill:
+                moved = await conn.execute(
+                    """UPDATE index_backfill SET after_seq = $3, batches_done = batches_done + 1
+                        WHERE stream = $1 AND shard_id = $2 AND after_seq IS NOT DISTINCT FROM $4""",
+                    self.settings.stream.name, batch["shard_id"], batch["last_seq"], cursor) != "UPDATE 1"
+            elif cursor is None:
                 moved = await conn.execute(
                     """INSERT INTO index_cursors (stream, shard_id, last_seq) VALUES ($1, $2, $3)
                        ON CONFLICT (stream, shard_id) DO NOTHING""",
@@ -213,6 +274,8 @@ class IndexWriter:
                     self.settings.stream.name, batch["shard_id"], batch["last_seq"], cursor) != "UPDATE 1"
             if moved:
                 raise CursorMoved()
+        if backfill:
+            return  # the audit actor follows the live cursor
         try:
             audit = ray.get_actor(AUDIT_ACTOR, namespace=NAMESPACE)
             audit.index_report.remote(batch["shard_id"], str(batch["last_seq"]), len(indexed))

@@ -102,13 +102,51 @@ async def has_event_indices(client: AsyncOpenSearch, settings: Settings) -> bool
     return bool(found)
 
 
-async def reset_index_progress(conn) -> None:
-    """Forget what was indexed, so that the index writer rebuilds the index from the archive.
+async def reset_index_progress(conn, settings: Settings) -> int:
+    """Start indexing again for an index found empty (the in-memory stand-in after a start or restart, a new
+    domain); returns the batches to backfill.
 
-    For an index that starts empty (the in-memory local stand-in after a start or
-    restart): its cursors, counts and failures described documents that are gone.
+    Its cursors, counts and failures described documents that are gone. New
+    batches are indexed at once (each shard's cursor moves to its last committed
+    batch) and the batches up to there are backfilled behind them, from the
+    archive, within the index's retention (`index_backfill`).
     """
+    stream = settings.stream.name
+    since = settings.index_cutoff()
     async with conn.transaction():
-        await conn.execute("DELETE FROM index_cursors")
         await conn.execute("DELETE FROM index_failures")
         await conn.execute("DELETE FROM stage_counts WHERE stage = 'indexed'")
+        await conn.execute("DELETE FROM index_backfill WHERE stream = $1", stream)
+        await conn.execute("DELETE FROM index_cursors WHERE stream = $1", stream)
+        await conn.execute(
+            """INSERT INTO index_cursors (stream, shard_id, last_seq)
+               SELECT stream, shard_id, max(last_seq) FROM batches WHERE stream = $1 GROUP BY stream, shard_id""",
+            stream)
+        return await conn.fetchval(
+            """WITH added AS (
+                 INSERT INTO index_backfill (stream, shard_id, until_seq, since, batches_total)
+                 SELECT stream, shard_id, max(last_seq), $2::timestamptz,
+                        count(*) FILTER (WHERE $2::timestamptz IS NULL OR max_received_at >= $2)
+                   FROM batches WHERE stream = $1 GROUP BY stream, shard_id
+                 RETURNING batches_total)
+               SELECT coalesce(sum(batches_total), 0)::bigint FROM added""", stream, since)
+
+
+async def rebuild_progress(conn, settings: Settings) -> tuple[int, int] | None:
+    """(batches indexed again, batches to index again) while an index rebuild is under way, else None."""
+    row = await conn.fetchrow(
+        """SELECT count(*) AS shards, coalesce(sum(batches_done), 0)::bigint AS done,
+                  coalesce(sum(batches_total), 0)::bigint AS total FROM index_backfill WHERE stream = $1""",
+        settings.stream.name)
+    return (row["done"], row["total"]) if row["shards"] else None
+
+
+async def expire_documents(client: AsyncOpenSearch, settings: Settings) -> int:
+    """Remove the documents past the index's retention; returns how many went."""
+    cutoff = settings.index_cutoff()
+    if cutoff is None:
+        return 0
+    reply = await client.delete_by_query(
+        index=f"{settings.index.index_prefix}-*", params={"allow_no_indices": "true", "conflicts": "proceed"},
+        body={"query": {"range": {"received_at": {"lt": cutoff.isoformat()}}}})
+    return int(reply.get("deleted", 0))
