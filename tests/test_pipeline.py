@@ -383,6 +383,51 @@ async def test_a_kill_between_the_archive_write_and_the_commit(lap_up, settings,
             await db.close()
 
 
+async def test_s3_killed_in_the_middle_of_batches(lap_up, settings, db, ray_driver):
+    """S3 frozen (SIGSTOP) while a sensor sends: every consumer with records is stopped inside its batch's S3
+    writes. S3 is SIGKILLed there, and `lap up` starts it again: the batches fail (an outage, not poison: nothing
+    is dead-lettered), are read again from their checkpoints and committed, and what the failed tries left in S3
+    is no committed batch's and goes with the sweep. Every event is stored once."""
+    import psutil
+
+    from tests.sensors import Sensor
+
+    ray = ray_driver
+    tenant, token = new_tenant(lap_up)
+    events = make_events(1500, learners=150)
+    s3_proc = psutil.Process(lap_up.state["stand_ins"]["s3"]["pid"])
+    sensor = Sensor(settings, token, events, per=50)
+    sensor.start()
+    await asyncio.sleep(1.0)
+    s3_proc.send_signal(signal.SIGSTOP)
+    try:
+        await asyncio.sleep(2 * settings.process.batch_max_wait_s + 1.0)  # every due batch is now in its S3 writes
+        totals = await stage_totals(db, tenant)
+        assert totals.get("acknowledged", 0) > totals.get("archived", 0), totals  # with events on their way
+        s3_proc.send_signal(signal.SIGKILL)
+    finally:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            s3_proc.send_signal(signal.SIGCONT)
+    deadline = time.monotonic() + 60
+    while lap_up.state["stand_ins"]["s3"]["pid"] == s3_proc.pid:
+        assert time.monotonic() < deadline, "lap up did not start S3 again"
+        await asyncio.sleep(0.5)
+    sensor.join(300)
+    assert not sensor.is_alive() and len(sensor.acknowledged) == len(events), sensor.statuses
+    await wait_for(db, tenant, {"accepted": len(events), "archived": len(events), "aggregated": len(events)})
+    assert await db.fetchval("SELECT count(*) FROM dead_letters WHERE tenant = $1", tenant) == 0
+    await assert_exact(settings, db, tenant, events)
+    async with AsyncExitStack() as stack:  # what failed tries left behind is swept; committed objects stay
+        s3 = await open_client(stack, settings, "s3")
+        prefix = f"{settings.archive.prefix}/tenant={tenant}/"
+        listed = await s3.list_objects_v2(Bucket=settings.archive.bucket, Prefix=prefix)
+        committed = {r["key"] for r in await db.fetch("SELECT key FROM archive_objects WHERE tenant = $1", tenant)}
+        assert committed <= {o["Key"] for o in listed.get("Contents", [])}
+        ray.get(ray.get_actor(COORDINATOR).sweep.remote(grace_s=0), timeout=120)
+        listed = await s3.list_objects_v2(Bucket=settings.archive.bucket, Prefix=prefix)
+        assert {o["Key"] for o in listed.get("Contents", [])} == committed
+
+
 async def test_a_frozen_stream_gets_503s_and_loses_nothing(lap_up, settings, db):
     """Kinesis frozen (SIGSTOP) while a sensor sends: every refusal is a 503 (never a 500), the sensor resends,
     and once the stream is back the consumers go on: every acknowledged event is stored exactly once."""
