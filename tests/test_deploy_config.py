@@ -274,6 +274,25 @@ def test_makefile_builds_the_wheel_into_dist():
     assert re.search(r"pip wheel --no-deps .*-w dist \.", target[1])
 
 
+def test_ingest_capacity_is_kept_from_one_hourly_peak_to_the_next():
+    """Replicas (and so their nodes) added for a top-of-hour peak must not be gone, cold, when the next one comes."""
+    serve = yaml.safe_load((REPO / "serve_config.yaml").read_text())
+    (ingest,) = [d for app in serve["applications"] for d in app["deployments"] if d["name"] == "IngestAPI"]
+    assert ingest["autoscaling_config"]["downscale_delay_s"] > 3600
+    assert CLUSTER["idle_timeout_minutes"] < 60  # once the peaks stop, the nodes do go
+
+
+def test_first_boot_setup_waits_for_cloud_init_and_the_dpkg_lock():
+    """Unattended upgrades hold dpkg's lock on a fresh instance: an apt-get that does not wait fails `ray up`."""
+    commands = CLUSTER["setup_commands"]
+    apt = [i for i, cmd in enumerate(commands) if "apt-get" in cmd]
+    waits = [i for i, cmd in enumerate(commands) if cmd.startswith("cloud-init status --wait")]
+    assert apt and waits and waits[0] < apt[0], "no cloud-init wait before the first apt-get"
+    for i in apt:
+        calls = re.findall(r"apt-get(?: -o \S+)* (?:update|install)", commands[i])
+        assert calls and all("DPkg::Lock::Timeout=" in call for call in calls), commands[i]
+
+
 def test_setup_installs_the_mounted_wheel_and_pins_ray():
     setup = "\n".join(CLUSTER["setup_commands"])
     (remote,) = [r for r, local in CLUSTER["file_mounts"].items() if local.endswith(".whl")]

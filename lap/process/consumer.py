@@ -233,7 +233,6 @@ class ShardConsumer:
             else:
                 idle = p.idle_poll_s
 
-
     async def process_batch(self, writer: BatchWriter, batch: list[tuple[dict[str, Any], list[Decoded] | None]],
                             events: list[Decoded]) -> BatchResult:
         """Commit a batch; if it is poison, commit its records one by one and dead-letter those that fail alone.
