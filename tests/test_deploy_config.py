@@ -345,6 +345,9 @@ def test_node_settings_load_and_hold_no_secret(monkeypatch):
     assert settings.aws.region == region()
     assert NODE_SETTINGS.get("db", {}).get("dsn") is None
     assert NODE_SETTINGS.get("index", {}).get("password") is None
+    # a domain's VPC endpoint (the guide's lookup gives "None" before the domain is ready)
+    assert re.fullmatch(rf"https://vpc-[a-z0-9-]+\.{re.escape(region())}\.es\.amazonaws\.com", settings.index.url), \
+        settings.index.url
     assert not {"access_key_id", "secret_access_key"} & set(NODE_SETTINGS.get("aws", {}))
     assert str(settings.ray.serve_config) in CLUSTER["file_mounts"], "ray.serve_config must be a mounted file"
     assert CLUSTER["file_mounts"][str(settings.ray.serve_config)] == "serve_config.yaml"
