@@ -227,7 +227,7 @@ def test_autoscaling_bounds_and_head_takes_no_work():
     assert CLUSTER["provider"]["type"] == "aws"
     assert CLUSTER["provider"].get("cache_stopped_nodes") is False
     assert CLUSTER["idle_timeout_minutes"] >= 2, "Serve drains a proxy for 30 s before a node may go"
-    assert {"ingest", "processing"} <= set(worker_types())
+    assert {"ingest-a", "ingest-b", "processing-a", "processing-b"} <= set(worker_types())
     for name, t in worker_types().items():
         assert 0 <= t["min_workers"] <= t["max_workers"] <= CLUSTER["max_workers"], name
         assert t["resources"].get("CPU", 0) > 0, f"{name}: workers must offer CPUs to LAP's replicas and actors"
@@ -235,6 +235,20 @@ def test_autoscaling_bounds_and_head_takes_no_work():
     assert head["resources"] == {"CPU": 0}
     _, start = ray_start(CLUSTER["head_start_ray_commands"])
     assert "--num-cpus=0" in start
+
+
+def test_each_role_has_a_node_type_in_each_zone_and_ingest_a_floor_in_both():
+    """Ray's AWS provider launches in the first subnet of a list (the next only on an error): zones need types."""
+    subnets = {name: t["node_config"]["SubnetIds"] for name, t in worker_types().items()}
+    assert all(len(ids) == 1 for ids in subnets.values()), subnets
+    for role in ("ingest", "processing"):
+        zones = {subnets[name][0] for name in worker_types() if name.startswith(role + "-")}
+        assert len(zones) == 2, (role, zones)
+        types = [t for name, t in worker_types().items() if name.startswith(role + "-")]
+        assert {k: v for k, v in types[0]["node_config"].items() if k != "SubnetIds"} == \
+            {k: v for k, v in types[1]["node_config"].items() if k != "SubnetIds"}, f"{role}: the zones' nodes differ"
+    ingest = [t["min_workers"] for name, t in worker_types().items() if name.startswith("ingest-")]
+    assert all(n >= 1 for n in ingest), "a load balancer target in each zone"
 
 
 def test_every_node_has_an_instance_profile_and_the_head_its_own():
