@@ -359,6 +359,10 @@ def test_node_settings_load_and_hold_no_secret(monkeypatch):
     assert settings.aws.region == region()
     assert NODE_SETTINGS.get("db", {}).get("dsn") is None
     assert NODE_SETTINGS.get("index", {}).get("password") is None
+    # the index keeps what docs/capacity.md sizes the domain for, and no more
+    capacity = (REPO / "docs" / "capacity.md").read_text()
+    days = int(re.search(r"the index keeps (\d+) days", capacity)[1])
+    assert settings.index.retention_days == days and settings.index_cutoff() is not None
     # a domain's VPC endpoint (the guide's lookup gives "None" before the domain is ready)
     assert re.fullmatch(rf"https://vpc-[a-z0-9-]+\.{re.escape(region())}\.es\.amazonaws\.com", settings.index.url), \
         settings.index.url
