@@ -142,11 +142,18 @@ def offer_load(url: str, token: str, rate: float, seconds: float, per: int, conn
                     reported = time.perf_counter()
                     report(started, i + 1, False)
             sent_for = time.perf_counter() - started
+            unsent = 0
             if in_flight:
-                await asyncio.wait(in_flight, timeout=60)
+                _, late = await asyncio.wait(in_flight, timeout=60)
+                for task in late:  # still queued for a connection a minute after the last was due: given up
+                    task.cancel()
+                unsent = len(late)
+                if late:
+                    await asyncio.wait(late)
             elapsed = time.perf_counter() - started
         report(started, total, True)
-        out.put({"final": True, "statuses": statuses, "sent": total, "sent_for": sent_for, "elapsed": elapsed,
+        out.put({"final": True, "statuses": statuses, "sent": total - unsent, "unsent": unsent,
+                 "sent_for": sent_for, "elapsed": elapsed,
                  "p50_ms": round(pct(latencies, 0.5) * 1000, 1), "p99_ms": round(pct(latencies, 0.99) * 1000, 1),
                  "max_ms": round(max(latencies) * 1000, 1) if latencies else None})
 
