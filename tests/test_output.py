@@ -216,6 +216,22 @@ def test_course_activity_per_day_and_hour(settings, two_tenants, granularity, wi
     assert {k: b["active_learners"] for k, b in buckets.items()} == {k: len(v) for k, v in learners.items()}
 
 
+def test_windows_with_offsets_beyond_18_hours_mean_the_same_instants(settings, two_tenants):
+    """Python and FastAPI take offsets up to 23:59, OpenSearch only to 18:00: LAP asks it in UTC."""
+    course, records = _course_events(two_tenants)
+    far = {"start": "2026-09-01T18:01:00+18:01", "end": "2026-09-02T00:00:00-23:59"}
+    utc = {"start": "2026-09-01T00:00:00Z", "end": "2026-09-02T23:59:00Z"}
+    inside = [r for r in records if utc["start"][:19] <= r["meta"]["event_time"][:19] < utc["end"][:19]]
+    assert inside
+    for route, params in (("/events", {"group": course, "limit": 1000}),
+                          ("/course-activity", {"course": course, "granularity": "hour"})):
+        replies = [get(settings, two_tenants["a_reader"], route, **params, **window) for window in (far, utc)]
+        assert [r.status_code for r in replies] == [200, 200], replies[0].text
+        assert replies[0].json() == replies[1].json()
+    events = get(settings, two_tenants["a_reader"], "/events", group=course, limit=1000, **far).json()["events"]
+    assert sorted(e["event_id"] for e in events) == sorted(r["meta"]["event_id"] for r in inside)
+
+
 def week_of(records: list[dict]) -> list[int]:
     """Events per hour of the week, Monday 00-01 UTC first."""
     week = [0] * 168

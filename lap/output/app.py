@@ -10,15 +10,18 @@ import base64
 import binascii
 import gzip
 import logging
+from http import HTTPStatus
 from contextlib import AsyncExitStack
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 import asyncpg
+import opensearchpy
 import orjson
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from pydantic import BaseModel, Field
 from ray import serve
 
@@ -59,6 +62,15 @@ def problem_response(problem: Problem) -> Response:
 @app.exception_handler(Problem)
 async def _on_problem(request: Request, exc: Problem) -> Response:
     return problem_response(exc)
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _on_routing(request: Request, exc: StarletteHTTPException) -> Response:
+    """No route or no such method: the same problem+json as every other refusal."""
+    detail = {404: "no route matches this path; the routes are listed in /v1/openapi.json",
+              405: f"{request.method} is not allowed on this path"}.get(exc.status_code, str(exc.detail))
+    return problem_response(Problem(exc.status_code, HTTPStatus(exc.status_code).phrase, detail,
+                                    dict(exc.headers or {})))
 
 
 @app.exception_handler(asyncpg.DataError)
@@ -284,14 +296,19 @@ class ReplayStatus(BaseModel):
 MAX_WINDOW = timedelta(days=31)
 
 
+def as_utc(name: str, value: datetime) -> datetime:
+    """The same instant in UTC: OpenSearch (Java) refuses offsets beyond +-18:00 that Python accepts."""
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:  # year 1 at +14:00, say: before the first UTC instant Python can hold
+        raise Problem(400, "Bad Request", f"{name} is out of the range of dates LAP can store") from None
+
+
 def check_window(start: datetime, end: datetime) -> None:
     for name, value in (("start", start), ("end", end)):
         if value.tzinfo is None:
             raise Problem(400, "Bad Request", f"{name} must carry a timezone, e.g. 2026-11-27T00:00:00Z")
-        try:
-            value.astimezone(UTC)
-        except OverflowError:  # year 1 at +14:00, say: before the first UTC instant Python can hold
-            raise Problem(400, "Bad Request", f"{name} is out of the range of dates LAP can store") from None
+        as_utc(name, value)
     if end <= start:
         raise Problem(400, "Bad Request", "end must be after start (start is included, end excluded)")
     if end - start > MAX_WINDOW:
@@ -446,6 +463,10 @@ class OutputAPI:
         try:
             return await self._search.search(index=index_name(self.settings, tenant), body=body,
                                              ignore_unavailable=True)
+        except opensearchpy.RequestError as exc:  # OpenSearch read the query and refused it: no use retrying
+            log.warning("search refused: %s", exc)
+            raise Problem(400, "Bad Request", "the search index refused this query; check its dates and filters") \
+                from None
         except Exception as exc:
             log.warning("search failed: %s", exc)
             raise Problem(503, "Service Unavailable", "the search index is not reachable; retry later",
@@ -559,7 +580,8 @@ class OutputAPI:
             # hours come from the search index (the aggregate tables are per day)
             body = {"size": 0, "query": {"bool": {"filter": [
                         {"term": {"tenant": tenant}}, {"term": {"course": course}},
-                        {"range": {"event_time": {"gte": start.isoformat(), "lt": end.isoformat()}}}]}},
+                        {"range": {"event_time": {"gte": as_utc("start", start).isoformat(),
+                                                   "lt": as_utc("end", end).isoformat()}}}]}},
                     "aggs": {"hours": {"date_histogram": {"field": "event_time", "fixed_interval": "1h",
                                                           "min_doc_count": 1},
                                        "aggs": {"learners": {"cardinality": {"field": "learner",
@@ -869,7 +891,8 @@ class OutputAPI:
         cursor: str | None = Query(None, max_length=4000),
     ):
         tenant = (await self.caller(request)).tenant
-        start, end = (t if t is None or t.tzinfo else t.replace(tzinfo=UTC) for t in (start, end))
+        start, end = (t if t is None else as_utc(name, t if t.tzinfo else t.replace(tzinfo=UTC))
+                      for name, t in (("start", start), ("end", end)))
         filters: list[dict] = [{"term": {"tenant": tenant}}]
         for field, value in (("actor", actor), ("type", type), ("action", action), ("object", object),
                              ("course", group), ("sensor", sensor)):
