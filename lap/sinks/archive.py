@@ -9,6 +9,17 @@ from botocore.exceptions import ClientError
 
 from lap.settings import Settings
 
+# What LAP does under each prefix of the bucket (fields of ArchiveSettings), besides listing it (s3:ListBucket
+# on the bucket). deploy/iam-policy.json grants exactly this (tests/test_deploy_config.py checks both ways), and
+# `lap preflight` asks IAM whether the nodes' role may do it.
+OBJECT_ACTIONS: dict[str, tuple[str, ...]] = {
+    "prefix": ("s3:GetObject", "s3:PutObject", "s3:DeleteObject"),  # archived batches; the sweep deletes leftovers
+    "receipts_prefix": ("s3:GetObject", "s3:PutObject", "s3:DeleteObject"),  # receipts; the sweep, as above
+    "dedup_prefix": ("s3:GetObject", "s3:PutObject"),  # closed dedup buckets
+    "dead_letter_prefix": ("s3:GetObject", "s3:PutObject"),  # records kept as read; replay reads them
+    "quarantine_prefix": ("s3:PutObject",),  # refused input, for people to read
+}
+
 
 async def ensure_bucket(s3: Any, settings: Settings) -> None:
     bucket = settings.archive.bucket
