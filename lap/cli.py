@@ -261,12 +261,12 @@ def _db_call(settings: Settings, fn):
     """Run `fn(conn)` against Postgres with the schema up to date; clear errors, never the DSN."""
     import asyncpg
 
-    from lap.sinks.store import MigrationError, apply_migrations, connect
+    from lap.sinks.store import MigrationError, connect, migrate
 
     async def run():
+        await migrate(settings)
         conn = await connect(settings)
         try:
-            await apply_migrations(conn)
             return await fn(conn)
         finally:
             await conn.close()

@@ -18,7 +18,7 @@ from lap.sinks.index import (
     open_opensearch,
     reset_index_progress,
 )
-from lap.sinks.store import apply_migrations, connect, ensure_database
+from lap.sinks.store import connect, ensure_database, migrate
 from lap.stream.kinesis import ensure_stream
 
 
@@ -27,11 +27,7 @@ async def provision(settings: Settings) -> dict[str, str]:
     done: dict[str, str] = {}
     if "postgres" in settings.local_services():
         await ensure_database(settings)
-    conn = await connect(settings)
-    try:
-        applied = await apply_migrations(conn)
-    finally:
-        await conn.close()
+    applied = await migrate(settings)
     done["postgres"] = f"migrations applied: {applied}" if applied else "schema up to date"
 
     async with AsyncExitStack() as stack:

@@ -88,6 +88,9 @@ class IndexSettings(Section):
 
 class DbSettings(Section):
     dsn: SecretStr | None = None
+    # The owner of LAP's tables, used only to apply migrations (`lap_deploy` on a cluster's head). When set,
+    # dsn's user gets reads and writes on the tables and nothing more. Unset: dsn's user owns them (local mode).
+    admin_dsn: SecretStr | None = None
     pool_min: int = Field(1, ge=0)
     pool_max: int = Field(10, ge=1)
     connect_timeout_s: float = Field(10.0, gt=0)

@@ -229,6 +229,31 @@ def test_no_placeholder_is_left_in_strict_mode():
     assert not kinds, f"no shipped example of {kinds}: a stale PLACEHOLDERS entry?"
 
 
+def test_the_guides_replacements_leave_no_placeholder(tmp_path):
+    """Step 8's sed, run on copies of the files with made-up values: strict mode then finds nothing."""
+    import shutil
+    import subprocess
+
+    from lap.preflight import find_placeholders
+
+    guide = (REPO / "docs/operations.md").read_text()
+    step = guide[guide.index("## 8. Fill in the placeholders"):guide.index("## 9.")]
+    command = re.search(r"^(sed -i .*?deploy/lap-aws\.yaml)$", step, re.S | re.M)[1]
+    shutil.copy(REPO / "cluster.yaml", tmp_path)
+    shutil.copytree(DEPLOY, tmp_path / "deploy")
+    values = {"ACCOUNT": "210987654321", "AWS_REGION": "eu-west-1", "BUCKET": "acme-lap-archive",
+              "SG": "sg-0a1b2c3d4e5f60718", "LB_SG": "sg-0f1e2d3c4b5a69788", "ADMIN_CIDR": "203.0.113.7/32",
+              "TG_ID": "a1b2c3d4e5f60718", "OS_URL": "https://vpc-lap-abcdefghijklmnopqrstuvwxyz.eu-west-1.es.amazonaws.com",
+              "AMI": "ami-0a1b2c3d4e5f60718", "SUBNET_A": "subnet-0a1b2c3d4e5f60718", "SUBNET_B": "subnet-0f1e2d3c4b5a69788"}
+    subprocess.run(["bash", "-c", command], cwd=tmp_path, env={"PATH": os.environ["PATH"], **values}, check=True)
+    files = [tmp_path / "cluster.yaml", *sorted((tmp_path / "deploy").glob("*.json")),
+             tmp_path / "deploy/lap-aws.yaml"]
+    left = {f.name: find_placeholders(deploy_values(f)) for f in files}
+    assert not any(left.values()), {name: found for name, found in left.items() if found}
+    replaced = (tmp_path / "cluster.yaml").read_text()
+    assert "eu-west-1" in replaced and "subnet-0a1b2c3d4e5f60718" in replaced and "us-east-1" not in replaced
+
+
 # --- cluster.yaml against Ray's own rules ---------------------------------------------
 
 
@@ -456,11 +481,25 @@ def test_secrets_come_from_secrets_manager_before_ray_starts():
     text = (REPO / "cluster.yaml").read_text()
     assert "postgresql://" not in text and "postgres://" not in text, "a DSN in cluster.yaml"
     body = shell_function("lap_secrets")
-    for var in ("LAP_DB__DSN", "LAP_INDEX__PASSWORD", "RAY_AUTH_TOKEN"):
-        assert f'"{var}"' in body, f"lap_secrets does not set {var}"
-    assert "get_secret_value" in body and "eval" in body
-    assert ">" not in body.replace("->", ""), "lap_secrets must not write the secret anywhere"
+    assert "get_secret_value" in shell_function("lap_secret_key")
+    exported = re.search(r"export (LAP_DB__DSN=.*)", body)[1]
+    assert re.findall(r"(\w+)=", exported) == ["LAP_DB__DSN", "LAP_INDEX__PASSWORD", "RAY_AUTH_TOKEN_PATH"], exported
+    assert "RAY_AUTH_TOKEN=" not in body, "Ray's token goes into a file, not into every process's environment"
+    # the one thing written: the token, by a subshell whose umask keeps it to this user (0600)
+    writes = re.findall(r"\(umask (\d+) && lap_secret_key \S+ (\w+) > (\S+)\)", body)
+    token_path = re.search(r"RAY_AUTH_TOKEN_PATH=(\S+)", exported)[1]
+    assert writes == [("077", "ray_token", token_path)], writes
+    assert body.count(">") == 1, "lap_secrets writes nothing but the token file"
     assert shell_variable_export("RAY_AUTH_MODE") == "token"
+    # the tables' owner only in lap_deploy's migration step, on the head
+    deploy = shell_function("lap_deploy")
+    assert re.search(r'LAP_DB__ADMIN_DSN="\$\(lap_secret_key "\$lap_admin_secret_id" admin_dsn\)" python', deploy)
+    assert "admin" not in body
+    admin_arn = (f"arn:aws:secretsmanager:{region()}:{account_id()}:secret:"
+                 f"{shell_variable('lap_admin_secret_id')}-AbC123")
+    head_policy = json.loads((DEPLOY / "iam-head-policy.json").read_text())
+    assert allows(head_policy, "secretsmanager:GetSecretValue", admin_arn)
+    assert not allows(NODE_POLICY, "secretsmanager:GetSecretValue", admin_arn), "workers must not read the admin DSN"
     for key in ("head_start_ray_commands", "worker_start_ray_commands"):
         _, start = ray_start(CLUSTER[key])
         assert re.search(r"lap_secrets\s*&&\s*ray start", start), \
@@ -489,7 +528,7 @@ def test_head_starts_ray_then_provisions_and_deploys():
 NO_RESOURCE_LEVEL = ("ec2:Describe*", "elasticloadbalancing:Describe*", "cloudwatch:GetMetricStatistics")
 
 
-@pytest.mark.parametrize("name", ["iam-policy.json", "iam-autoscaler-policy.json", "iam-preflight-policy.json",
+@pytest.mark.parametrize("name", ["iam-policy.json", "iam-autoscaler-policy.json", "iam-head-policy.json",
                                   "iam-trust-policy.json"])
 def test_policies_never_grant_everything(name):
     policy = json.loads((DEPLOY / name).read_text())
@@ -629,7 +668,7 @@ def test_autoscaler_policy_allows_the_ec2_calls_rays_aws_provider_makes():
 
 
 def test_the_heads_policies_allow_every_call_of_lap_preflight():
-    preflight_policy = json.loads((DEPLOY / "iam-preflight-policy.json").read_text())
+    preflight_policy = json.loads((DEPLOY / "iam-head-policy.json").read_text())
     head = {"Statement": statements(NODE_POLICY) + statements(AUTOSCALER_POLICY) + statements(preflight_policy)}
     source = (REPO / "lap/preflight.py").read_text()
     secret = f"arn:aws:secretsmanager:{region()}:{account_id()}:secret:{shell_variable('lap_secret_id')}-AbC123"
@@ -652,6 +691,22 @@ def test_the_heads_policies_allow_every_call_of_lap_preflight():
             denied.append(action)
     assert not denied, f"the head's policies do not allow what lap preflight calls: {denied}"
     assert "lap-db" in (REPO / "docs/operations.md").read_text()
+
+
+def test_encryption_at_rest_uses_keys_the_nodes_can_use():
+    """Every store is encrypted, with AWS-managed keys (any principal of the account allowed to use the service
+    may use them), or with a key of your own that the node policy grants (docs/operations.md, step 7)."""
+    guide = (REPO / "docs/operations.md").read_text()
+    assert "start-stream-encryption --stream-name lap-events --encryption-type KMS" in guide
+    assert "--storage-encrypted" in guide and "--encryption-at-rest-options Enabled=true" in guide
+    keys = re.findall(r"--(?:kms-)?key-id[ =](\S+)", guide) + re.findall(r"KMSMasterKeyID[\"=: ]+([^\s\",}]+)", guide)
+    assert keys, "the guide names no key for the stream's encryption"
+    for key in keys:
+        if re.fullmatch(r"alias/aws/[a-z]+", key):
+            continue
+        for action in ("kms:Decrypt", "kms:GenerateDataKey"):
+            assert allows(NODE_POLICY, action, key), f"{key} is a key of your own: grant {action} on it"
+    assert "aws:kms" not in guide or allows(NODE_POLICY, "kms:GenerateDataKey", "*"), "S3 with SSE-KMS: grant it"
 
 
 # --- network ------------------------------------------------------------------------------

@@ -92,3 +92,51 @@ async def test_a_failing_migration_leaves_nothing_half_done(fresh_db):
         await apply_migrations(conn, broken)
     assert await schema_version(conn) == len(migrations)
     assert not await conn.fetchval("SELECT to_regclass('half_done') IS NOT NULL")
+
+
+async def test_an_admin_dsn_migrates_and_leaves_the_app_user_rows_but_not_the_schema(settings, tmp_path):
+    """db.admin_dsn owns the tables; db.dsn's user (what every node holds) reads and writes rows, nothing more."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    import asyncpg
+    import yaml
+    from pydantic import SecretStr
+
+    from conftest import run_lap
+    from lap.sinks.store import migrate
+
+    name, role = f"mig_{uuid.uuid4().hex[:10]}", f"app_{uuid.uuid4().hex[:10]}"
+    owner = urlsplit(settings.db.dsn.get_secret_value())
+    admin_dsn = urlunsplit(owner._replace(path=f"/{name}"))
+    app_dsn = urlunsplit(owner._replace(path=f"/{name}", netloc=f"{role}:app-pw@{owner.hostname}:{owner.port}"))
+    admin = await connect(settings, database="postgres")
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        split = settings.model_copy(update={"db": settings.db.model_copy(
+            update={"dsn": SecretStr(app_dsn), "admin_dsn": SecretStr(admin_dsn)})})
+        assert await migrate(split) == [m.version for m in load_migrations()]  # and creates the user
+        assert await admin.fetchval("SELECT rolcreaterole OR rolsuper FROM pg_roles WHERE rolname = $1", role) is False
+        # the app user alone: the schema is current, so it asks for no DDL
+        app_only = settings.model_copy(update={"db": settings.db.model_copy(update={"dsn": SecretStr(app_dsn)})})
+        assert await migrate(app_only) == []
+        app = await asyncpg.connect(app_dsn)
+        try:
+            assert await app.fetchval("SELECT count(*) FROM batches") == 0  # reads
+            for ddl in ("CREATE TABLE mine (a int)", "ALTER TABLE api_keys ADD COLUMN z int", "DROP TABLE batches",
+                        "TRUNCATE dead_letters"):
+                with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                    await app.execute(ddl)
+        finally:
+            await app.close()
+        # the real command, with the app user's DSN: a key is written and read back
+        config = yaml.safe_load(Path(str(settings.data_dir.parent / "lap.yaml")).read_text())
+        config["db"] = {"dsn": app_dsn}
+        path = tmp_path / "lap.yaml"
+        path.write_text(yaml.safe_dump(config))
+        token = run_lap("keys", "create", "--tenant", "split", "--role", "reader", config=path).stdout.strip()
+        listed = run_lap("keys", "list", "--tenant", "split", config=path).stdout
+        assert token and "reader" in listed and token not in listed
+    finally:
+        await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+        await admin.execute(f"DROP ROLE IF EXISTS {role}")
+        await admin.close()

@@ -122,9 +122,55 @@ def _database_name(settings: Settings) -> str:
     return name
 
 
+async def migrate(settings: Settings) -> list[int]:
+    """Bring the schema up to date as its owner (db.admin_dsn, else db.dsn); returns the versions applied.
+
+    With an admin DSN, dsn's user is created if missing (with dsn's password), then granted reads and writes
+    on every table and sequence, and no more: the replicas and actors, which hold dsn, can change rows but
+    not the schema. A new user name in dsn is how its password is rotated (docs/operations.md, "Rotate").
+    """
+    admin = settings.db.admin_dsn
+    if admin is None:
+        conn = await connect(settings)
+        try:
+            return await apply_migrations(conn)
+        finally:
+            await conn.close()
+    conn = await asyncpg.connect(admin.get_secret_value(), timeout=settings.db.connect_timeout_s)
+    try:
+        applied = await apply_migrations(conn)
+        user, password = _user_and_password(settings)
+        owner = await conn.fetchval("SELECT current_user")
+        if user != owner:
+            role = '"' + user.replace('"', '""') + '"'
+            async with conn.transaction():
+                if not await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", user):
+                    literal = await conn.fetchval("SELECT quote_literal($1)", password)
+                    await conn.execute(f"CREATE ROLE {role} LOGIN PASSWORD {literal}")
+                await conn.execute(f"GRANT USAGE ON SCHEMA public TO {role}")
+                await conn.execute(f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {role}")
+                await conn.execute(f"GRANT USAGE, SELECT, UPDATE ON ALL SEQUENCES IN SCHEMA public TO {role}")
+        return applied
+    finally:
+        await conn.close()
+
+
+def _user_and_password(settings: Settings) -> tuple[str, str]:
+    from urllib.parse import unquote, urlparse
+
+    assert settings.db.dsn is not None
+    dsn = urlparse(settings.db.dsn.get_secret_value())
+    if not dsn.username or not dsn.password:
+        raise MigrationError("with db.admin_dsn set, db.dsn must name a user and its password: LAP creates that "
+                             "user if needed and grants it access to its tables")
+    return unquote(dsn.username), unquote(dsn.password)
+
+
 async def apply_migrations(conn: asyncpg.Connection, migrations: list[Migration] | None = None) -> list[int]:
     """Bring the schema up to date. Returns the versions applied by this call."""
     migrations = load_migrations() if migrations is None else migrations
+    if migrations and await schema_version(conn) == migrations[-1].version:
+        return []  # nothing to do, and nothing asked that a user without DDL rights may not do
     applied_now: list[int] = []
     await conn.execute("SELECT pg_advisory_lock($1)", _MIGRATION_LOCK)
     try:
