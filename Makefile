@@ -7,10 +7,12 @@ VENV := .venv
 NODE_DIR := lap/local/node
 PY_STAMP := $(VENV)/.lap-installed
 NODE_STAMP := $(NODE_DIR)/node_modules/.lap-installed
+WEB_DIR := lap/web
+WEB_STAMP := $(WEB_DIR)/vendor/.lap-installed
 
 .PHONY: install run test wheel constraints check-tools clean
 
-install: check-tools $(PY_STAMP) $(NODE_STAMP)
+install: check-tools $(PY_STAMP) $(NODE_STAMP) $(WEB_STAMP)
 
 check-tools:
 	@command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1 || { \
@@ -40,6 +42,15 @@ $(NODE_STAMP): $(NODE_DIR)/package.json $(NODE_DIR)/package-lock.json
 	npm ci --prefix $(NODE_DIR) --no-audit --no-fund --loglevel=error
 	touch $@
 
+# The browser assets LAP serves itself (lap/web): installed with npm, the served files copied to vendor/,
+# which the wheel ships. SCARF_ANALYTICS=false: swagger-ui-dist's install script reports nothing.
+$(WEB_STAMP): $(WEB_DIR)/package.json $(WEB_DIR)/package-lock.json
+	SCARF_ANALYTICS=false npm ci --prefix $(WEB_DIR) --no-audit --no-fund --loglevel=error
+	mkdir -p $(WEB_DIR)/vendor
+	cp $(addprefix $(WEB_DIR)/node_modules/swagger-ui-dist/,swagger-ui-bundle.js swagger-ui.css favicon-32x32.png LICENSE) \
+	  $(WEB_DIR)/vendor/
+	touch $@
+
 run: install
 	$(VENV)/bin/lap up $(if $(CONFIG),--config $(CONFIG))
 
@@ -48,10 +59,10 @@ test: install
 
 # The exact build that cluster.yaml installs on the Ray cluster's nodes:
 # dist/lap-<version of pyproject.toml>-py3-none-any.whl.
-wheel: $(PY_STAMP)
+wheel: $(PY_STAMP) $(WEB_STAMP)
 	rm -rf build dist/lap-*.whl
 	$(VENV)/bin/python -m pip wheel --no-deps --quiet -w dist .
 	rm -rf build
 
 clean:
-	rm -rf $(VENV) $(NODE_DIR)/node_modules
+	rm -rf $(VENV) $(NODE_DIR)/node_modules $(WEB_DIR)/node_modules $(WEB_DIR)/vendor

@@ -146,6 +146,29 @@ class KeyCache:
         return principal
 
 
+def declare_bearer_auth(app, open_paths: set[str]) -> None:
+    """Adds the bearer scheme to a FastAPI app's OpenAPI schema (every path but `open_paths` needs a key), so
+    that the docs page's "Authorize" sends the key and generated clients know to. The routes check keys
+    themselves; this only describes it."""
+    from fastapi.openapi.utils import get_openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, description=app.description,
+                                 routes=app.routes)
+            schema.setdefault("components", {})["securitySchemes"] = {
+                "bearer": {"type": "http", "scheme": "bearer",
+                           "description": "a LAP key, from `lap keys create` (sensor, reader or admin)"}}
+            for path, operations in schema.get("paths", {}).items():
+                if path not in open_paths:
+                    for operation in operations.values():
+                        operation["security"] = [{"bearer": []}]
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
+
+
 def bearer_token(authorization: str | None) -> str | None:
     """The token of an `Authorization: Bearer <token>` header (RFC 6750), else None."""
     if not authorization:

@@ -389,6 +389,27 @@ def _run_store_work(settings: Settings, work):
         raise click.ClickException(f"cannot reach LAP's stores ({type(exc).__name__}: {exc}); is LAP up?") from None
 
 
+def _progress_bars():
+    """progress(step, done, total) drawing one bar per step on a terminal's stderr; None elsewhere (no stray
+    lines in a pipe or a log)."""
+    if not sys.stderr.isatty():
+        return None
+    bars: dict[str, Any] = {}
+
+    def progress(step: str, done: int, total: int) -> None:
+        bar = bars.get(step)
+        if bar is None:
+            bar = bars[step] = click.progressbar(length=max(total, 1), label=f"{step:<12}", file=sys.stderr)
+            bar.__enter__()
+            bar.done = 0
+        bar.update(done - bar.done)
+        bar.done = done
+        if done >= total:
+            bar.__exit__(None, None, None)
+
+    return progress
+
+
 def _print_reconciliation(result) -> None:
     click.echo(f"accepted {result.accepted:,}  duplicates {result.duplicates:,}  describes {result.describes:,}  "
                f"quarantined {result.quarantined:,}")
@@ -420,8 +441,11 @@ def reconcile(config_file: Path | None, tenant: str, start: datetime, end: datet
     settings = _settings(config_file)
     window = _window(tenant, start, end, sensor)
 
+    progress = _progress_bars()
+
     async def work(pool, s3, search, kinesis):
-        return await Reconciler(settings, pool, s3, search).run(window, with_ids=with_ids, limit=10_000_000)
+        return await Reconciler(settings, pool, s3, search, progress).run(window, with_ids=with_ids,
+                                                                           limit=10_000_000)
 
     try:
         result = _run_store_work(settings, work)
@@ -454,18 +478,7 @@ def replay(config_file: Path | None, tenant: str, start: datetime, end: datetime
     unknown = [s for s in chosen if s not in STAGES]
     if not chosen or unknown:
         raise click.ClickException(f"--stages takes {', '.join(STAGES)}; got {stages!r}")
-    bars: dict[str, Any] = {}
-
-    def progress(step: str, done: int, total: int) -> None:
-        bar = bars.get(step)
-        if bar is None:
-            bar = bars[step] = click.progressbar(length=max(total, 1), label=f"{step:<12}", file=sys.stderr)
-            bar.__enter__()
-            bar.done = 0
-        bar.update(done - bar.done)
-        bar.done = done
-        if done >= total:
-            bar.__exit__(None, None, None)
+    progress = _progress_bars() or (lambda step, done, total: None)
 
     async def work(pool, s3, search, kinesis):
         return await Replayer(settings, pool, s3, search, kinesis, progress).run(new_replay_id(), window, chosen, source)

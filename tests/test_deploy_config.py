@@ -506,6 +506,14 @@ def test_secrets_come_from_secrets_manager_before_ray_starts():
             f"{key}: the secrets must be read in the same shell, just before `ray start`"
 
 
+def test_nodes_run_ray_with_the_allocator_settings_of_local_mode():
+    from lap.runner import MALLOC_ENV
+
+    script = node_env_script()
+    for name, value in MALLOC_ENV.items():
+        assert re.search(rf"^\s*export .*\b{name}={value}(\s|$)", script, re.M), f"lap-env.sh does not export {name}"
+
+
 def test_head_starts_ray_then_provisions_and_deploys():
     commands = CLUSTER["head_start_ray_commands"]
     i, start = ray_start(commands)

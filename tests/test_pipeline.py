@@ -713,3 +713,14 @@ async def test_documents_past_the_index_retention_are_removed(settings):
     finally:
         await search.indices.delete(index=f"{prefix}-*", params={"ignore_unavailable": "true"})
         await search.close()
+
+
+def test_rays_processes_run_with_lap_allocator_settings(ray_driver):
+    """The actors inherit runner.MALLOC_ENV from the raylet (what keeps their memory flat in the soak)."""
+    from lap.process.index_writer import INDEX_WRITER
+    from lap.runner import MALLOC_ENV
+
+    writer_pid = ray_driver.get(ray_driver.get_actor(INDEX_WRITER).pid.remote(), timeout=30)
+    with open(f"/proc/{writer_pid}/environ", "rb") as handle:
+        environment = dict(item.split(b"=", 1) for item in handle.read().split(b"\0") if b"=" in item)
+    assert {name: environment.get(name.encode(), b"").decode() for name in MALLOC_ENV} == MALLOC_ENV

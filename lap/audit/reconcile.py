@@ -145,11 +145,12 @@ class Trail:
 
 
 class Reconciler:
-    def __init__(self, settings: Settings, pool, s3, search):
+    def __init__(self, settings: Settings, pool, s3, search, progress=None):
         self.settings = settings
         self.pool = pool
         self.s3 = s3
         self.search = search
+        self.progress = progress  # progress(step, done, total), for the CLI's bar while receipts are read
 
     async def run(self, window: Window, with_ids: bool = False, limit: int = 1000,
                   after: dict[str, str] | None = None) -> Reconciliation:
@@ -401,12 +402,18 @@ class Reconciler:
                         keys.append(key)
             hour += timedelta(hours=1)
         semaphore = asyncio.Semaphore(READ_CONCURRENCY)
+        done = 0
 
         async def read(key: str) -> bytes:
+            nonlocal done
             async with semaphore:
                 reply = await self.s3.get_object(Bucket=self.settings.archive.bucket, Key=key)
                 async with reply["Body"] as body:
-                    return await body.read()
+                    blob = await body.read()
+            done += 1
+            if self.progress is not None:
+                self.progress("receipts", done, len(keys))
+            return blob
 
         blobs = await asyncio.gather(*(read(k) for k in keys))
         receipts = _overlaps_removed(decode_receipts(blobs))

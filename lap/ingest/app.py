@@ -23,7 +23,7 @@ from ray import serve
 
 from lap import __version__, metrics
 from lap.audit.receipts import AcknowledgedCounts
-from lap.auth import KeyCache, Principal, bearer_token
+from lap.auth import KeyCache, Principal, bearer_token, declare_bearer_auth
 from lap.aws import open_client
 from lap.caliper import SUPPORTED_VERSIONS, CaliperError, Envelope, Problem, parse_envelope
 from lap.health import HEALTH_RESPONSES, CachedHealth, HealthReport, health_reply
@@ -31,6 +31,7 @@ from lap.ingest.limits import RateLimiter, retry_after
 from lap.ingest.quarantine import Quarantine
 from lap.ingest.records import ItemsTooDeep, RecordTooLarge, pack
 from lap.settings import Settings, load_settings
+from lap.web import add_offline_docs
 from lap.sinks.store import create_pool
 from lap.stream.producer import CoalescedPuts, Producer, PutDeadlineExceeded, StreamRejected
 from lap.stream.records_client import RecordsClient
@@ -46,7 +47,11 @@ app = FastAPI(
     version=__version__,
     description="Receives IMS Caliper envelopes (1.1 and 1.2) and puts every event durably into the stream "
                 "before it answers.",
+    docs_url=None,  # lap.web.add_offline_docs serves it without a CDN
+    redoc_url=None,
 )
+declare_bearer_auth(app, open_paths={"/healthz"})
+add_offline_docs(app)
 
 _ENVELOPE_SCHEMA = {
     "type": "object",

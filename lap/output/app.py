@@ -12,7 +12,7 @@ import gzip
 import logging
 from http import HTTPStatus
 from contextlib import AsyncExitStack
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Any, Literal
 
 import asyncpg
@@ -28,10 +28,11 @@ from ray import serve
 from lap import __version__
 from lap.audit.reconcile import ReconcileRefused, Reconciler, Window
 from lap.audit.replay import STAGES, Replayer, ReplayBusy, ReplayError, check_replay_window, new_replay_id
-from lap.auth import KeyCache, Principal, bearer_token
+from lap.auth import KeyCache, Principal, bearer_token, declare_bearer_auth
 from lap.aws import open_client
 from lap.health import HEALTH_RESPONSES, CachedHealth, HealthReport, health_reply
 from lap.settings import load_settings
+from lap.web import add_offline_docs
 from lap.sinks.index import index_name, open_opensearch
 from lap.sinks.store import create_pool
 
@@ -44,7 +45,11 @@ app = FastAPI(
     title="LAP Output API",
     version=__version__,
     description="Per-learner and per-course insights and event search, scoped to the caller's tenant.",
+    docs_url=None,  # lap.web.add_offline_docs serves it without a CDN
+    redoc_url=None,
 )
+declare_bearer_auth(app, open_paths={"/healthz"})
+add_offline_docs(app)
 
 
 class Problem(Exception):
@@ -84,18 +89,19 @@ async def _on_out_of_range(request: Request, exc: Exception) -> Response:
 
 
 MAX_QUERY_BYTES = 4096  # far above any real query (cursors are ~100 bytes), below the proxies' own limits
+QUERY_TOO_LONG = Problem(414, "URI Too Long",
+                         f"the query string is over {MAX_QUERY_BYTES} bytes; no LAP query needs that much")
 
 
 @app.middleware("http")
 async def _refuse_nul(request: Request, call_next):
     """A NUL character can be in no IRI, id or name, and Postgres refuses it in text: a 400 here, for every route.
 
-    A query string over MAX_QUERY_BYTES gets a 414 here, as problem+json; one over about 15 KB never reaches LAP
-    (README, "Reading": Serve's HAProxy answers it).
+    A query string over MAX_QUERY_BYTES gets a 414 here, as problem+json (behind Serve's HAProxy, HAProxy gives
+    the same answer itself: lap.runner.haproxy_wrapper).
     """
     if len(request.scope.get("query_string", b"")) > MAX_QUERY_BYTES:
-        detail = f"the query string is over {MAX_QUERY_BYTES} bytes; no LAP query needs that much"
-        return problem_response(Problem(414, "URI Too Long", detail))
+        return problem_response(QUERY_TOO_LONG)
     if "\x00" in request.url.path or any("\x00" in k or "\x00" in v for k, v in request.query_params.multi_items()):
         return problem_response(Problem(400, "Bad Request", "the path or a query parameter holds a NUL character"))
     return await call_next(request)
@@ -108,6 +114,8 @@ async def _on_bad_parameters(request: Request, exc: RequestValidationError) -> R
 
 
 _PROBLEMS = {s: {"content": {PROBLEM_JSON: {"schema": {"type": "object"}}}} for s in (400, 401, 403, 404, 503)}
+_OR_CSV = _PROBLEMS | {200: {"content": {"text/csv": {"schema": {"type": "string"}}},
+                             "description": "JSON, or with format=csv a CSV file"}}
 
 
 # --- response models -------------------------------------------------------------------
@@ -151,6 +159,30 @@ class CourseLearners(BaseModel):
     next_cursor: str | None
 
 
+class CourseEntry(BaseModel):
+    course: str
+    events: int
+    first_day: date
+    last_day: date
+
+
+class CoursePage(BaseModel):
+    courses: list[CourseEntry]
+    next_cursor: str | None
+
+
+class LearnerEntry(BaseModel):
+    learner: str
+    courses: int
+    events: int
+    last_active: datetime
+
+
+class LearnerPage(BaseModel):
+    learners: list[LearnerEntry]
+    next_cursor: str | None
+
+
 class ActivityBucket(BaseModel):
     start: datetime
     events: int
@@ -168,11 +200,21 @@ class LearnerDays(BaseModel):
     days: dict[str, int]  # "YYYY-MM-DD" -> events
 
 
+WEEKDAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
+
+
+class WeekdayHours(BaseModel):
+    weekday: Literal["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
+    hours: list[int] = Field(description="24 counts: events from 00:00 to 01:00 UTC first")
+
+
 class CourseHeatmap(BaseModel):
     course: str
     days: list[str]
     learners: list[LearnerDays]
-    hour_of_week: list[int]  # 168 counts over the window's days, Monday 00-01 UTC first
+    hour_of_week: list[int] = Field(description="168 counts over the window's days, Monday 00-01 UTC first "
+                                                "(the same as `week`, flat)")
+    week: list[WeekdayHours] = Field(description="the same counts by weekday (Monday first) and UTC hour")
 
 
 class EventHit(BaseModel):
@@ -220,6 +262,35 @@ class ReconcileReport(BaseModel):
     archive_checked_at: datetime | None = None
     missing_ids: dict[str, list[str]] | None = None
     next_cursor: str | None = None
+
+
+class HourAudit(BaseModel):
+    hour: datetime
+    accepted: int
+    duplicates: int
+    quarantined: int
+    archived: int
+    aggregated: int
+    indexed: int
+    pending: int
+    index_pending: int
+    index_expired: int
+    missing: dict[str, int]
+    retention_lost: int
+    dead_lettered: int
+    complete: bool
+
+
+class HourAudits(BaseModel):
+    start: datetime
+    end: datetime
+    hours: list[HourAudit]
+
+
+HOUR_CSV_COLUMNS = ["hour", "accepted", "duplicates", "quarantined", "archived", "aggregated", "indexed", "pending",
+                    "index_pending", "index_expired", "missing_archive", "missing_aggregate", "missing_index",
+                    "retention_lost", "dead_lettered", "complete"]
+MAX_AUDIT_HOURS = 24 * 7
 
 
 class ShardAudit(BaseModel):
@@ -294,6 +365,8 @@ class ReplayStatus(BaseModel):
 # --- helpers ---------------------------------------------------------------------------
 
 MAX_WINDOW = timedelta(days=31)
+SEARCH = Query(None, min_length=1, max_length=200, description="only IRIs that hold this text (any case)")
+NEXT_CURSOR = Query(None, max_length=4000, description="next_cursor of the previous page")
 
 
 def as_utc(name: str, value: datetime) -> datetime:
@@ -335,6 +408,28 @@ COURSE_LEARNER_SORTS = {
     "last_active": ("last_active", "timestamptz"),
     "learner": ("learner", "text"),
 }
+
+
+def csv_response(filename: str, columns: list[str], rows) -> Response:
+    """Rows as CSV (RFC 4180), for spreadsheets. A text cell that a spreadsheet would read as a formula (it
+    starts with =, +, - or @) gets a leading apostrophe."""
+    import csv
+    import io
+
+    def cell(value: Any) -> Any:
+        if isinstance(value, datetime):
+            return value.isoformat()
+        if isinstance(value, str) and value[:1] in ("=", "+", "-", "@"):
+            return "'" + value
+        return "" if value is None else value
+
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\r\n")
+    writer.writerow(columns)
+    for row in rows:
+        writer.writerow([cell(row[c]) for c in columns])
+    return Response(out.getvalue(), media_type="text/csv; charset=utf-8",
+                    headers={"Content-Disposition": f'attachment; filename="{filename}"'})
 
 
 def encode_cursor(values: list[Any]) -> str:
@@ -499,7 +594,7 @@ class OutputAPI:
             raise Problem(404, "Not Found", "no events of this learner" + (" in this course" if course else ""))
         return LearnerSummary(learner=learner, courses=summary_rows(rows, actions))
 
-    @app.get("/course-learners", response_model=CourseLearners, responses=_PROBLEMS,
+    @app.get("/course-learners", response_model=CourseLearners, responses=_OR_CSV,
              summary="One row per learner of a course, sorted and paged")
     async def course_learners(
         self, request: Request,
@@ -508,6 +603,9 @@ class OutputAPI:
                                                  "or learner; a leading '-' sorts descending"),
         limit: int = Query(100, ge=1, le=MAX_LIMIT),
         cursor: str | None = Query(None, max_length=4000, description="next_cursor of the previous page"),
+        q: str | None = SEARCH,
+        format: Literal["json", "csv"] = Query("json", description="csv: every learner (no paging), for "
+                                                                   "spreadsheets"),
     ):
         tenant = (await self.caller(request)).tenant
         descending = sort.startswith("-")
@@ -517,8 +615,8 @@ class OutputAPI:
                                               "(with an optional leading '-')")
         expr, sql_type = COURSE_LEARNER_SORTS[key]
         after = ""
-        args: list[Any] = [tenant, course, limit + 1]
-        if cursor:
+        args: list[Any] = [tenant, course, None if format == "csv" else limit + 1, q]
+        if cursor and format == "json":
             value, last_learner = decode_cursor(cursor, 2)
             if sql_type == "timestamptz":
                 try:
@@ -530,7 +628,7 @@ class OutputAPI:
                 raise Problem(400, "Bad Request", "cursor does not match this sort; start again without it")
             args += [value, str(last_learner)]
             op = "<" if descending else ">"
-            after = f"WHERE ({expr} {op} $4::{sql_type} OR ({expr} = $4::{sql_type} AND learner > $5))"
+            after = f"WHERE ({expr} {op} $5::{sql_type} OR ({expr} = $5::{sql_type} AND learner > $6))"
         order = f"{expr} {'DESC' if descending else 'ASC'}, learner ASC"
         async with self._pool.acquire() as conn:
             rows = await conn.fetch(
@@ -538,8 +636,13 @@ class OutputAPI:
                         SELECT learner, sum(events)::bigint AS events, sum(submissions)::bigint AS submissions,
                                sum(score_sum) / nullif(sum(score_count), 0) AS score_mean,
                                sum(time_on_task_s) AS time_on_task_s, max(last_active) AS last_active
-                          FROM learner_days WHERE tenant = $1 AND course = $2 GROUP BY learner) AS t
+                          FROM learner_days WHERE tenant = $1 AND course = $2
+                           AND ($4::text IS NULL OR strpos(lower(learner), lower($4)) > 0)
+                         GROUP BY learner) AS t
                     {after} ORDER BY {order} LIMIT $3""", *args)
+        if format == "csv":
+            return csv_response("course-learners.csv", ["learner", "events", "submissions", "score_mean",
+                                                         "time_on_task_s", "last_active"], rows)
         page = rows[:limit]
         next_cursor = None
         if len(rows) > limit:
@@ -553,6 +656,42 @@ class OutputAPI:
             CourseLearner(learner=r["learner"], events=int(r["events"]), submissions=int(r["submissions"]),
                           score_mean=r["score_mean"], time_on_task_s=r["time_on_task_s"],
                           last_active=r["last_active"]) for r in page])
+
+    async def iri_page(self, request: Request, sql: str, q: str | None, limit: int,
+                       cursor: str | None) -> tuple[list, str | None]:
+        """One page of a listing by IRI: `sql` takes tenant, the last IRI of the previous page, the search text
+        and the limit ($1-$4), and returns rows whose first column is the IRI."""
+        tenant = (await self.caller(request)).tenant
+        after = str(decode_cursor(cursor, 1)[0]) if cursor else None
+        async with self._pool.acquire() as conn:
+            rows = await conn.fetch(sql, tenant, after, q, limit + 1)
+        page = rows[:limit]
+        return page, encode_cursor([page[-1][0]]) if len(rows) > limit else None
+
+    @app.get("/courses", response_model=CoursePage, responses=_PROBLEMS,
+             summary="The tenant's courses, by IRI, with their events and first and last days")
+    async def courses(self, request: Request, q: str | None = SEARCH, limit: int = Query(100, ge=1, le=MAX_LIMIT),
+                      cursor: str | None = NEXT_CURSOR):
+        page, next_cursor = await self.iri_page(
+            request, """SELECT course, sum(events)::bigint AS events, min(day) AS first_day, max(day) AS last_day
+                          FROM course_days
+                         WHERE tenant = $1 AND course <> '' AND ($2::text IS NULL OR course > $2)
+                           AND ($3::text IS NULL OR strpos(lower(course), lower($3)) > 0)
+                         GROUP BY course ORDER BY course LIMIT $4""", q, limit, cursor)
+        return CoursePage(courses=[CourseEntry(**dict(r)) for r in page], next_cursor=next_cursor)
+
+    @app.get("/learners", response_model=LearnerPage, responses=_PROBLEMS,
+             summary="The tenant's learners, by IRI, with their courses, events and last activity")
+    async def learners(self, request: Request, q: str | None = SEARCH, limit: int = Query(100, ge=1, le=MAX_LIMIT),
+                       cursor: str | None = NEXT_CURSOR):
+        page, next_cursor = await self.iri_page(
+            request, """SELECT learner, count(DISTINCT nullif(course, '')) AS courses,
+                               sum(events)::bigint AS events, max(last_active) AS last_active
+                          FROM learner_days
+                         WHERE tenant = $1 AND ($2::text IS NULL OR learner > $2)
+                           AND ($3::text IS NULL OR strpos(lower(learner), lower($3)) > 0)
+                         GROUP BY learner ORDER BY learner LIMIT $4""", q, limit, cursor)
+        return LearnerPage(learners=[LearnerEntry(**dict(r)) for r in page], next_cursor=next_cursor)
 
     @app.get("/course-activity", response_model=CourseActivity, responses=_PROBLEMS,
              summary="Events and active learners of a course per day or hour")
@@ -622,6 +761,8 @@ class OutputAPI:
         for h in hours:
             week[h["hour_of_week"]] = int(h["events"])
         return CourseHeatmap(course=course, days=sorted(days), hour_of_week=week,
+                             week=[WeekdayHours(weekday=name, hours=week[i * 24:(i + 1) * 24])
+                                   for i, name in enumerate(WEEKDAYS)],
                              learners=[LearnerDays(learner=k, days=v) for k, v in learners.items()])
 
     @app.get("/audit/reconcile", response_model=ReconcileReport, responses=_PROBLEMS,
@@ -657,6 +798,40 @@ class OutputAPI:
             next_cursor = encode_cursor([ids[-1] if ids else after.get(stage, "\uffff")
                                          for stage, ids in result.missing_ids.items()])
         return ReconcileReport(start=start, end=end, sensor=sensor, next_cursor=next_cursor, **result.as_dict())
+
+    @app.get("/audit/hours", response_model=HourAudits, responses=_OR_CSV,
+             summary="Reconcile, hour by hour: each hour's figures, for a chart or a spreadsheet")
+    async def audit_hours(
+        self, request: Request,
+        start: datetime = Query(..., description="received from (included); the first row is its hour"),
+        end: datetime = Query(..., description="received until (excluded)"),
+        format: Literal["json", "csv"] = Query("json"),
+    ):
+        tenant = (await self.caller(request)).tenant
+        check_window(start, end)
+        start, end = as_utc("start", start), as_utc("end", end)
+        first = start.replace(minute=0, second=0, microsecond=0)
+        if end - first > timedelta(hours=MAX_AUDIT_HOURS):
+            raise Problem(400, "Bad Request", f"at most {MAX_AUDIT_HOURS} hours at a time; ask in parts")
+        reconciler = Reconciler(self.settings, self._pool, self._s3, self._search)
+        hours: list[HourAudit] = []
+        hour = first
+        try:
+            while hour < end:
+                result = await reconciler.run(Window(tenant, max(hour, start), min(hour + timedelta(hours=1), end)))
+                figures = {k: v for k, v in result.as_dict().items() if k in HourAudit.model_fields}
+                hours.append(HourAudit(hour=hour, **figures))
+                hour += timedelta(hours=1)
+        except ReconcileRefused as exc:
+            raise Problem(400, "Bad Request", str(exc)) from None
+        except Exception as exc:
+            log.warning("hourly reconcile failed: %s", exc)
+            raise Problem(503, "Service Unavailable", f"reconcile could not reach a store ({type(exc).__name__}); "
+                          "retry later", {"Retry-After": "5"}) from None
+        if format == "csv":
+            rows = [h.model_dump() | {f"missing_{stage}": n for stage, n in h.missing.items()} for h in hours]
+            return csv_response("reconcile-hours.csv", HOUR_CSV_COLUMNS, rows)
+        return HourAudits(start=start, end=end, hours=hours)
 
     @app.post("/audit/replay", response_model=ReplayAccepted, status_code=202, responses=_PROBLEMS,
               summary="Replay what reconcile finds missing in a window (admin keys)")
