@@ -167,10 +167,15 @@ def _user_and_password(settings: Settings) -> tuple[str, str]:
 
 
 async def apply_migrations(conn: asyncpg.Connection, migrations: list[Migration] | None = None) -> list[int]:
-    """Bring the schema up to date. Returns the versions applied by this call."""
+    """Bring the schema up to date. Returns the versions applied by this call.
+
+    A schema already up to date is only read (checked against the files), so a user without DDL rights may
+    call this too (`db.admin_dsn`).
+    """
     migrations = load_migrations() if migrations is None else migrations
-    if migrations and await schema_version(conn) == migrations[-1].version:
-        return []  # nothing to do, and nothing asked that a user without DDL rights may not do
+    if await conn.fetchval("SELECT to_regclass('schema_migrations') IS NOT NULL"):
+        if not _pending(await _applied(conn), migrations):
+            return []
     applied_now: list[int] = []
     await conn.execute("SELECT pg_advisory_lock($1)", _MIGRATION_LOCK)
     try:
@@ -181,23 +186,7 @@ async def apply_migrations(conn: asyncpg.Connection, migrations: list[Migration]
                    checksum   text NOT NULL,
                    applied_at timestamptz NOT NULL DEFAULT now())"""
         )
-        applied = {r["version"]: r for r in await conn.fetch("SELECT version, name, checksum FROM schema_migrations")}
-        known = {m.version for m in migrations}
-        newer = sorted(v for v in applied if v not in known)
-        if newer:
-            raise MigrationError(
-                f"the database has migrations {newer} that this LAP does not know: it was migrated by a newer "
-                f"release. Run that release, or restore a backup."
-            )
-        for migration in migrations:
-            row = applied.get(migration.version)
-            if row is not None:
-                if row["checksum"] != migration.checksum:
-                    raise MigrationError(
-                        f"migration {migration.version:04d}_{migration.name}.sql changed after it was applied. "
-                        f"Never edit an applied migration: add a new one."
-                    )
-                continue
+        for migration in _pending(await _applied(conn), migrations):  # again: another start may have applied some
             async with conn.transaction():
                 await conn.execute(migration.sql)
                 await conn.execute(
@@ -208,6 +197,29 @@ async def apply_migrations(conn: asyncpg.Connection, migrations: list[Migration]
     finally:
         await conn.execute("SELECT pg_advisory_unlock($1)", _MIGRATION_LOCK)
     return applied_now
+
+
+async def _applied(conn: asyncpg.Connection) -> dict[int, asyncpg.Record]:
+    return {r["version"]: r for r in await conn.fetch("SELECT version, name, checksum FROM schema_migrations")}
+
+
+def _pending(applied: dict[int, asyncpg.Record], migrations: list[Migration]) -> list[Migration]:
+    """The migrations still to apply; refuses a database migrated by a newer release or an edited migration."""
+    known = {m.version for m in migrations}
+    newer = sorted(v for v in applied if v not in known)
+    if newer:
+        raise MigrationError(
+            f"the database has migrations {newer} that this LAP does not know: it was migrated by a newer "
+            f"release. Run that release, or restore a backup."
+        )
+    for migration in migrations:
+        row = applied.get(migration.version)
+        if row is not None and row["checksum"] != migration.checksum:
+            raise MigrationError(
+                f"migration {migration.version:04d}_{migration.name}.sql changed after it was applied. "
+                f"Never edit an applied migration: add a new one."
+            )
+    return [m for m in migrations if m.version not in applied]
 
 
 async def schema_version(conn: asyncpg.Connection) -> int:
