@@ -1,12 +1,14 @@
 """Soak: a long steady load through the whole pipeline, to see that memory stays flat and nothing is lost.
 
-Ten minutes at 80% of the sustainable rate the pipeline benchmark measured
-(`processed_per_s` in benchmarks/results/pipeline.json), with everything
-running as `lap up` runs it: the ingest replicas, the shard consumers and the
-index writer. That rate was measured with the index writer off, and the
-in-memory OpenSearch stand-in indexes a few thousand documents a second: the
-index may fall behind, so every sample records its backlog, to tell a growth
-that follows the backlog from a leak.
+Ten minutes (after a warm-up) at 80% of the rate this machine sustains with
+everything running as `lap up` runs it: the ingest replicas, the shard
+consumers and the index writer. The pipeline benchmark's `processed_per_s`
+is measured with the index writer off (5,871 events/s here), and with the
+writer on the index is the limit: offered 1,500 events/s, this 2-core box
+indexed about 1,150 a second and fell behind (README, "Soak"). So the default
+is 80% of SUSTAINED_WITH_INDEX, that measured figure; pass --rate on another
+machine. Every sample records the index backlog, to tell a growth that
+follows the backlog from a leak.
 
 It starts its own LAP (`lap up --detach` on free ports in a temporary folder,
 the default settings), offers envelopes of 50 generated events at --rate
@@ -29,7 +31,7 @@ own processes (Ray's included); the stand-ins are shown with theirs, not
 judged: in production they are AWS services, the OpenSearch stand-in keeps
 every document in memory, and Postgres' shared buffers fill as it runs.
 
-    .venv/bin/python benchmarks/soak.py [--rate 4700] [--duration 600] [--warmup 120] [--sample-every 10]
+    .venv/bin/python benchmarks/soak.py [--rate 920] [--duration 900] [--warmup 300] [--sample-every 10]
 
 It prints a progress line while it runs, then a table, and writes the JSON
 with every sample (--json). Exit status 1 when what was accepted was not all
@@ -60,8 +62,7 @@ from common import lap, machine, start_lap, write_private_config, write_report  
 from ingest import Bodies, pct  # noqa: E402
 from pipeline import _kind  # noqa: E402
 
-PIPELINE_JSON = Path(__file__).resolve().parent / "results" / "pipeline.json"
-FALLBACK_RATE = 4000.0
+SUSTAINED_WITH_INDEX = 1150.0  # events/s indexed with everything running, measured on this 2-core box (README)
 SHARE_OF_SUSTAINABLE = 0.8
 GROWTH_LIMIT_PCT = 10.0
 TENANT = "soak"
@@ -72,15 +73,10 @@ TOP_PIDS = 8
 
 
 def default_rate() -> tuple[float, str]:
-    """80% of what the pipeline benchmark processed per second, or a fixed rate where it has not run."""
-    try:
-        measured = json.loads(PIPELINE_JSON.read_text()).get("processed_per_s")
-    except (OSError, ValueError):
-        measured = None
-    if isinstance(measured, (int, float)) and measured > 0:
-        return round(measured * SHARE_OF_SUSTAINABLE), (
-            f"{SHARE_OF_SUSTAINABLE:.0%} of processed_per_s {measured:,} in benchmarks/results/pipeline.json")
-    return FALLBACK_RATE, f"no processed_per_s in benchmarks/results/pipeline.json: {FALLBACK_RATE:,.0f}"
+    """80% of what this machine sustains with the index writer on (SUSTAINED_WITH_INDEX)."""
+    return round(SUSTAINED_WITH_INDEX * SHARE_OF_SUSTAINABLE), (
+        f"{SHARE_OF_SUSTAINABLE:.0%} of {SUSTAINED_WITH_INDEX:,.0f} events/s, the rate measured with the index "
+        "writer on")
 
 
 # --- the load: open loop, with a report every interval -------------------------------------------
@@ -531,10 +527,10 @@ def _pct(value: float | None) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rate", type=float, default=None,
-                        help="events/s offered (default: 80%% of processed_per_s in benchmarks/results/pipeline.json, "
-                             f"else {FALLBACK_RATE:,.0f})")
-    parser.add_argument("--duration", type=float, default=600, help="seconds of load, warm-up included")
-    parser.add_argument("--warmup", type=float, default=120, help="seconds before the memory baseline")
+                        help=f"events/s offered (default: 80%% of {SUSTAINED_WITH_INDEX:,.0f}, what this kind of "
+                             "machine sustains with the index writer on)")
+    parser.add_argument("--duration", type=float, default=900, help="seconds of load, warm-up included")
+    parser.add_argument("--warmup", type=float, default=300, help="seconds before the memory baseline")
     parser.add_argument("--sample-every", type=float, default=10, help="seconds between samples")
     parser.add_argument("--drain-timeout", type=float, default=600,
                         help="seconds to wait at most after the load for the drain (the index's included)")
