@@ -398,7 +398,7 @@ def _progress_bars():
 
     def progress(step: str, done: int, total: int) -> None:
         bar = bars.get(step)
-        if bar is None:
+        if bar is None or bar.finished or done < bar.done:  # a step may run again (reconcile reads receipts twice)
             bar = bars[step] = click.progressbar(length=max(total, 1), label=f"{step:<12}", file=sys.stderr)
             bar.__enter__()
             bar.done = 0
@@ -406,6 +406,7 @@ def _progress_bars():
         bar.done = done
         if done >= total:
             bar.__exit__(None, None, None)
+            bar.finished = True
 
     return progress
 

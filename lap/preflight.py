@@ -240,13 +240,13 @@ class Preflight:
                 raise
         finally:
             await client.close()
-        totals = [n.get("fs", {}).get("total", {}) for n in stats.get("nodes", {}).values()]
-        total = sum(t.get("total_in_bytes", 0) for t in totals)
-        free = sum(t.get("available_in_bytes", 0) for t in totals)
+        disks = [n.get("fs", {}).get("total", {}) for n in stats.get("nodes", {}).values()]
+        disks = [(d.get("available_in_bytes", 0), d["total_in_bytes"]) for d in disks if d.get("total_in_bytes")]
         version = info["version"]["number"]
-        if not total:
+        if not disks:
             return "FAIL", f"OpenSearch {version}: its nodes report no disk"
-        detail = f"OpenSearch {version}, {len(totals)} data nodes, {_free(free, total)}"
+        free, total = min(disks, key=lambda d: d[0] / d[1])  # the fullest node blocks writes first
+        detail = f"OpenSearch {version}, {len(disks)} nodes, the fullest has {_free(free, total)}"
         return ("FAIL" if free < MIN_FREE_FRACTION * total else "ok"), detail
 
     async def check_target_group(self) -> tuple[str, str]:

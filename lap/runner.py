@@ -75,8 +75,9 @@ def haproxy_wrapper(folder: Path) -> Path:
 # Written by LAP (lap/runner.py, haproxy_wrapper): Serve's HAProxy, with LAP's answer to a query string too long.
 previous=""
 for argument in "$@"; do
-    if [ "$previous" = "-f" ] && ! grep -qF {shlex.quote(HAPROXY_RULE_TAG)} "$argument"; then
-        flock "$argument.lock" sed -i {append_rule} "$argument" || exit 1
+    if [ "$previous" = "-f" ]; then  # under Ray's lock: check and add at once
+        flock "$argument.lock" sh -c 'grep -qF "$1" "$3" || sed -i "$2" "$3"' _ \
+            {shlex.quote(HAPROXY_RULE_TAG)} {append_rule} "$argument" || exit 1
     fi
     previous="$argument"
 done
@@ -294,8 +295,8 @@ def protect_ray_token() -> None:
 
 # glibc's allocator settings for Ray's processes (they inherit them from the raylet). With glibc's defaults the
 # shard consumers' memory crept up by ~150 bytes per event processed for as long as a soak ran (numpy arrays of
-# growing sizes left in the heap, one arena per busy thread); with these it stays flat after warm-up
-# (README, "Soak"; docs/decisions.md, "Memory"). cluster.yaml exports the same for `ray start`.
+# growing sizes left in the heap, one arena per busy thread); with these it stays within the soak's 10% (README,
+# "Soak"; docs/decisions.md, "Memory"). cluster.yaml exports the same for `ray start`.
 MALLOC_ENV = {"MALLOC_ARENA_MAX": "2", "MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
 
 

@@ -493,7 +493,9 @@ def test_secrets_come_from_secrets_manager_before_ray_starts():
     assert shell_variable_export("RAY_AUTH_MODE") == "token"
     # the tables' owner only in lap_deploy's migration step, on the head
     deploy = shell_function("lap_deploy")
-    assert re.search(r'LAP_DB__ADMIN_DSN="\$\(lap_secret_key "\$lap_admin_secret_id" admin_dsn\)" python', deploy)
+    assert re.search(r'admin_dsn="\$\(lap_secret_key "\$lap_admin_secret_id" admin_dsn\)" \|\| return 1', deploy)
+    assert re.search(r'LAP_DB__ADMIN_DSN="\$admin_dsn" python', deploy), "the admin DSN in one command's environment"
+    assert "export LAP_DB__ADMIN_DSN" not in node_env_script()
     assert "admin" not in body
     admin_arn = (f"arn:aws:secretsmanager:{region()}:{account_id()}:secret:"
                  f"{shell_variable('lap_admin_secret_id')}-AbC123")

@@ -123,9 +123,14 @@ async def test_an_admin_dsn_migrates_and_leaves_the_app_user_rows_but_not_the_sc
         try:
             assert await app.fetchval("SELECT count(*) FROM batches") == 0  # reads
             for ddl in ("CREATE TABLE mine (a int)", "ALTER TABLE api_keys ADD COLUMN z int", "DROP TABLE batches",
-                        "TRUNCATE dead_letters"):
+                        "TRUNCATE dead_letters", "DELETE FROM schema_migrations"):
                 with pytest.raises(asyncpg.InsufficientPrivilegeError):
                     await app.execute(ddl)
+            # a release with a new migration, run with the rows' user only: a clear refusal, nothing half done
+            newer = load_migrations() + [Migration(len(load_migrations()) + 1, "next", "CREATE TABLE nxt (a int);")]
+            with pytest.raises(MigrationError, match="may not make them"):
+                await apply_migrations(app, newer)
+            assert await schema_version(app) == len(load_migrations())
         finally:
             await app.close()
         # the real command, with the app user's DSN: a key is written and read back

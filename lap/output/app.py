@@ -72,8 +72,10 @@ async def _on_problem(request: Request, exc: Problem) -> Response:
 @app.exception_handler(StarletteHTTPException)
 async def _on_routing(request: Request, exc: StarletteHTTPException) -> Response:
     """No route or no such method: the same problem+json as every other refusal."""
-    detail = {404: "no route matches this path; the routes are listed in /v1/openapi.json",
-              405: f"{request.method} is not allowed on this path"}.get(exc.status_code, str(exc.detail))
+    detail = str(exc.detail)
+    if detail == HTTPStatus(exc.status_code).phrase:  # Starlette's own, e.g. "Not Found": say more
+        detail = {404: "no route matches this path; the routes are listed in /v1/openapi.json",
+                  405: f"{request.method} is not allowed on this path"}.get(exc.status_code, detail)
     return problem_response(Problem(exc.status_code, HTTPStatus(exc.status_code).phrase, detail,
                                     dict(exc.headers or {})))
 
@@ -291,6 +293,7 @@ HOUR_CSV_COLUMNS = ["hour", "accepted", "duplicates", "quarantined", "archived",
                     "index_pending", "index_expired", "missing_archive", "missing_aggregate", "missing_index",
                     "retention_lost", "dead_lettered", "complete"]
 MAX_AUDIT_HOURS = 24 * 7
+MAX_CSV_ROWS = 100_000  # one response holds them all in memory
 
 
 class ShardAudit(BaseModel):
@@ -412,14 +415,14 @@ COURSE_LEARNER_SORTS = {
 
 def csv_response(filename: str, columns: list[str], rows) -> Response:
     """Rows as CSV (RFC 4180), for spreadsheets. A text cell that a spreadsheet would read as a formula (it
-    starts with =, +, - or @) gets a leading apostrophe."""
+    starts with =, +, -, @, a tab or a carriage return) gets a leading apostrophe."""
     import csv
     import io
 
     def cell(value: Any) -> Any:
         if isinstance(value, datetime):
             return value.isoformat()
-        if isinstance(value, str) and value[:1] in ("=", "+", "-", "@"):
+        if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
             return "'" + value
         return "" if value is None else value
 
@@ -615,7 +618,7 @@ class OutputAPI:
                                               "(with an optional leading '-')")
         expr, sql_type = COURSE_LEARNER_SORTS[key]
         after = ""
-        args: list[Any] = [tenant, course, None if format == "csv" else limit + 1, q]
+        args: list[Any] = [tenant, course, MAX_CSV_ROWS + 1 if format == "csv" else limit + 1, q]
         if cursor and format == "json":
             value, last_learner = decode_cursor(cursor, 2)
             if sql_type == "timestamptz":
@@ -641,6 +644,9 @@ class OutputAPI:
                          GROUP BY learner) AS t
                     {after} ORDER BY {order} LIMIT $3""", *args)
         if format == "csv":
+            if len(rows) > MAX_CSV_ROWS:
+                raise Problem(400, "Bad Request", f"the course has over {MAX_CSV_ROWS:,} learners: page through "
+                                                  "them as JSON, or narrow them with q")
             return csv_response("course-learners.csv", ["learner", "events", "submissions", "score_mean",
                                                          "time_on_task_s", "last_active"], rows)
         page = rows[:limit]
@@ -814,14 +820,17 @@ class OutputAPI:
         if end - first > timedelta(hours=MAX_AUDIT_HOURS):
             raise Problem(400, "Bad Request", f"at most {MAX_AUDIT_HOURS} hours at a time; ask in parts")
         reconciler = Reconciler(self.settings, self._pool, self._s3, self._search)
-        hours: list[HourAudit] = []
-        hour = first
-        try:
-            while hour < end:
+        starts = [first + timedelta(hours=i) for i in range(int((end - first) / timedelta(hours=1)) + 1)]
+        starts = [hour for hour in starts if hour < end]
+        gate = asyncio.Semaphore(4)  # a few hours at a time: each takes a few queries
+
+        async def one(hour: datetime) -> HourAudit:
+            async with gate:
                 result = await reconciler.run(Window(tenant, max(hour, start), min(hour + timedelta(hours=1), end)))
-                figures = {k: v for k, v in result.as_dict().items() if k in HourAudit.model_fields}
-                hours.append(HourAudit(hour=hour, **figures))
-                hour += timedelta(hours=1)
+            return HourAudit(hour=hour, **{k: v for k, v in result.as_dict().items() if k in HourAudit.model_fields})
+
+        try:
+            hours = list(await asyncio.gather(*(one(hour) for hour in starts)))
         except ReconcileRefused as exc:
             raise Problem(400, "Bad Request", str(exc)) from None
         except Exception as exc:

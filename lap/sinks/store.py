@@ -145,14 +145,32 @@ async def migrate(settings: Settings) -> list[int]:
             role = '"' + user.replace('"', '""') + '"'
             async with conn.transaction():
                 if not await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", user):
-                    literal = await conn.fetchval("SELECT quote_literal($1)", password)
+                    # the SCRAM verifier, not the password: a logged statement shows nothing to log in with
+                    literal = await conn.fetchval("SELECT quote_literal($1)", scram_verifier(password))
                     await conn.execute(f"CREATE ROLE {role} LOGIN PASSWORD {literal}")
                 await conn.execute(f"GRANT USAGE ON SCHEMA public TO {role}")
                 await conn.execute(f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {role}")
                 await conn.execute(f"GRANT USAGE, SELECT, UPDATE ON ALL SEQUENCES IN SCHEMA public TO {role}")
+                # the schema's version is read, never written, by the rows' user
+                await conn.execute(f"REVOKE INSERT, UPDATE, DELETE ON schema_migrations FROM {role}")
         return applied
     finally:
         await conn.close()
+
+
+def scram_verifier(password: str, iterations: int = 4096) -> str:
+    """Postgres's SCRAM-SHA-256 form of a password (RFC 5802, 7677), as `CREATE ROLE ... PASSWORD` takes it."""
+    import base64
+    import hmac
+    import os
+
+    salt = os.urandom(16)
+    salted = hashlib.pbkdf2_hmac("sha256", password.encode(), salt, iterations)
+    client_key = hmac.new(salted, b"Client Key", "sha256").digest()
+    server_key = hmac.new(salted, b"Server Key", "sha256").digest()
+    encode = lambda raw: base64.b64encode(raw).decode()  # noqa: E731
+    return (f"SCRAM-SHA-256${iterations}:{encode(salt)}"
+            f"${encode(hashlib.sha256(client_key).digest())}:{encode(server_key)}")
 
 
 def _user_and_password(settings: Settings) -> tuple[str, str]:
@@ -179,6 +197,10 @@ async def apply_migrations(conn: asyncpg.Connection, migrations: list[Migration]
     applied_now: list[int] = []
     await conn.execute("SELECT pg_advisory_lock($1)", _MIGRATION_LOCK)
     try:
+        if not await conn.fetchval("SELECT has_schema_privilege('public', 'CREATE')"):
+            raise MigrationError(f"the schema needs migrations and {await conn.fetchval('SELECT current_user')} "
+                                 "may not make them: run them as the tables' owner (db.admin_dsn; on a cluster, "
+                                 "`lap_deploy` on the head)")
         await conn.execute(
             """CREATE TABLE IF NOT EXISTS schema_migrations (
                    version    integer PRIMARY KEY,
