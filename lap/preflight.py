@@ -65,7 +65,6 @@ class Preflight:
         self.node_role = node_role
         self.timeout_s = timeout_s
         self.settings: Settings | None = None
-        self.placeholders: list[str] = []
         self.checks: list[Check] = []
 
     async def run(self, report: Callable[[Check], None]) -> bool:
@@ -121,9 +120,9 @@ class Preflight:
             values.append(json.dumps(self.settings.model_dump(mode="json")))  # secrets dump as "**********"
             if self.settings.db.dsn is not None:
                 values.append(_without_password(self.settings.db.dsn.get_secret_value()))
-        self.placeholders = sorted(set(p for v in values for p in find_placeholders(v)))
-        if self.placeholders:
-            return "FAIL", "replace " + ", ".join(self.placeholders)
+        found = sorted(set(p for v in values for p in find_placeholders(v)))
+        if found:
+            return "FAIL", "replace " + ", ".join(found)
         return "ok", "none left in the settings file, LAP_ variables and options"
 
     async def check_secret(self) -> tuple[str, str]:

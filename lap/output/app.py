@@ -10,6 +10,7 @@ import base64
 import binascii
 import gzip
 import logging
+import math
 from http import HTTPStatus
 from contextlib import AsyncExitStack
 from datetime import UTC, date, datetime, timedelta
@@ -771,6 +772,17 @@ class OutputAPI:
                                    for i, name in enumerate(WEEKDAYS)],
                              learners=[LearnerDays(learner=k, days=v) for k, v in learners.items()])
 
+    async def reconciled(self, work):
+        """The result of reconcile work: a window it refuses is a 400, a store that does not answer a 503."""
+        try:
+            return await work
+        except ReconcileRefused as exc:
+            raise Problem(400, "Bad Request", str(exc)) from None
+        except Exception as exc:
+            log.warning("reconcile failed: %s", exc)
+            raise Problem(503, "Service Unavailable", f"reconcile could not reach a store ({type(exc).__name__}); "
+                          "retry later", {"Retry-After": "5"}) from None
+
     @app.get("/audit/reconcile", response_model=ReconcileReport, responses=_PROBLEMS,
              summary="What each stage holds of the events received in a window, and what is missing")
     async def reconcile(
@@ -790,15 +802,8 @@ class OutputAPI:
             if not all(isinstance(v, str) for v in values):
                 raise Problem(400, "Bad Request", "cursor is not one this API handed out")
             after = dict(zip(("archive", "aggregate", "index"), values))
-        try:
-            result = await Reconciler(self.settings, self._pool, self._s3, self._search).run(
-                Window(tenant, start, end, sensor), with_ids=detail == "ids", limit=limit, after=after)
-        except ReconcileRefused as exc:
-            raise Problem(400, "Bad Request", str(exc)) from None
-        except Exception as exc:
-            log.warning("reconcile failed: %s", exc)
-            raise Problem(503, "Service Unavailable", f"reconcile could not reach a store ({type(exc).__name__}); "
-                          "retry later", {"Retry-After": "5"}) from None
+        result = await self.reconciled(Reconciler(self.settings, self._pool, self._s3, self._search).run(
+            Window(tenant, start, end, sensor), with_ids=detail == "ids", limit=limit, after=after))
         next_cursor = None
         if result.missing_ids and any(len(ids) == limit for ids in result.missing_ids.values()):
             next_cursor = encode_cursor([ids[-1] if ids else after.get(stage, "\uffff")
@@ -820,8 +825,7 @@ class OutputAPI:
         if end - first > timedelta(hours=MAX_AUDIT_HOURS):
             raise Problem(400, "Bad Request", f"at most {MAX_AUDIT_HOURS} hours at a time; ask in parts")
         reconciler = Reconciler(self.settings, self._pool, self._s3, self._search)
-        starts = [first + timedelta(hours=i) for i in range(int((end - first) / timedelta(hours=1)) + 1)]
-        starts = [hour for hour in starts if hour < end]
+        starts = [first + timedelta(hours=i) for i in range(math.ceil((end - first) / timedelta(hours=1)))]
         gate = asyncio.Semaphore(4)  # a few hours at a time: each takes a few queries
 
         async def one(hour: datetime) -> HourAudit:
@@ -829,14 +833,7 @@ class OutputAPI:
                 result = await reconciler.run(Window(tenant, max(hour, start), min(hour + timedelta(hours=1), end)))
             return HourAudit(hour=hour, **{k: v for k, v in result.as_dict().items() if k in HourAudit.model_fields})
 
-        try:
-            hours = list(await asyncio.gather(*(one(hour) for hour in starts)))
-        except ReconcileRefused as exc:
-            raise Problem(400, "Bad Request", str(exc)) from None
-        except Exception as exc:
-            log.warning("hourly reconcile failed: %s", exc)
-            raise Problem(503, "Service Unavailable", f"reconcile could not reach a store ({type(exc).__name__}); "
-                          "retry later", {"Retry-After": "5"}) from None
+        hours = list(await self.reconciled(asyncio.gather(*(one(hour) for hour in starts))))
         if format == "csv":
             rows = [h.model_dump() | {f"missing_{stage}": n for stage, n in h.missing.items()} for h in hours]
             return csv_response("reconcile-hours.csv", HOUR_CSV_COLUMNS, rows)
