@@ -9,8 +9,9 @@ PY_STAMP := $(VENV)/.lap-installed
 NODE_STAMP := $(NODE_DIR)/node_modules/.lap-installed
 WEB_DIR := lap/web
 WEB_STAMP := $(WEB_DIR)/vendor/.lap-installed
+BROWSER_PACKAGES := chromium chromium-driver
 
-.PHONY: install run test wheel constraints check-tools clean
+.PHONY: install run test wheel constraints check-tools browser screenshots clean
 
 install: check-tools $(PY_STAMP) $(NODE_STAMP) $(WEB_STAMP)
 
@@ -51,11 +52,28 @@ $(WEB_STAMP): $(WEB_DIR)/package.json $(WEB_DIR)/package-lock.json
 	  $(WEB_DIR)/vendor/
 	touch $@
 
+# The console's browser tests drive Debian's chromium through its chromedriver (tests/test_console.py).
+browser:
+	@command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing Debian's $(BROWSER_PACKAGES) for the console's browser tests"; \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(BROWSER_PACKAGES) >/dev/null || { \
+	      apt-get update -q >/dev/null && \
+	      DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(BROWSER_PACKAGES) >/dev/null; }; \
+	  else \
+	    echo "The console's browser tests need Debian's chromium and chromedriver."; \
+	    echo "Install them as root: apt-get install $(BROWSER_PACKAGES), then run make again."; exit 1; \
+	  fi; }
+
 run: install
 	$(VENV)/bin/lap up $(if $(CONFIG),--config $(CONFIG))
 
-test: install
+test: install browser
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+# docs/console/*.png, the README's pictures: the browser tests, saving their screenshots there
+screenshots: install browser
+	LAP_CONSOLE_SCREENSHOTS=docs/console $(VENV)/bin/python -m pytest tests/test_console.py
 
 # The exact build that cluster.yaml installs on the Ray cluster's nodes:
 # dist/lap-<version of pyproject.toml>-py3-none-any.whl.

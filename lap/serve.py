@@ -14,6 +14,7 @@ from ray.serve import Application
 from lap.ingest.app import IngestAPI
 from lap.output.app import OutputAPI
 from lap.process.pipeline import Pipeline
+from lap.web.console_app import Console
 
 
 def build_ingest(args: dict[str, Any] | None = None) -> Application:
@@ -26,3 +27,7 @@ def build_output(args: dict[str, Any] | None = None) -> Application:
 
 def build_pipeline(args: dict[str, Any] | None = None) -> Application:
     return Pipeline.bind()
+
+
+def build_console(args: dict[str, Any] | None = None) -> Application:
+    return Console.bind()

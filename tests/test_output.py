@@ -6,7 +6,9 @@ import base64
 import http.client
 import json
 from collections import Counter, defaultdict
-from datetime import date, datetime
+import time
+from datetime import UTC, date, datetime, timedelta
+from zoneinfo import ZoneInfo
 
 import httpx
 import pytest
@@ -453,3 +455,130 @@ def test_the_docs_pages_load_nothing_from_another_host(settings, prefix):
             assert reply.json()["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
     assert httpx.get(f"{settings.api_url}{prefix}/docs-assets/../../etc/passwd", timeout=30).status_code == 404
     assert httpx.get(f"{settings.api_url}{prefix}/redoc", timeout=30).status_code == 404
+
+
+# --- time zones -----------------------------------------------------------------------
+
+
+KOLKATA = ZoneInfo("Asia/Kolkata")  # +05:30 all year: its hours start at half past UTC hours
+
+
+def _local(record: dict) -> datetime:
+    return datetime.fromisoformat(record["meta"]["event_time"]).astimezone(KOLKATA)
+
+
+def test_days_and_hours_are_read_in_the_time_zone_asked_for(settings, two_tenants):
+    course, records = _course_events(two_tenants)
+    reader = two_tenants["a_reader"]
+    # days of the zone: the window's whole local days (its start, 00:00 UTC, is 05:30 there: that day is left out)
+    first_day = date(2026, 8, 31) + timedelta(days=1)
+    in_days = [r for r in records if _local(r).date() >= first_day]
+    days = get(settings, reader, "/course-activity", course=course, granularity="day", tz="Asia/Kolkata", **SPAN)
+    assert days.status_code == 200, days.text
+    assert {b["start"]: b["events"] for b in days.json()["buckets"]} == \
+        {f"{d}T00:00:00+05:30": n for d, n in Counter(_local(r).date() for r in in_days).items()}
+    hours = get(settings, reader, "/course-activity", course=course, granularity="hour", tz="Asia/Kolkata", **SPAN)
+    assert {b["start"]: b["events"] for b in hours.json()["buckets"]} == \
+        {h.isoformat(): n for h, n in Counter(_local(r).replace(minute=0, second=0, microsecond=0)
+                                               for r in records).items()}
+    # the heat map's hours of the week, in the zone; its learner days stay UTC days. Hours are kept per UTC
+    # hour: in a zone half an hour off, each counts in the local hour it starts in
+    heat = get(settings, reader, "/course-heatmap", course=course, tz="Asia/Kolkata", **SPAN).json()
+    week = [0] * 168
+    first_midnight = datetime(2026, 9, 1, tzinfo=KOLKATA)
+    for r in records:
+        hour = datetime.fromisoformat(r["meta"]["event_time"]).replace(minute=0, second=0, microsecond=0)
+        if hour >= first_midnight:
+            week[hour.astimezone(KOLKATA).weekday() * 24 + hour.astimezone(KOLKATA).hour] += 1
+    assert heat["time_zone"] == "Asia/Kolkata" and heat["hour_of_week"] == week
+    assert heat["days"] == get(settings, reader, "/course-heatmap", course=course, **SPAN).json()["days"]
+    # the proof's rows are the zone's whole hours, and hold every event once
+    now = datetime.now(UTC)
+    window = {"start": (now - timedelta(hours=3)).isoformat(), "end": (now + timedelta(minutes=1)).isoformat()}
+    local = get(settings, reader, "/audit/hours", tz="Asia/Kolkata", **window).json()["hours"]
+    utc = get(settings, reader, "/audit/hours", **window).json()["hours"]
+    assert all(h["hour"].endswith(":00:00+05:30") for h in local)
+    assert all(h["hour"].endswith(":00:00Z") for h in utc)
+    assert sum(h["accepted"] for h in local) == sum(h["accepted"] for h in utc) == len(two_tenants["a_events"])
+    for route, params in (("/course-activity", {"course": course, **SPAN}), ("/course-heatmap", {"course": course, **SPAN}),
+                          ("/audit/hours", window)):
+        for bad in ("Mars/Olympus_Mons", "../../etc/passwd", "Factory", "utc"):
+            reply = get(settings, reader, route, tz=bad, **params)
+            assert reply.status_code == 400 and "IANA time zone" in reply.json()["detail"], (route, bad, reply.text)
+
+
+# --- what the console reads ------------------------------------------------------------
+
+
+def test_whoami_and_the_pipeline_report(settings, two_tenants):
+    assert get(settings, two_tenants["a_reader"], "/whoami").json() == {"tenant": two_tenants["a"], "role": "reader"}
+    assert get(settings, two_tenants["a_sensor"], "/whoami").status_code == 403
+    report = get(settings, two_tenants["a_reader"], "/pipeline", minutes=30).json()
+    minutes = [datetime.fromisoformat(m["minute"]) for m in report["minutes"]]
+    assert len(minutes) == 30 and all(b - a == timedelta(minutes=1) for a, b in zip(minutes, minutes[1:]))
+    assert minutes[-1] <= datetime.fromisoformat(report["generated_at"]) < minutes[-1] + timedelta(minutes=1)
+    assert sum(m["accepted"] for m in report["minutes"]) == len(two_tenants["a_events"])  # sent minutes ago
+    shards = get(settings, two_tenants["a_reader"], "/audit/shards").json()
+    assert [s["shard_id"] for s in report["shards"]] == [s["shard_id"] for s in shards]
+    live = [s for s in report["shards"] if s["consumer"] == "consuming"]
+    assert live and all(s["node"] == "127.0.0.1" and not s["stale"] and s["lag_ms"] is not None for s in live)
+    assert set(report["components"]) == {"postgres", "kinesis", "s3", "opensearch"}
+    other = get(settings, two_tenants["b_reader"], "/pipeline", minutes=30).json()
+    assert sum(m["accepted"] for m in other["minutes"]) == len(two_tenants["b_events"])
+    assert get(settings, two_tenants["a_reader"], "/pipeline", minutes=0).status_code == 400
+
+
+def test_a_learners_activity_per_day_and_course(settings, two_tenants):
+    records = expected_records(two_tenants["a"], two_tenants["a_events"])
+    learner = Counter(r["meta"]["learner"] for r in records).most_common(1)[0][0]
+    mine = [r for r in records if r["meta"]["learner"] == learner]
+    body = get(settings, two_tenants["a_reader"], "/learner-activity", learner=learner, **SPAN).json()
+    assert body["days"] == [str(date(2026, 8, 31) + timedelta(days=i)) for i in range(6)]
+    expected: dict[str, list[int]] = {}
+    for r in mine:
+        day = body["days"].index(r["meta"]["event_time"][:10])
+        expected.setdefault(r["meta"]["course"] or "", [0] * 6)[day] += 1  # "": events without a course
+    assert body["courses"] == expected
+    other = get(settings, two_tenants["b_reader"], "/learner-activity", learner=learner, **SPAN).json()
+    assert sum(n for days in other["courses"].values() for n in days) == \
+        sum(1 for r in expected_records(two_tenants["b"], two_tenants["b_events"]) if r["meta"]["learner"] == learner)
+
+
+def test_refusals_by_sensor_and_reason_with_their_payload(settings, two_tenants):
+    sensor = "https://example.edu/sensors/refusals-test"
+    body = json.dumps({"sensor": sensor, "sendTime": "2026-12-01T00:00:00Z", "dataVersion": "nope", "data": []})
+    started = datetime.now(UTC) - timedelta(seconds=1)
+    for _ in range(2):
+        reply = httpx.post(f"{settings.api_url}/caliper", content=body, timeout=30,
+                           headers={"Authorization": f"Bearer {two_tenants['a_sensor']}",
+                                    "Content-Type": "application/json"})
+        assert reply.status_code in (400, 422), reply.text
+    window = {"start": started.isoformat(), "end": (datetime.now(UTC) + timedelta(minutes=1)).isoformat()}
+    groups: list = []
+    for _ in range(60):  # the quarantine is written in the background
+        groups = get(settings, two_tenants["a_reader"], "/audit/refusals", **window).json()["groups"]
+        if groups and groups[0]["count"] == 2:
+            break
+        time.sleep(0.5)
+    assert [(g["sensor"], g["status"], g["count"]) for g in groups] == [(sensor, reply.status_code, 2)]
+    assert groups[0]["sample_problems"]
+    kept = get(settings, two_tenants["a_reader"], f"/audit/quarantine/{groups[0]['sample_request_id']}").json()
+    assert kept["payload"] == body and kept["payload_encoding"] == "utf-8" and not kept["payload_truncated"]
+    assert kept["problems"] == groups[0]["sample_problems"]
+    # another tenant: none of it
+    assert get(settings, two_tenants["b_reader"], "/audit/refusals", **window).json()["groups"] == []
+    assert get(settings, two_tenants["b_reader"],
+               f"/audit/quarantine/{groups[0]['sample_request_id']}").status_code == 404
+
+
+def test_the_console_is_served_with_a_strict_policy(settings):
+    page = httpx.get(f"{settings.api_url}/console/", timeout=30)
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    policy = page.headers["content-security-policy"]
+    assert "default-src 'none'" in policy and "connect-src 'self'" in policy and "frame-ancestors 'none'" in policy
+    for asset in ("console.js", "console.css"):
+        assert httpx.get(f"{settings.api_url}/console/{asset}", timeout=30).status_code == 200
+    assert "http" not in "".join(line for line in page.text.splitlines() if "src=" in line or "href=" in line)
+    assert httpx.get(f"{settings.api_url}/console/nope.js", timeout=30).status_code == 404
+    moved = httpx.get(f"{settings.api_url}/console", timeout=30)
+    assert moved.status_code in (301, 307, 308) and moved.headers["location"].endswith("/console/")

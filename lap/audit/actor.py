@@ -31,7 +31,7 @@ class AuditActor:
         self._task: asyncio.Task | None = None
 
     def _shard(self, shard_id: str) -> dict[str, Any]:
-        return self.shards.setdefault(shard_id, {"lag_ms": None, "archived_seq": None, "indexed_seq": None,
+        return self.shards.setdefault(shard_id, {"lag_ms": None, "archived_seq": None, "indexed_seq": None, "node": None,
                                                  "archived": 0, "aggregated": 0, "indexed": 0, "duplicates": 0,
                                                  "dirty": True})
 
@@ -39,6 +39,8 @@ class AuditActor:
         shard = self._shard(shard_id)
         if report.get("lag_ms") is not None:
             shard["lag_ms"] = report["lag_ms"]
+        if report.get("node"):
+            shard["node"] = report["node"]
         if "last_seq" in report:
             shard["archived_seq"] = report["last_seq"]
             shard["archived"] += report["kept"]
@@ -82,17 +84,18 @@ class AuditActor:
             # the counters here are since this actor started; the stored ones are added to, not replaced
             await conn.executemany(
                 """INSERT INTO shard_status AS t (stream, shard_id, lag_ms, archived_seq, indexed_seq,
-                                                  archived, aggregated, indexed, duplicates, updated_at)
-                   VALUES ($1, $2, $3, $4::numeric, $5::numeric, $6, $7, $8, $9, now())
+                                                  archived, aggregated, indexed, duplicates, consumer_node, updated_at)
+                   VALUES ($1, $2, $3, $4::numeric, $5::numeric, $6, $7, $8, $9, $10, now())
                    ON CONFLICT (stream, shard_id) DO UPDATE SET
                        lag_ms = coalesce(excluded.lag_ms, t.lag_ms),
                        archived_seq = coalesce(excluded.archived_seq, t.archived_seq),
                        indexed_seq = coalesce(excluded.indexed_seq, t.indexed_seq),
+                       consumer_node = coalesce(excluded.consumer_node, t.consumer_node),
                        archived = t.archived + excluded.archived, aggregated = t.aggregated + excluded.aggregated,
                        indexed = t.indexed + excluded.indexed, duplicates = t.duplicates + excluded.duplicates,
                        updated_at = now()""",
                 [(self.settings.stream.name, k, s["lag_ms"], s["archived_seq"], s["indexed_seq"],
-                  *(n[c] for c in counters)) for (k, s), n in zip(dirty, sent)])
+                  *(n[c] for c in counters), s["node"]) for (k, s), n in zip(dirty, sent)])
         for (_, s), n in zip(dirty, sent):  # what went out is not sent again
             for c in counters:
                 s[c] -= n[c]

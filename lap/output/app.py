@@ -8,6 +8,7 @@ are query parameters. Errors are RFC 7807 problems, never a 5xx for bad input.
 import asyncio
 import base64
 import binascii
+import functools
 import gzip
 import logging
 import math
@@ -15,6 +16,8 @@ from http import HTTPStatus
 from contextlib import AsyncExitStack
 from datetime import UTC, date, datetime, timedelta
 from typing import Any, Literal
+import zoneinfo
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import asyncpg
 import opensearchpy
@@ -31,7 +34,7 @@ from lap.audit.reconcile import ReconcileRefused, Reconciler, Window
 from lap.audit.replay import STAGES, Replayer, ReplayBusy, ReplayError, check_replay_window, new_replay_id
 from lap.auth import KeyCache, Principal, bearer_token, declare_bearer_auth
 from lap.aws import open_client
-from lap.health import HEALTH_RESPONSES, CachedHealth, HealthReport, health_reply
+from lap.health import HEALTH_RESPONSES, CachedHealth, ComponentHealth, HealthReport, health_reply
 from lap.settings import load_settings
 from lap.web import add_offline_docs
 from lap.sinks.index import index_name, open_opensearch
@@ -79,6 +82,17 @@ async def _on_routing(request: Request, exc: StarletteHTTPException) -> Response
                   405: f"{request.method} is not allowed on this path"}.get(exc.status_code, detail)
     return problem_response(Problem(exc.status_code, HTTPStatus(exc.status_code).phrase, detail,
                                     dict(exc.headers or {})))
+
+
+@app.exception_handler(asyncpg.PostgresConnectionError)
+@app.exception_handler(asyncpg.InterfaceError)
+@app.exception_handler(ConnectionError)
+@app.exception_handler(TimeoutError)
+async def _on_store_away(request: Request, exc: Exception) -> Response:
+    """Postgres went away after the key was checked (keys are cached): retriable, so a 503, never a 500."""
+    log.warning("%s %s: a store did not answer: %s", request.method, request.url.path, type(exc).__name__)
+    return problem_response(Problem(503, "Service Unavailable", "Postgres is not reachable; retry later",
+                                    {"Retry-After": "5"}))
 
 
 @app.exception_handler(asyncpg.DataError)
@@ -208,16 +222,18 @@ WEEKDAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", 
 
 class WeekdayHours(BaseModel):
     weekday: Literal["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
-    hours: list[int] = Field(description="24 counts: events from 00:00 to 01:00 UTC first")
+    hours: list[int] = Field(description="24 counts: events from 00:00 to 01:00 (in time_zone) first")
 
 
 class CourseHeatmap(BaseModel):
     course: str
-    days: list[str]
+    time_zone: str = Field(description="the zone of hour_of_week and week; in a zone whose offset is not whole "
+                                       "hours, each UTC hour counts in the local hour it starts in")
+    days: list[str] = Field(description="UTC days: learners' days are kept per UTC day")
     learners: list[LearnerDays]
-    hour_of_week: list[int] = Field(description="168 counts over the window's days, Monday 00-01 UTC first "
-                                                "(the same as `week`, flat)")
-    week: list[WeekdayHours] = Field(description="the same counts by weekday (Monday first) and UTC hour")
+    hour_of_week: list[int] = Field(description="168 counts over the window's days, Monday 00-01 first (the same "
+                                                "as `week`, flat)")
+    week: list[WeekdayHours] = Field(description="the same counts by weekday (Monday first) and hour")
 
 
 class EventHit(BaseModel):
@@ -366,9 +382,93 @@ class ReplayStatus(BaseModel):
     error: str | None
 
 
+class Caller(BaseModel):
+    tenant: str
+    role: Literal["reader", "admin"]
+
+
+class MinuteFigures(BaseModel):
+    minute: datetime
+    accepted: int = Field(description="events the stream acknowledged, by the minute LAP received them")
+    refused: dict[str, int] = Field(description="requests refused and kept in the quarantine (400, 413, 422), by "
+                                                "HTTP status")
+
+
+class ShardPipeline(BaseModel):
+    shard_id: str
+    consumer: Literal["consuming", "waiting", "finished"]
+    node: str | None = Field(description="address of the node its consumer last reported from")
+    lag_ms: int | None
+    index_backlog_batches: int = Field(description="committed batches of the shard not yet in the search index")
+    reported_at: datetime | None
+    stale: bool = Field(description="an unfinished shard whose consumer has not reported for over stale_after_s")
+
+
+class PipelineReport(BaseModel):
+    generated_at: datetime
+    stale_after_s: float
+    minutes: list[MinuteFigures] = Field(description="this tenant's last minutes, oldest first; the newest may still "
+                                                     "grow (ingest replicas count for a few seconds before writing)")
+    shards: list[ShardPipeline]
+    components: dict[str, ComponentHealth]
+
+
+class RefusalGroup(BaseModel):
+    sensor: str
+    status: int
+    title: str
+    count: int
+    last_received_at: datetime
+    sample_request_id: str = Field(description="the newest refusal of the group: GET /v1/audit/quarantine/{id}")
+    sample_problems: list[dict[str, Any]]
+
+
+class RefusalGroups(BaseModel):
+    start: datetime
+    end: datetime
+    groups: list[RefusalGroup]
+
+
+class QuarantinedRequest(BaseModel):
+    request_id: str
+    sensor: str
+    received_at: datetime
+    status: int
+    title: str
+    problems: list[dict[str, Any]]
+    payload_bytes: int
+    payload_truncated: bool = Field(description="only the first limits.quarantine_payload_bytes were kept")
+    payload_encoding: Literal["utf-8", "base64"]
+    payload: str
+
+
+class LearnerActivity(BaseModel):
+    learner: str
+    days: list[date]
+    courses: dict[str, list[int]] = Field(description="per course (\"\" for events without one), the events of "
+                                                      "each of `days` (UTC days)")
+
+
 # --- helpers ---------------------------------------------------------------------------
 
 MAX_WINDOW = timedelta(days=31)
+TIME_ZONE = Query("UTC", max_length=64, description="IANA time zone in which days and hours are read, e.g. "
+                                                    "Europe/Paris (default UTC)")
+
+
+@functools.cache
+def time_zone_names() -> frozenset[str]:
+    return frozenset(zoneinfo.available_timezones()) - {"Factory", "localtime"}  # no place's time
+
+
+def zone(name: str) -> ZoneInfo:
+    try:
+        if name not in time_zone_names():
+            raise ZoneInfoNotFoundError(name)
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError, OSError):
+        raise Problem(400, "Bad Request", f"tz {name!r} is not an IANA time zone name, e.g. UTC or "
+                                          "America/New_York") from None
 SEARCH = Query(None, min_length=1, max_length=200, description="only IRIs that hold this text (any case)")
 NEXT_CURSOR = Query(None, max_length=4000, description="next_cursor of the previous page")
 
@@ -392,10 +492,12 @@ def check_window(start: datetime, end: datetime) -> None:
         raise Problem(400, "Bad Request", f"the window is over {MAX_WINDOW.days} days; reconcile it in parts")
 
 
-def _next_midnight(moment: datetime) -> datetime:
-    """The first UTC midnight at or after `moment`: per-day figures count a day only if it starts inside the window."""
-    midnight = moment.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
-    return midnight if midnight == moment else midnight + timedelta(days=1)
+def _next_midnight(moment: datetime, tz: ZoneInfo | None = None) -> datetime:
+    """The first midnight (in `tz`, else UTC) at or after `moment`: per-day figures count a day only if it starts
+    inside the window."""
+    local = moment.astimezone(tz or UTC)
+    midnight = datetime(local.year, local.month, local.day, tzinfo=tz or UTC)
+    return midnight if midnight == moment else midnight + timedelta(days=1)  # wall-clock days across DST changes
 
 
 PROGRESS_SAVE_S = 2.0  # how often a running replay's progress (and heartbeat) is written for the other replicas
@@ -575,6 +677,11 @@ class OutputAPI:
     async def healthz(self):
         return await health_reply(self.health)
 
+    @app.get("/whoami", response_model=Caller, responses=_PROBLEMS, summary="The tenant and role of the key sent")
+    async def whoami(self, request: Request):
+        principal = await self.caller(request)
+        return Caller(tenant=principal.tenant, role=principal.role)
+
     @app.get("/learner-summary", response_model=LearnerSummary, responses=_PROBLEMS,
              summary="A learner's figures for each course")
     async def learner_summary(self, request: Request,
@@ -597,6 +704,28 @@ class OutputAPI:
         if not rows:
             raise Problem(404, "Not Found", "no events of this learner" + (" in this course" if course else ""))
         return LearnerSummary(learner=learner, courses=summary_rows(rows, actions))
+
+    @app.get("/learner-activity", response_model=LearnerActivity, responses=_PROBLEMS,
+             summary="A learner's events per UTC day and course")
+    async def learner_activity(
+        self, request: Request, learner: str = Query(..., min_length=1, max_length=2000, description="learner IRI"),
+        start: datetime = Query(..., description="from (included): the UTC days that start inside the window"),
+        end: datetime = Query(..., description="to (excluded)"),
+    ):
+        tenant = (await self.caller(request)).tenant
+        check_window(start, end)
+        first, last = _next_midnight(start), _next_midnight(end)
+        async with self._pool.acquire() as conn:
+            rows = await conn.fetch(
+                """SELECT course, day, events FROM learner_days
+                    WHERE tenant = $1 AND learner = $2 AND day >= $3 AND day < $4""",
+                tenant, learner, first.date(), last.date())
+        days = [(first + timedelta(days=i)).date() for i in range((last - first).days)]
+        position = {d: i for i, d in enumerate(days)}
+        courses: dict[str, list[int]] = {}
+        for r in rows:
+            courses.setdefault(r["course"], [0] * len(days))[position[r["day"]]] += int(r["events"])
+        return LearnerActivity(learner=learner, days=days, courses=dict(sorted(courses.items())))
 
     @app.get("/course-learners", response_model=CourseLearners, responses=_OR_CSV,
              summary="One row per learner of a course, sorted and paged")
@@ -707,10 +836,12 @@ class OutputAPI:
         start: datetime = Query(..., description="event time from (included)"),
         end: datetime = Query(..., description="event time to (excluded)"),
         granularity: Literal["day", "hour"] = Query("day"),
+        tz: str = TIME_ZONE,
     ):
         tenant = (await self.caller(request)).tenant
         check_window(start, end)
-        if granularity == "day":
+        local = zone(tz)
+        if granularity == "day" and tz == "UTC":
             # days are whole UTC days: a day is in the window when its midnight is
             async with self._pool.acquire() as conn:
                 rows = await conn.fetch(
@@ -723,41 +854,46 @@ class OutputAPI:
             buckets = [ActivityBucket(start=datetime(r["day"].year, r["day"].month, r["day"].day, tzinfo=UTC),
                                       events=r["events"], active_learners=r["learners"]) for r in rows]
         else:
-            # hours come from the search index (the aggregate tables are per day)
+            # hours, and days of another time zone, come from the search index (the aggregates are per UTC day)
+            if granularity == "day":  # whole days of tz, as in the UTC case
+                start, end = _next_midnight(start, local), _next_midnight(end, local)
+            interval = {"calendar_interval": "1d"} if granularity == "day" else {"fixed_interval": "1h"}
             body = {"size": 0, "query": {"bool": {"filter": [
                         {"term": {"tenant": tenant}}, {"term": {"course": course}},
                         {"range": {"event_time": {"gte": as_utc("start", start).isoformat(),
                                                    "lt": as_utc("end", end).isoformat()}}}]}},
-                    "aggs": {"hours": {"date_histogram": {"field": "event_time", "fixed_interval": "1h",
-                                                          "min_doc_count": 1},
-                                       "aggs": {"learners": {"cardinality": {"field": "learner",
-                                                                             "precision_threshold": 40000}}}}}}
-            reply = await self.search(tenant, body)
-            hours = reply.get("aggregations", {}).get("hours", {}).get("buckets", [])
-            buckets = [ActivityBucket(start=datetime.fromtimestamp(b["key"] / 1000, UTC), events=b["doc_count"],
-                                      active_learners=b["learners"]["value"]) for b in hours]
+                    "aggs": {"buckets": {"date_histogram": {"field": "event_time", "time_zone": tz,
+                                                            "min_doc_count": 1, **interval},
+                                         "aggs": {"learners": {"cardinality": {"field": "learner",
+                                                                               "precision_threshold": 40000}}}}}}
+            reply = await self.search(tenant, body) if start < end else {}
+            found = reply.get("aggregations", {}).get("buckets", {}).get("buckets", [])
+            buckets = [ActivityBucket(start=datetime.fromtimestamp(b["key"] / 1000, local), events=b["doc_count"],
+                                      active_learners=b["learners"]["value"]) for b in found]
         return CourseActivity(course=course, granularity=granularity, buckets=buckets)
 
     @app.get("/course-heatmap", response_model=CourseHeatmap, responses=_PROBLEMS,
              summary="Learners x days activity of a course, and its hour-of-week activity")
     async def course_heatmap(
         self, request: Request, course: str = Query(..., min_length=1, max_length=2000),
-        start: datetime = Query(..., description="event time from (included); whole UTC days"),
+        start: datetime = Query(..., description="event time from (included); whole days"),
         end: datetime = Query(..., description="event time to (excluded)"),
+        tz: str = TIME_ZONE,
     ):
         tenant = (await self.caller(request)).tenant
         check_window(start, end)
-        first, last = _next_midnight(start), _next_midnight(end)  # the days that start inside the window
+        local = zone(tz)
+        first, last = _next_midnight(start), _next_midnight(end)  # the UTC days that start inside the window
+        hours_from, hours_to = _next_midnight(start, local), _next_midnight(end, local)  # and the days of tz
         async with self._pool.acquire() as conn:
             rows = await conn.fetch(
                 """SELECT learner, day, events FROM learner_days
                     WHERE tenant = $1 AND course = $2 AND day >= $3 AND day < $4
                     ORDER BY learner, day""", tenant, course, first.date(), last.date())
             hours = await conn.fetch(
-                """SELECT ((extract(isodow FROM hour AT TIME ZONE 'UTC') - 1) * 24
-                           + extract(hour FROM hour AT TIME ZONE 'UTC'))::int AS hour_of_week, sum(events) AS events
-                     FROM course_hours WHERE tenant = $1 AND course = $2 AND hour >= $3 AND hour < $4
-                    GROUP BY 1""", tenant, course, first, last)
+                """SELECT hour, events FROM course_hours
+                    WHERE tenant = $1 AND course = $2 AND hour >= $3 AND hour < $4""",
+                tenant, course, hours_from, hours_to)
         learners: dict[str, dict[str, int]] = {}
         days: set[str] = set()
         for r in rows:
@@ -765,9 +901,10 @@ class OutputAPI:
             days.add(day)
             learners.setdefault(r["learner"], {})[day] = int(r["events"])
         week = [0] * 168
-        for h in hours:
-            week[h["hour_of_week"]] = int(h["events"])
-        return CourseHeatmap(course=course, days=sorted(days), hour_of_week=week,
+        for h in hours:  # each stored (UTC) hour goes to the local hour it starts in
+            at = h["hour"].astimezone(local)
+            week[at.weekday() * 24 + at.hour] += int(h["events"])
+        return CourseHeatmap(course=course, time_zone=tz, days=sorted(days), hour_of_week=week,
                              week=[WeekdayHours(weekday=name, hours=week[i * 24:(i + 1) * 24])
                                    for i, name in enumerate(WEEKDAYS)],
                              learners=[LearnerDays(learner=k, days=v) for k, v in learners.items()])
@@ -817,11 +954,14 @@ class OutputAPI:
         start: datetime = Query(..., description="received from (included); the first row is its hour"),
         end: datetime = Query(..., description="received until (excluded)"),
         format: Literal["json", "csv"] = Query("json"),
+        tz: str = Query("UTC", max_length=64, description="IANA time zone whose whole hours are the rows, e.g. "
+                                                          "Asia/Kolkata (default UTC)"),
     ):
         tenant = (await self.caller(request)).tenant
         check_window(start, end)
+        local = zone(tz)
         start, end = as_utc("start", start), as_utc("end", end)
-        first = start.replace(minute=0, second=0, microsecond=0)
+        first = start.astimezone(local).replace(minute=0, second=0, microsecond=0).astimezone(UTC)
         if end - first > timedelta(hours=MAX_AUDIT_HOURS):
             raise Problem(400, "Bad Request", f"at most {MAX_AUDIT_HOURS} hours at a time; ask in parts")
         reconciler = Reconciler(self.settings, self._pool, self._s3, self._search)
@@ -831,13 +971,14 @@ class OutputAPI:
         async def one(hour: datetime) -> HourAudit:
             async with gate:
                 result = await reconciler.run(Window(tenant, max(hour, start), min(hour + timedelta(hours=1), end)))
-            return HourAudit(hour=hour, **{k: v for k, v in result.as_dict().items() if k in HourAudit.model_fields})
+            return HourAudit(hour=hour.astimezone(local),
+                             **{k: v for k, v in result.as_dict().items() if k in HourAudit.model_fields})
 
         hours = list(await self.reconciled(asyncio.gather(*(one(hour) for hour in starts))))
         if format == "csv":
             rows = [h.model_dump() | {f"missing_{stage}": n for stage, n in h.missing.items()} for h in hours]
             return csv_response("reconcile-hours.csv", HOUR_CSV_COLUMNS, rows)
-        return HourAudits(start=start, end=end, hours=hours)
+        return HourAudits(start=start.astimezone(local), end=end.astimezone(local), hours=hours)
 
     @app.post("/audit/replay", response_model=ReplayAccepted, status_code=202, responses=_PROBLEMS,
               summary="Replay what reconcile finds missing in a window (admin keys)")
@@ -983,6 +1124,97 @@ class OutputAPI:
             QuarantineEntry(request_id=r["request_id"], sensor=r["sensor"], received_at=r["received_at"],
                             status=r["status"], title=r["title"], problems=orjson.loads(r["problems"]),
                             payload_bytes=r["payload_bytes"], object_key=r["object_key"]) for r in page])
+
+    @app.get("/pipeline", response_model=PipelineReport, responses=_PROBLEMS,
+             summary="The live pipeline: this tenant's events and refusals per minute, each shard, each dependency")
+    async def pipeline(self, request: Request, minutes: int = Query(15, ge=1, le=120)):
+        tenant = (await self.caller(request)).tenant
+        now = datetime.now(UTC)
+        since = now.replace(second=0, microsecond=0) - timedelta(minutes=minutes - 1)
+        stale_after = max(30.0, 5 * self.settings.process.audit_flush_s)
+        health = await self.health.report()
+        async with self._pool.acquire() as conn:
+            accepted = await conn.fetch(
+                """SELECT minute, sum(greatest(acknowledged, accepted))::bigint AS events FROM (
+                       SELECT received_minute AS minute,
+                              sum(events) FILTER (WHERE stage = 'acknowledged') AS acknowledged,
+                              sum(events) FILTER (WHERE stage = 'accepted') AS accepted
+                         FROM stage_counts
+                        WHERE tenant = $1 AND received_minute >= $2 AND stage IN ('acknowledged', 'accepted')
+                        GROUP BY received_minute, sensor, shard_id) AS t
+                    GROUP BY minute""", tenant, since)
+            refused = await conn.fetch(
+                """SELECT date_trunc('minute', received_at) AS minute, status, count(*) AS n FROM quarantined
+                    WHERE tenant = $1 AND received_at >= $2 GROUP BY 1, 2""", tenant, since)
+            shards = await conn.fetch(
+                """SELECT c.shard_id, c.finished, c.lease_owner IS NOT NULL AND c.lease_expires > now() AS leased,
+                          s.lag_ms, s.consumer_node, s.updated_at,
+                          (SELECT count(*) FROM batches b WHERE b.stream = c.stream AND b.shard_id = c.shard_id
+                              AND (i.last_seq IS NULL OR b.first_seq > i.last_seq)) AS backlog
+                     FROM shard_checkpoints c
+                     LEFT JOIN index_cursors i ON i.stream = c.stream AND i.shard_id = c.shard_id
+                     LEFT JOIN shard_status s ON s.stream = c.stream AND s.shard_id = c.shard_id
+                    WHERE c.stream = $1 ORDER BY c.shard_id""", self.settings.stream.name)
+        figures = {since + timedelta(minutes=i): MinuteFigures(minute=since + timedelta(minutes=i), accepted=0,
+                                                               refused={}) for i in range(minutes)}
+        for r in accepted:
+            if r["minute"] in figures:
+                figures[r["minute"]].accepted = int(r["events"])
+        for r in refused:
+            if r["minute"] in figures:
+                figures[r["minute"]].refused[str(r["status"])] = int(r["n"])
+        return PipelineReport(
+            generated_at=now, stale_after_s=stale_after, minutes=list(figures.values()), components=health.components,
+            shards=[ShardPipeline(
+                shard_id=r["shard_id"], node=r["consumer_node"], lag_ms=r["lag_ms"],
+                consumer="finished" if r["finished"] else ("consuming" if r["leased"] else "waiting"),
+                index_backlog_batches=r["backlog"], reported_at=r["updated_at"],
+                stale=not r["finished"] and (r["updated_at"] is None
+                                             or (now - r["updated_at"]).total_seconds() > stale_after))
+                for r in shards])
+
+    @app.get("/audit/refusals", response_model=RefusalGroups, responses=_PROBLEMS,
+             summary="Refusals kept in the quarantine, by sensor and reason, each with its newest sample")
+    async def audit_refusals(self, request: Request, start: datetime = Query(...), end: datetime = Query(...)):
+        tenant = (await self.caller(request)).tenant
+        check_window(start, end)
+        async with self._pool.acquire() as conn:
+            rows = await conn.fetch(
+                """SELECT DISTINCT ON (sensor, status, title) sensor, status, title,
+                          count(*) OVER (PARTITION BY sensor, status, title) AS n, received_at, request_id, problems
+                     FROM quarantined WHERE tenant = $1 AND received_at >= $2 AND received_at < $3
+                    ORDER BY sensor, status, title, received_at DESC, request_id""", tenant, start, end)
+        groups = [RefusalGroup(sensor=r["sensor"], status=r["status"], title=r["title"], count=r["n"],
+                               last_received_at=r["received_at"], sample_request_id=r["request_id"],
+                               sample_problems=orjson.loads(r["problems"])) for r in rows]
+        groups.sort(key=lambda g: (-g.count, g.sensor, g.status))
+        return RefusalGroups(start=start, end=end, groups=groups)
+
+    @app.get("/audit/quarantine/{request_id}", response_model=QuarantinedRequest, responses=_PROBLEMS,
+             summary="One refused request: its problems and the payload as kept")
+    async def quarantined_request(self, request: Request, request_id: str):
+        tenant = (await self.caller(request)).tenant
+        async with self._pool.acquire() as conn:
+            row = await conn.fetchrow("SELECT * FROM quarantined WHERE request_id = $1 AND tenant = $2",
+                                      request_id, tenant)
+        if row is None:
+            raise Problem(404, "Not Found", "no refused request with this id")
+        try:
+            reply = await self._s3.get_object(Bucket=self.settings.archive.bucket, Key=row["object_key"])
+            async with reply["Body"] as body:
+                kept = orjson.loads(await body.read())
+        except self._s3.exceptions.NoSuchKey:
+            raise Problem(404, "Not Found", "the payload of this refusal is no longer kept (the quarantine's "
+                                            "lifecycle removed it)") from None
+        except Exception as exc:
+            log.warning("quarantine read for %s failed: %s", request_id, exc)
+            raise Problem(503, "Service Unavailable", "the archive is not reachable; retry later",
+                          {"Retry-After": "5"}) from None
+        return QuarantinedRequest(
+            request_id=row["request_id"], sensor=row["sensor"], received_at=row["received_at"], status=row["status"],
+            title=row["title"], problems=orjson.loads(row["problems"]), payload_bytes=row["payload_bytes"],
+            payload_truncated=kept.get("payload_truncated", False),
+            payload_encoding=kept.get("payload_encoding", "utf-8"), payload=kept.get("payload", ""))
 
     @app.get("/audit/dead-letters", response_model=DeadLetterPage, responses=_PROBLEMS,
              summary="Stream records of this tenant a consumer could not process, and why")

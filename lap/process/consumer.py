@@ -12,6 +12,7 @@ Ray starts it again and re-runs `run`, which resumes from the checkpoint.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import random
@@ -339,13 +340,19 @@ def audit_handle():
         return None  # not running (a test drives a consumer alone): reports are skipped
 
 
+@functools.cache
+def _node_address() -> str:
+    """The address of the node this consumer runs on: the console shows where each shard is consumed."""
+    return ray.util.get_node_ip_address()
+
+
 def report(audit, shard_id: str, result=None, lag_ms: int | None = None) -> None:
     """Fire-and-forget: the audit actor's view is live status, the durable truth is in Postgres."""
     if lag_ms is not None:
         metrics.consumer_lag_ms().set(lag_ms, tags={"shard": shard_id})
     if audit is None:
         return
-    payload: dict[str, Any] = {"lag_ms": lag_ms}
+    payload: dict[str, Any] = {"lag_ms": lag_ms, "node": _node_address()}
     if result is not None:
         payload.update(last_seq=str(result.last_seq), kept=result.kept, duplicates=result.duplicates)
     audit.consumer_report.remote(shard_id, payload)
