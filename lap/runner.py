@@ -512,6 +512,7 @@ def startup_report(settings: Settings, stack: LocalStack, health: dict, seconds:
         f"LAP is up ({seconds:.0f} s). Data in {settings.data_dir}",
         f"  API           {settings.api_url}   (health: {settings.api_url}/healthz)",
         f"  API docs      {settings.api_url}/docs   and {settings.api_url}/v1/docs",
+        f"  Console       {settings.api_url}/console/   (sign in with a reader or admin key)",
     ]
     if not settings.ray.address:
         lines.append(f"  Ray dashboard {settings.dashboard_url}")

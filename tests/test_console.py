@@ -119,6 +119,7 @@ def open_view(browser, settings, fragment: str, ready: str, timeout: float = 30)
 def shot(browser, name: str) -> None:
     height = browser.execute_script("return document.body.scrollHeight")
     browser.set_window_size(1280, min(max(900, height + 40), 2400))
+    browser.execute_script("window.scrollTo(0, 0)")
     browser.save_screenshot(str(SHOTS[0] / f"{name}.png"))
     browser.set_window_size(1280, 900)
 
@@ -274,7 +275,7 @@ async def test_a_lost_archive_object_is_flagged_then_replayed_from_the_page(brow
     signed_in(browser, settings, console_data["reader"])
     start, end = proof_window(console_data)
     open_view(browser, settings, f"proof/{start}/{end}", "#hours tbody tr.incomplete")
-    browser.find_element(By.CSS_SELECTOR, "#hours tbody tr.incomplete button").click()
+    browser.find_element(By.CSS_SELECTOR, "#hours tbody tr.incomplete button").send_keys(Keys.ENTER)  # keyboard
     listed = wait(browser, lambda d: [li.text for li in d.find_elements(By.CSS_SELECTOR, "ul[data-stage='archive'] li")])
     assert listed == lost
     assert not browser.find_elements(By.ID, "replay-hour")

@@ -51,8 +51,8 @@ def test_status_shows_components_serve_apps_and_shards(lap_up):
     assert all(c["ok"] for c in report["components"].values())
     apps = report["serve"]["applications"]
     assert {name: app["status"] for name, app in apps.items()} == {
-        "ingest": "RUNNING", "output": "RUNNING", "processing": "RUNNING"}
-    assert apps["output"]["route_prefix"] == "/v1"
+        "ingest": "RUNNING", "output": "RUNNING", "console": "RUNNING", "processing": "RUNNING"}
+    assert apps["output"]["route_prefix"] == "/v1" and apps["console"]["route_prefix"] == "/console"
     # at least the 4 shards LAP created (a test may have split one: its parent is then closed)
     assert [s["state"] for s in report["shards"]].count("open") >= 4
     # every open shard has a consumer holding its lease
@@ -270,4 +270,4 @@ def test_serve_status_cli_sees_the_applications_running(lap_up):
     assert result.returncode == 0, result.stderr
     apps = yaml.safe_load(result.stdout)["applications"]
     assert {name: app["status"] for name, app in apps.items()} == {
-        "ingest": "RUNNING", "output": "RUNNING", "processing": "RUNNING"}
+        "ingest": "RUNNING", "output": "RUNNING", "console": "RUNNING", "processing": "RUNNING"}

@@ -89,9 +89,9 @@ async def _on_routing(request: Request, exc: StarletteHTTPException) -> Response
 @app.exception_handler(ConnectionError)
 @app.exception_handler(TimeoutError)
 async def _on_store_away(request: Request, exc: Exception) -> Response:
-    """Postgres went away after the key was checked (keys are cached): retriable, so a 503, never a 500."""
+    """A store went away after the key was checked (keys are cached): retriable, so a 503, never a 500."""
     log.warning("%s %s: a store did not answer: %s", request.method, request.url.path, type(exc).__name__)
-    return problem_response(Problem(503, "Service Unavailable", "Postgres is not reachable; retry later",
+    return problem_response(Problem(503, "Service Unavailable", "a store LAP reads did not answer; retry later",
                                     {"Retry-After": "5"}))
 
 
@@ -429,14 +429,7 @@ class RefusalGroups(BaseModel):
     groups: list[RefusalGroup]
 
 
-class QuarantinedRequest(BaseModel):
-    request_id: str
-    sensor: str
-    received_at: datetime
-    status: int
-    title: str
-    problems: list[dict[str, Any]]
-    payload_bytes: int
+class QuarantinedRequest(QuarantineEntry):
     payload_truncated: bool = Field(description="only the first limits.quarantine_payload_bytes were kept")
     payload_encoding: Literal["utf-8", "base64"]
     payload: str
@@ -1213,7 +1206,7 @@ class OutputAPI:
         return QuarantinedRequest(
             request_id=row["request_id"], sensor=row["sensor"], received_at=row["received_at"], status=row["status"],
             title=row["title"], problems=orjson.loads(row["problems"]), payload_bytes=row["payload_bytes"],
-            payload_truncated=kept.get("payload_truncated", False),
+            object_key=row["object_key"], payload_truncated=kept.get("payload_truncated", False),
             payload_encoding=kept.get("payload_encoding", "utf-8"), payload=kept.get("payload", ""))
 
     @app.get("/audit/dead-letters", response_model=DeadLetterPage, responses=_PROBLEMS,

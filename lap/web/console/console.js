@@ -465,8 +465,7 @@ async function showHour(detail, hour, windowStart, windowEnd, replaceHour, curre
     said(),
     h("p", {}, report.complete ? "Complete: every accepted event is in every stage."
                                : lists.length ? "Incomplete: these events are missing."
-                               : "Not complete yet: events are still on their way (pending) or kept aside (dead letters)."),
-    lists);
+                               : "Not complete yet: events are still on their way (pending) or kept aside (dead letters)."));
   const needed = stages.filter(([stage]) => report.missing[stage] > 0).map(([stage]) => stage);
   if (state.who.role === "admin" && !report.complete) {
     const progress = h("p", { id: "replay-progress", role: "status" });
@@ -495,6 +494,7 @@ async function showHour(detail, hour, windowStart, windowEnd, replaceHour, curre
   } else if (!report.complete) {
     panel.append(h("p", { class: "note" }, "An admin key can replay this hour from here."));
   }
+  panel.append(...lists);
   detail.replaceChildren(panel);
 }
 
