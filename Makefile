@@ -9,7 +9,7 @@ PY_STAMP := $(VENV)/.lap-installed
 NODE_STAMP := $(NODE_DIR)/node_modules/.lap-installed
 WEB_DIR := lap/web
 WEB_STAMP := $(WEB_DIR)/vendor/.lap-installed
-BROWSER_PACKAGES := chromium chromium-driver
+BROWSER_PACKAGES := chromium chromium-driver fonts-dejavu-core
 
 .PHONY: install run test wheel constraints check-tools browser screenshots clean
 
