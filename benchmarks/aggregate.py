@@ -37,6 +37,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from common import machine, write_report  # noqa: E402
 
+from lap.caliper import iri_of  # noqa: E402
 from lap.process.aggregate import aggregate, aggregate_python, columns_from_records  # noqa: E402
 from lap.samples import EventFactory  # noqa: E402
 
@@ -47,10 +48,6 @@ SHAPES = {
 }
 
 
-def _iri(value) -> str | None:
-    return value if isinstance(value, str) else (value or {}).get("id")
-
-
 def records(events: int, shape: dict, seed: int) -> list[dict]:
     """Stream records as ingest writes them: meta with the resolved learner and course, and the item."""
     rng = random.Random(seed)
@@ -58,12 +55,12 @@ def records(events: int, shape: dict, seed: int) -> list[dict]:
     for n, item in enumerate(EventFactory(seed=seed, **shape).events(events)):
         if rng.random() < 0.05:
             item.pop("group")
-        learner = _iri(item["actor"])
-        if item["type"] == "GradeEvent" and _iri(item["object"].get("assignee")):
-            learner = _iri(item["object"]["assignee"])
+        learner = iri_of(item["actor"])
+        if item["type"] == "GradeEvent" and iri_of(item["object"].get("assignee")):
+            learner = iri_of(item["object"]["assignee"])
         meta = {"event_id": item["id"], "kind": "event", "type": item["type"], "action": item["action"],
                 "tenant": "default", "sensor": "https://lms.example.edu/sensors/lms",
-                "received_at": item["eventTime"], "learner": learner, "course": _iri(item.get("group")),
+                "received_at": item["eventTime"], "learner": learner, "course": iri_of(item.get("group")),
                 "event_time": item["eventTime"]}
         batch.append({"meta": meta, "item": item})
         if n % 50 == 0:

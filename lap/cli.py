@@ -154,25 +154,18 @@ async def _status(settings: Settings) -> dict:
 
 async def _processing(settings: Settings) -> dict:
     """Per shard: the consumer's state, lag and counts (the audit actor's view); totals per stage."""
+    from lap.audit.shards import consumer_state, shard_view
     from lap.sinks.store import connect
 
     conn = await connect(settings)
     try:
-        rows = await conn.fetch(
-            """SELECT c.shard_id, c.finished, c.lease_owner IS NOT NULL AND c.lease_expires > now() AS leased,
-                      s.lag_ms, s.archived, s.indexed, s.duplicates
-                 FROM shard_checkpoints c
-                 LEFT JOIN shard_status s ON s.stream = c.stream AND s.shard_id = c.shard_id
-                WHERE c.stream = $1""", settings.stream.name)
+        rows = await shard_view(conn, settings.stream.name)
         totals = {r["stage"]: int(r["n"]) for r in await conn.fetch(
             "SELECT stage, sum(events) AS n FROM stage_counts GROUP BY stage")}
     finally:
         await conn.close()
-    shards = {}
-    for r in rows:
-        state = "finished" if r["finished"] else ("consuming" if r["leased"] else "waiting")
-        shards[r["shard_id"]] = {"consumer": state, "lag_ms": r["lag_ms"], "archived": r["archived"] or 0,
-                                 "indexed": r["indexed"] or 0, "duplicates": r["duplicates"] or 0}
+    shards = {r["shard_id"]: {"consumer": consumer_state(r), "lag_ms": r["lag_ms"], "archived": r["archived"],
+                              "indexed": r["indexed"], "duplicates": r["duplicates"]} for r in rows}
     return {"shards": shards, "totals": totals}
 
 
@@ -359,11 +352,12 @@ def _window_options(command):
 
 
 def _window(tenant: str, start: datetime, end: datetime, sensor: str | None = None):
-    from lap.audit.reconcile import Window
+    from lap.audit.reconcile import WindowError, checked_window
 
-    if end <= start:
-        raise click.ClickException("--end must be after --start (start is included, end excluded)")
-    return Window(tenant, start, end, sensor)
+    try:
+        return checked_window(tenant, start, end, sensor, names=("--start", "--end"))
+    except WindowError as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 async def _with_stores(settings: Settings, work):

@@ -66,8 +66,7 @@ def haproxy_wrapper(folder: Path) -> Path:
     chosen = os.environ.get("RAY_SERVE_HAPROXY_BINARY_PATH")  # an operator's own HAProxy, or this script again
     real = chosen if chosen and Path(chosen) != script else _bundled_haproxy()
     body = folder / "414.json"
-    body.write_text(json.dumps({"type": "urn:lap:problem:414", "title": QUERY_TOO_LONG.title, "status": 414,
-                                "detail": QUERY_TOO_LONG.detail}))
+    body.write_bytes(QUERY_TOO_LONG.response().body)  # the very document the Output API sends
     rule = (f"    http-request return status 414 content-type application/problem+json file {body} "
             f"if {{ query,length gt {MAX_QUERY_BYTES} }}  # {HAPROXY_RULE_TAG}")
     append_rule = shlex.quote("/^frontend http_frontend$/a\\" + rule)  # sed: append after the frontend's line

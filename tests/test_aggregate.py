@@ -16,6 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from lap.caliper import iri_of
 from lap.process.aggregate import (
     DAY_US,
     HOUR_US,
@@ -34,20 +35,16 @@ from lap.samples import EventFactory
 _ids = itertools.count()
 
 
-def _iri(value) -> str | None:
-    return value if isinstance(value, str) else (value or {}).get("id")
-
-
 def record(item: dict, tenant: str = "t1") -> dict:
     """A stream record for a Caliper event, with the meta ingest would write."""
-    learner = _iri(item["actor"])
+    learner = iri_of(item["actor"])
     obj = item.get("object")
-    if item["type"] == "GradeEvent" and isinstance(obj, dict) and _iri(obj.get("assignee")):
-        learner = _iri(obj["assignee"])
+    if item["type"] == "GradeEvent" and isinstance(obj, dict) and iri_of(obj.get("assignee")):
+        learner = iri_of(obj["assignee"])
     return {"meta": {"event_id": item["id"], "kind": "event", "type": item["type"], "action": item["action"],
                      "tenant": tenant, "sensor": "https://lms.example.edu/sensors/lms",
                      "received_at": "2026-09-30T00:00:00.000Z", "learner": learner,
-                     "course": _iri(item.get("group")), "event_time": item["eventTime"]},
+                     "course": iri_of(item.get("group")), "event_time": item["eventTime"]},
             "item": item}
 
 

@@ -24,7 +24,7 @@ from lap.caliper import (
     CaliperError,
     Envelope,
     Item,
-    Problem,
+    ItemProblem,
     parse_envelope,
 )
 from lap.caliper import models
@@ -111,7 +111,7 @@ def test_every_invalid_fixture_is_refused_inside_an_envelope(path: Path):
     error = refused(wrap_raw(path.read_bytes()))
     assert error.status == 400
     assert any(p.index == 0 and p.path.startswith("$.data[0]") for p in error.problems), error.problems
-    assert all(isinstance(p, Problem) and p.message for p in error.problems)
+    assert all(isinstance(p, ItemProblem) and p.message for p in error.problems)
 
 
 def test_grade_event_learner_is_the_graded_attempts_assignee():

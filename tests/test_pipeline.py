@@ -26,6 +26,7 @@ import orjson
 import pytest
 
 from lap.aws import open_client
+from lap.caliper import iri_of
 from lap.process.aggregate import Aggregates, aggregate_python
 from lap.process.coordinator import COORDINATOR, consumer_name
 from lap.samples import EventFactory, envelope
@@ -90,20 +91,16 @@ def join_sender(thread: threading.Thread) -> None:
         raise thread.errors[0]  # type: ignore[attr-defined]
 
 
-def iri(value):
-    return value if isinstance(value, str) else value["id"]
-
-
 def expected_records(tenant: str, events: list[dict]) -> list[dict]:
     """What the pipeline should aggregate, derived here independently of the ingest code."""
     records = []
     for event in events:
-        learner = iri(event["actor"])
+        learner = iri_of(event["actor"])
         if event["type"] == "GradeEvent" and isinstance(event["object"], dict) and event["object"].get("assignee"):
-            learner = iri(event["object"]["assignee"])
+            learner = iri_of(event["object"]["assignee"])
         group = event.get("group")
         meta = {"event_id": event["id"], "kind": "event", "type": event["type"], "action": event["action"],
-                "tenant": tenant, "learner": learner, "course": None if group is None else iri(group),
+                "tenant": tenant, "learner": learner, "course": None if group is None else iri_of(group),
                 "event_time": event["eventTime"]}
         records.append({"meta": meta, "item": event})
     return records

@@ -54,9 +54,6 @@ class AuditActor:
         shard["indexed"] += indexed
         shard["dirty"] = True
 
-    def view(self) -> dict[str, dict[str, Any]]:
-        return {k: {n: v for n, v in s.items() if n != "dirty"} for k, s in self.shards.items()}
-
     async def run(self) -> None:
         """Flush the view to Postgres until the actor stops (idempotent: a second call waits on the first)."""
         if self._task is None or self._task.done():
@@ -100,3 +97,4 @@ class AuditActor:
             for c in counters:
                 s[c] -= n[c]
             s["dirty"] = any(s[c] for c in counters)  # a report that came during the write goes out next time
+

@@ -53,6 +53,31 @@ class Window:
     sensor: str | None = None
 
 
+MAX_WINDOW = timedelta(days=31)  # one reconcile (or one insight query) at a time
+
+
+class WindowError(ValueError):
+    """A window LAP refuses; the text says how to ask instead (a 400 on the API, an error on the CLI)."""
+
+
+def checked_window(tenant: str, start: datetime, end: datetime, sensor: str | None = None,
+                   names: tuple[str, str] = ("start", "end")) -> Window:
+    """The one rule for windows, on the API and the command line: zoned, in range, end after start, and at
+    most MAX_WINDOW long. `names` are the parameters' names as the caller's user typed them."""
+    for name, value in zip(names, (start, end)):
+        if value.tzinfo is None:
+            raise WindowError(f"{name} must carry a timezone, e.g. 2026-11-27T00:00:00Z")
+        try:
+            value.astimezone(timezone.utc)
+        except OverflowError:  # year 1 at +14:00, say: before the first UTC instant Python can hold
+            raise WindowError(f"{name} is out of the range of dates LAP can store") from None
+    if end <= start:
+        raise WindowError(f"{names[1]} must be after {names[0]} (start is included, end excluded)")
+    if end - start > MAX_WINDOW:
+        raise WindowError(f"the window is over {MAX_WINDOW.days} days; reconcile it in parts")
+    return Window(tenant, start, end, sensor)
+
+
 @dataclass
 class Reconciliation:
     accepted: int = 0

@@ -3,7 +3,7 @@
 ``parse_envelope(body)`` validates the raw request bytes and returns an
 :class:`Envelope` whose :class:`Item`\\ s carry what the stream needs (kind, id,
 type, action, learner, course, event time, and the item exactly as sent), or
-raises :class:`CaliperError` with every :class:`Problem` found.
+raises :class:`CaliperError` with every :class:`ItemProblem` found.
 
 Decisions
 ---------
@@ -79,17 +79,18 @@ Limits
     limited to 1024 levels (entities to about 250).
 """
 
-from .errors import Problem
-from .parser import SUPPORTED_VERSIONS, CaliperError, Envelope, Item, parse_envelope
+from .errors import ItemProblem
+from .parser import SUPPORTED_VERSIONS, CaliperError, Envelope, Item, iri_of, parse_envelope
 from .vocab import CALIPER_V1P1, CALIPER_V1P2
 
 __all__ = [
     "CALIPER_V1P1",
     "CALIPER_V1P2",
     "SUPPORTED_VERSIONS",
+    "iri_of",
     "CaliperError",
     "Envelope",
     "Item",
-    "Problem",
+    "ItemProblem",
     "parse_envelope",
 ]

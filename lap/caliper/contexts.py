@@ -47,8 +47,6 @@ for _iri in _CANONICAL:
         SPELLINGS[_v] = _iri
         SPELLINGS["https://" + _v[len("http://") :]] = _iri
 
-SUPPORTED = tuple(_CANONICAL)
-
 # a 1.1 profile extension context that is not one of V.V1P1_EXTENSIONS: read as 1.1, its terms unknown here
 _UNLISTED_EXTENSION = re.compile(r"^https?://purl\.imsglobal\.org/ctx/caliper/v1p1/[A-Za-z][A-Za-z0-9]*-extension/?$")
 

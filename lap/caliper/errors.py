@@ -1,4 +1,4 @@
-"""Turning pydantic validation errors into :class:`Problem`s a sensor developer can act on.
+"""Turning pydantic validation errors into :class:`ItemProblem`s a sensor developer can act on.
 
 pydantic reports locations through union members (``constrained-str``,
 ``tagged-union[...]``, the tag of the chosen member); the original JSON is
@@ -21,7 +21,7 @@ _ARTICLE_VOWELS = "AEIOU"
 
 
 @dataclass(frozen=True, slots=True)
-class Problem:
+class ItemProblem:
     """One thing wrong with a request.
 
     ``index`` is the position of the item in ``data`` (None for the envelope
@@ -129,7 +129,7 @@ def _locate(item: Any, loc: tuple) -> _Located | None:
     return at
 
 
-def item_problems(model_set: "M.ModelSet", index: int, item: Any, errors: list[dict]) -> list[Problem]:
+def item_problems(model_set: "M.ModelSet", index: int, item: Any, errors: list[dict]) -> list[ItemProblem]:
     """Problems for one item from the pydantic errors whose location starts inside it."""
     base = f"$.data[{index}]"
     found: list[tuple[list, str, str]] = []  # (keys, kind, message)
@@ -164,7 +164,7 @@ def item_problems(model_set: "M.ModelSet", index: int, item: Any, errors: list[d
     # An object of the wrong type: keep only that error, not the ones inside it.
     type_kinds = ("wrong_type", "union_tag_not_found")
     wrong = [keys for keys, kind, _ in found if kind in type_kinds]
-    problems: list[Problem] = []
+    problems: list[ItemProblem] = []
     seen: dict[str, int] = {}
     for keys, kind, message in found:
         if kind not in type_kinds and any(len(keys) >= len(w) and keys[: len(w)] == w for w in wrong):
@@ -176,10 +176,10 @@ def item_problems(model_set: "M.ModelSet", index: int, item: Any, errors: list[d
             # one problem per place: several union members refusing the same value
             prev = problems[seen[path]]
             if message not in prev.message:
-                problems[seen[path]] = Problem(index, path, _merge(prev.message, message))
+                problems[seen[path]] = ItemProblem(index, path, _merge(prev.message, message))
             continue
         seen[path] = len(problems)
-        problems.append(Problem(index, path, message))
+        problems.append(ItemProblem(index, path, message))
     return problems
 
 

@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, Validation
 from . import contexts
 from . import models as M
 from . import vocab as V
-from .errors import Problem, article, item_problems, show
+from .errors import ItemProblem, article, item_problems, show
 from .jsonpos import join, locate, path_of
 from .registry import build_registry
 
@@ -28,7 +28,7 @@ SUPPORTED_VERSIONS: tuple[str, ...] = (
 class CaliperError(Exception):
     """The request cannot be accepted: ``status`` 400 or 422, and every problem found."""
 
-    def __init__(self, status: int, title: str, problems: list[Problem]):
+    def __init__(self, status: int, title: str, problems: list[ItemProblem]):
         self.status = status
         self.title = title
         self.problems = problems[:MAX_PROBLEMS]
@@ -95,8 +95,8 @@ _EXTENSION_TYPES = {
 # --- helpers -----------------------------------------------------------------
 
 
-def _iri_of(value: Any) -> str | None:
-    """The id of an entity given as an IRI string or as an object."""
+def iri_of(value: Any) -> str | None:
+    """The id of an entity given as an IRI string or as an object (None for anything else)."""
     if type(value) is str:
         return value
     if type(value) is dict:
@@ -148,20 +148,20 @@ def _syntax_error(body: bytes, exc: Exception) -> "CaliperError":
         line = text.count("\n", 0, pos) + 1
         column = pos - (text.rfind("\n", 0, pos) + 1) + 1
         where = f" at line {line} column {column}"
-    problem = Problem(index, path_of(keys), f"the body is not valid JSON{where}: {detail}")
+    problem = ItemProblem(index, path_of(keys), f"the body is not valid JSON{where}: {detail}")
     return CaliperError(400, "Malformed JSON", [problem])
 
 
 # --- envelope level ----------------------------------------------------------
 
 
-def _envelope_problems(doc: dict) -> list[Problem]:
+def _envelope_problems(doc: dict) -> list[ItemProblem]:
     try:
         _ENVELOPE_VALIDATOR.validate_python(doc)
         return []
     except ValidationError as exc:
         errors = exc.errors(include_url=False, include_input=False)
-    problems: list[Problem] = []
+    problems: list[ItemProblem] = []
     for err in errors:
         loc = err["loc"]
         name = loc[0] if loc else None
@@ -184,7 +184,7 @@ def _envelope_problems(doc: dict) -> list[Problem]:
             message = f"{name} must be a string; got {show(value)}"
         else:
             message = f"{name}: {err['msg']}"
-        problems.append(Problem(None, path, message))
+        problems.append(ItemProblem(None, path, message))
     return problems
 
 
@@ -194,9 +194,9 @@ def _envelope_problems(doc: dict) -> list[Problem]:
 _SPECIAL_EVENTS = frozenset({"SessionEvent", "FeedbackEvent", "ResourceManagementEvent", "ToolLaunchEvent"})
 
 
-def _action_checks(index: int, item: dict) -> list[Problem]:
+def _action_checks(index: int, item: dict) -> list[ItemProblem]:
     """Rules that depend on the action, for the few event types that have them."""
-    problems: list[Problem] = []
+    problems: list[ItemProblem] = []
     base = f"$.data[{index}]"
     etype = item["type"]
     action = item["action"]
@@ -209,30 +209,30 @@ def _action_checks(index: int, item: dict) -> list[Problem]:
         if type(actor) is dict and actor.get("type") not in want_actor:
             got = article(str(actor.get("type")))
             message = f"for action {action} the actor must be {article(want_actor[0])}; got {got}"
-            problems.append(Problem(index, f"{base}.actor", message))
+            problems.append(ItemProblem(index, f"{base}.actor", message))
         if type(obj) is dict and obj.get("type") not in want_object:
             got = article(str(obj.get("type")))
             message = f"for action {action} the object must be {article(want_object[0])}; got {got}"
-            problems.append(Problem(index, f"{base}.object", message))
+            problems.append(ItemProblem(index, f"{base}.object", message))
     elif etype == "FeedbackEvent":
         generated = item.get("generated")
         want = {"Ranked": "Rating", "Commented": "Comment"}.get(action)
         if want and type(generated) is dict and generated.get("type") != want:
             got = article(str(generated.get("type")))
             message = f"for action {action} the generated entity must be {article(want)}; got {got}"
-            problems.append(Problem(index, f"{base}.generated", message))
+            problems.append(ItemProblem(index, f"{base}.generated", message))
     elif etype == "ResourceManagementEvent":
         if action == "Copied" and item.get("generated") is None:
             message = "required property 'generated' (the copy) is missing for action Copied"
-            problems.append(Problem(index, f"{base}.generated", message))
+            problems.append(ItemProblem(index, f"{base}.generated", message))
     elif etype == "ToolLaunchEvent":
         if action == "Launched" and item.get("federatedSession") is None:
             message = "required property 'federatedSession' (the platform's LtiSession) is missing for action Launched"
-            problems.append(Problem(index, f"{base}.federatedSession", message))
+            problems.append(ItemProblem(index, f"{base}.federatedSession", message))
     return problems
 
 
-def _finish(index: int, item: dict, is_event: bool, problems: list[Problem]) -> Item | None:
+def _finish(index: int, item: dict, is_event: bool, problems: list[ItemProblem]) -> Item | None:
     """The :class:`Item` for a valid item, after the checks a type schema cannot express."""
     if not is_event:
         found = item.get("id")
@@ -245,13 +245,13 @@ def _finish(index: int, item: dict, is_event: bool, problems: list[Problem]) -> 
     if profile is not None and profile != "GeneralProfile" and etype not in _PROFILE_EVENTS[profile]:
         allowed = ", ".join(V.PROFILE_EVENTS[profile])
         message = f"profile '{profile}' does not cover {etype}; it covers {allowed}"
-        problems.append(Problem(index, f"$.data[{index}].profile", message))
+        problems.append(ItemProblem(index, f"$.data[{index}].profile", message))
     if etype in _SPECIAL_EVENTS:
         problems.extend(_action_checks(index, item))
     event_time = _utc(item["eventTime"])
     if event_time is None:
         message = f"{show(item['eventTime'])} is not a valid calendar date-time"
-        problems.append(Problem(index, f"$.data[{index}].eventTime", message))
+        problems.append(ItemProblem(index, f"$.data[{index}].eventTime", message))
     if len(problems) > count:
         return None
     actor = item["actor"]
@@ -259,7 +259,7 @@ def _finish(index: int, item: dict, is_event: bool, problems: list[Problem]) -> 
     if etype in _GRADED:
         attempt = item["object"]
         if type(attempt) is dict:
-            assignee = _iri_of(attempt.get("assignee"))
+            assignee = iri_of(attempt.get("assignee"))
             if assignee is not None:
                 learner = assignee
     group = item.get("group")
@@ -267,13 +267,13 @@ def _finish(index: int, item: dict, is_event: bool, problems: list[Problem]) -> 
     return Item(index, "event", item["id"], etype, item["action"], learner, course, event_time, item)
 
 
-def _type_problem(model_set: M.ModelSet, index: int, item: dict) -> Problem | None:
+def _type_problem(model_set: M.ModelSet, index: int, item: dict) -> ItemProblem | None:
     etype = item.get("type", _MISSING)
     base = f"$.data[{index}]"
     if etype is _MISSING:
-        return Problem(index, base, "the item has no 'type' (an event or entity type term is required)")
+        return ItemProblem(index, base, "the item has no 'type' (an event or entity type term is required)")
     if type(etype) is not str:
-        return Problem(index, f"{base}.type", f"type must be a string; got {show(etype)}")
+        return ItemProblem(index, f"{base}.type", f"type must be a string; got {show(etype)}")
     registry = model_set.registry
     if etype in registry.events or etype in registry.entities:
         return None
@@ -288,10 +288,11 @@ def _type_problem(model_set: M.ModelSet, index: int, item: dict) -> Problem | No
                 hints.append(f"in 1.1 it needs the context {V.CALIPER_V1P1}/{ext}")
                 break
     hint = f" ({'; '.join(hints)})" if hints else ""
-    return Problem(index, f"{base}.type", f"{show(etype)} is not a Caliper {version} event or entity type{hint}")
+    return ItemProblem(index, f"{base}.type", f"{show(etype)} is not a Caliper {version} event or entity type{hint}")
 
 
-def _with_added_contexts(model_set: M.ModelSet, index: int, item: dict, whole_numbers: bool) -> list[Problem] | None:
+def _with_added_contexts(model_set: M.ModelSet, index: int, item: dict,
+                         whole_numbers: bool) -> list[ItemProblem] | None:
     """The problems of an item read with the contexts it adds, or None if it adds none.
 
     Only items the Caliper models refused come here, so the common case pays nothing.
@@ -308,20 +309,22 @@ def _with_added_contexts(model_set: M.ModelSet, index: int, item: dict, whole_nu
         return []
     except ValidationError as exc:
         errors = [{**err, "loc": err["loc"][1:]} for err in exc.errors(include_url=False, include_input=False)]
-    return item_problems(model_set, index, stripped, errors) or [Problem(index, f"$.data[{index}]", errors[0]["msg"])]
+    return item_problems(model_set, index, stripped, errors) or [
+        ItemProblem(index, f"$.data[{index}]", errors[0]["msg"])]
 
 
 def _parse(body: bytes | bytearray | memoryview | str, whole_numbers: bool = False) -> Envelope:
     if isinstance(body, memoryview):
         body = body.tobytes()
     if not isinstance(body, (bytes, bytearray, str)):
-        raise CaliperError(400, "Malformed JSON", [Problem(None, "$", "the body must be bytes holding a JSON object")])
+        raise CaliperError(400, "Malformed JSON",
+                           [ItemProblem(None, "$", "the body must be bytes holding a JSON object")])
     if not body:
-        problem = Problem(None, "$", "the body is empty; a Caliper envelope is required")
+        problem = ItemProblem(None, "$", "the body is empty; a Caliper envelope is required")
         raise CaliperError(400, "No envelope", [problem])
     doc = _load(body)
     if type(doc) is not dict:
-        problem = Problem(None, "$", f"the body must be a JSON object (a Caliper envelope); got {show(doc, 40)}")
+        problem = ItemProblem(None, "$", f"the body must be a JSON object (a Caliper envelope); got {show(doc, 40)}")
         raise CaliperError(400, "No envelope", [problem])
 
     problems = _envelope_problems(doc)  # envelope level; item problems go to `found`
@@ -329,7 +332,7 @@ def _parse(body: bytes | bytearray | memoryview | str, whole_numbers: bool = Fal
     if type(data_version) is str and contexts.canonical(data_version) is None:
         supported = ", ".join(SUPPORTED_VERSIONS)
         message = f"dataVersion {show(data_version)} is not supported; supported: {supported}"
-        unsupported = Problem(None, "$.dataVersion", message)
+        unsupported = ItemProblem(None, "$.dataVersion", message)
         raise CaliperError(422, "Unsupported Caliper dataVersion", [unsupported, *problems])
     data = doc.get("data")
     if type(data_version) is not str or type(data) is not list:
@@ -340,14 +343,14 @@ def _parse(body: bytes | bytearray | memoryview | str, whole_numbers: bool = Fal
     # items grouped by the model set they are read with: id(set) -> (model set, indexes, items)
     groups: dict[int, tuple[M.ModelSet, list[int], list[dict]]] = {}
     kinds: dict[int, bool] = {}
-    found: list[Problem] = []
+    found: list[ItemProblem] = []
     by_context = _SETS_BY_CONTEXT.get(whole_numbers)
     if by_context is None:
         by_context = _SETS_BY_CONTEXT[whole_numbers] = _sets_by_context(whole_numbers)
     for index, item in enumerate(data):
         if type(item) is not dict:
             message = f"each data item must be an event or entity object; got {show(item, 40)}"
-            found.append(Problem(index, f"$.data[{index}]", message))
+            found.append(ItemProblem(index, f"$.data[{index}]", message))
             continue
         context = item.get("@context", _MISSING)
         if context is _MISSING:
@@ -358,7 +361,7 @@ def _parse(body: bytes | bytearray | memoryview | str, whole_numbers: bool = Fal
                 try:
                     named = contexts.resolve(context)
                 except contexts.ContextError as exc:
-                    found.append(Problem(index, f'$.data[{index}]["@context"]', str(exc)))
+                    found.append(ItemProblem(index, f'$.data[{index}]["@context"]', str(exc)))
                     continue
                 model_set = envelope_set if named is None else M.model_set(*named, whole_numbers=whole_numbers)
         etype = item.get("type")
@@ -394,7 +397,7 @@ def _parse(body: bytes | bytearray | memoryview | str, whole_numbers: bool = Fal
                 if located is None:
                     located = item_problems(model_set, index, items[position], errors)
                 if not located:  # every error was in a union member that does not apply; keep one anyway
-                    located = [Problem(index, f"$.data[{index}]", errors[0].get("msg", "invalid item"))]
+                    located = [ItemProblem(index, f"$.data[{index}]", errors[0].get("msg", "invalid item"))]
                 found.extend(located)
                 failed.add(index)
         for position, item in enumerate(items):
@@ -410,7 +413,7 @@ def _parse(body: bytes | bytearray | memoryview | str, whole_numbers: bool = Fal
     send_time = _utc(doc["sendTime"])
     if send_time is None:
         message = f"{show(doc['sendTime'])} is not a valid calendar date-time"
-        raise CaliperError(400, "Invalid Caliper envelope", [Problem(None, "$.sendTime", message)])
+        raise CaliperError(400, "Invalid Caliper envelope", [ItemProblem(None, "$.sendTime", message)])
     return Envelope(doc["sensor"], send_time, canonical_version, out)
 
 
@@ -427,10 +430,11 @@ def parse_envelope(body: bytes, whole_numbers: bool = False) -> Envelope:
     except CaliperError:
         raise
     except RecursionError:
-        raise CaliperError(400, "Malformed JSON", [Problem(None, "$", "the document is nested too deeply")]) from None
+        raise CaliperError(400, "Malformed JSON",
+                           [ItemProblem(None, "$", "the document is nested too deeply")]) from None
     except MemoryError:
-        problem = Problem(None, "$", "the document is too large to validate")
+        problem = ItemProblem(None, "$", "the document is too large to validate")
         raise CaliperError(400, "Malformed JSON", [problem]) from None
     except Exception as exc:  # a defect here must not become a 500 for the sensor
-        problem = Problem(None, "$", f"the envelope could not be validated ({type(exc).__name__})")
+        problem = ItemProblem(None, "$", f"the envelope could not be validated ({type(exc).__name__})")
         raise CaliperError(400, "Invalid Caliper envelope", [problem]) from exc

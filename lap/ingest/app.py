@@ -25,11 +25,12 @@ from lap import __version__, metrics
 from lap.audit.receipts import AcknowledgedCounts
 from lap.auth import KeyCache, Principal, bearer_token, declare_bearer_auth
 from lap.aws import open_client
-from lap.caliper import SUPPORTED_VERSIONS, CaliperError, Envelope, Problem, parse_envelope
+from lap.caliper import SUPPORTED_VERSIONS, CaliperError, Envelope, parse_envelope
 from lap.health import HEALTH_RESPONSES, CachedHealth, HealthReport, health_reply
 from lap.ingest.limits import RateLimiter, retry_after
 from lap.ingest.quarantine import Quarantine
 from lap.ingest.records import ItemsTooDeep, RecordTooLarge, pack
+from lap.problems import PROBLEM_JSON, HTTPProblem
 from lap.settings import Settings, load_settings
 from lap.web import add_offline_docs
 from lap.sinks.store import create_pool
@@ -39,7 +40,6 @@ from lap.stream.shard_map import ShardMapCache
 
 log = logging.getLogger("lap.ingest")
 
-PROBLEM_JSON = "application/problem+json"
 MAX_PROBLEMS = 100
 
 app = FastAPI(
@@ -68,47 +68,20 @@ _ENVELOPE_SCHEMA = {
 _PROBLEM_SCHEMA = {"content": {PROBLEM_JSON: {"schema": {"type": "object"}}}}
 
 
-class Refused(Exception):
-    """A request LAP answers with a 4xx or 503 problem."""
-
-    def __init__(self, status: int, title: str, detail: str, problems: list[Problem] | None = None,
-                 headers: dict[str, str] | None = None):
-        super().__init__(title)
-        self.status = status
-        self.title = title
-        self.detail = detail
-        self.problems = problems or []
-        self.headers = headers or {}
-
-
-def problem_response(refused: Refused, request_id: str) -> Response:
+def problem_response(refused: HTTPProblem, request_id: str) -> Response:
     metrics.ingest_refusals().inc(tags={"status": str(refused.status)})
-    body = {
-        "type": f"urn:lap:problem:{refused.status}",
-        "title": refused.title,
-        "status": refused.status,
-        "detail": refused.detail,
-        "request_id": request_id,
-    }
-    if refused.problems:
-        body["errors"] = [
-            {"index": p.index, "path": p.path, "message": p.message} for p in refused.problems[:MAX_PROBLEMS]
-        ]
-        if len(refused.problems) > MAX_PROBLEMS:
-            body["errors_omitted"] = len(refused.problems) - MAX_PROBLEMS
-    return Response(orjson.dumps(body), status_code=refused.status, media_type=PROBLEM_JSON,
-                    headers=refused.headers)
+    return refused.response(MAX_PROBLEMS, request_id=request_id)
 
 
-def unauthorized(detail: str) -> Refused:
-    return Refused(401, "Unauthorized", detail,
-                   headers={"WWW-Authenticate": 'Bearer realm="lap", error="invalid_token"'})
+def unauthorized(detail: str) -> HTTPProblem:
+    return HTTPProblem(401, "Unauthorized", detail,
+                       headers={"WWW-Authenticate": 'Bearer realm="lap", error="invalid_token"'})
 
 
-def forbidden(detail: str) -> Refused:
+def forbidden(detail: str) -> HTTPProblem:
     """A valid key that may not do this (RFC 6750: 403 insufficient_scope), as on /v1."""
-    return Refused(403, "Forbidden", detail,
-                   headers={"WWW-Authenticate": 'Bearer realm="lap", error="insufficient_scope"'})
+    return HTTPProblem(403, "Forbidden", detail,
+                       headers={"WWW-Authenticate": 'Bearer realm="lap", error="insufficient_scope"'})
 
 
 DRAIN_FACTOR = 8  # a body over the limit is still read (and dropped) up to this many times the limit
@@ -124,16 +97,16 @@ def _gunzip(body: bytes, limit: int) -> bytes:
         try:
             out += inflater.decompress(data, limit + 1 - len(out))
         except zlib.error as exc:
-            raise Refused(400, "Bad Request", f"the gzip body cannot be decompressed: {exc}") from None
+            raise HTTPProblem(400, "Bad Request", f"the gzip body cannot be decompressed: {exc}") from None
         if len(out) > limit or inflater.unconsumed_tail:
-            raise Refused(413, "Payload Too Large", f"the decompressed body is over the limit of {limit} bytes")
+            raise HTTPProblem(413, "Payload Too Large", f"the decompressed body is over the limit of {limit} bytes")
         if not inflater.eof:
-            raise Refused(400, "Bad Request", "the gzip body is truncated")
+            raise HTTPProblem(400, "Bad Request", "the gzip body is truncated")
         data = inflater.unused_data
         if not data:
             return bytes(out)
         if not data.startswith(b"\x1f\x8b"):
-            raise Refused(400, "Bad Request", f"the gzip body is followed by {len(data)} bytes that are not gzip")
+            raise HTTPProblem(400, "Bad Request", f"the gzip body is followed by {len(data)} bytes that are not gzip")
 
 
 @dataclass
@@ -171,15 +144,15 @@ async def read_body(request: Request, limit: int) -> bytes:
             continue
         chunks.append(chunk)
     if too_big:
-        raise Refused(413, "Payload Too Large", f"the body is {declared or f'over {limit}'} bytes; "
-                      f"the limit is {limit} bytes")
+        raise HTTPProblem(413, "Payload Too Large", f"the body is {declared or f'over {limit}'} bytes; "
+                          f"the limit is {limit} bytes")
     body = b"".join(chunks)
     encoding = request.headers.get("content-encoding", "identity").strip().lower()
     if encoding in ("", "identity"):
         return body
     if encoding not in ("gzip", "x-gzip"):
-        raise Refused(415, "Unsupported Media Type",
-                      f"Content-Encoding {encoding!r} is not supported; send gzip or no encoding")
+        raise HTTPProblem(415, "Unsupported Media Type",
+                          f"Content-Encoding {encoding!r} is not supported; send gzip or no encoding")
     return _gunzip(body, limit)
 
 
@@ -197,8 +170,8 @@ def check_content_type(value: str | None) -> None:
     media = (value or "").split(";", 1)[0].strip().lower()
     if media == "application/json" or (media.startswith("application/") and media.endswith("+json")):
         return
-    raise Refused(415, "Unsupported Media Type",
-                  f"Content-Type must be application/json, not {value or 'missing'!r}")
+    raise HTTPProblem(415, "Unsupported Media Type",
+                      f"Content-Type must be application/json, not {value or 'missing'!r}")
 
 
 def receipt_list(items, packed, receipts) -> list[dict]:
@@ -228,7 +201,7 @@ def _sensor_of(body: bytes) -> str | None:
 
 
 # Everything the class uses must be defined above it: Serve pickles the class when it is decorated.
-@serve.deployment(max_ongoing_requests=64)
+@serve.deployment  # its replicas, autoscaling and limits: serve_config.yaml
 @serve.ingress(app)
 class IngestAPI:
     def __init__(self) -> None:
@@ -295,8 +268,8 @@ class IngestAPI:
             raise forbidden(f"{principal.role} keys cannot send events; use a sensor key")
         wait = deps.limiter.wait_seconds(principal.key_id, principal.rate_per_s)
         if wait > 0:
-            raise Refused(429, "Too Many Requests", "this key is over its request rate; retry after the delay",
-                          headers={"Retry-After": retry_after(wait)})
+            raise HTTPProblem(429, "Too Many Requests", "this key is over its request rate; retry after the delay",
+                              headers={"Retry-After": retry_after(wait)})
         return principal
 
     @app.get("/healthz", response_model=HealthReport, responses=HEALTH_RESPONSES,
@@ -310,12 +283,12 @@ class IngestAPI:
         request_id = request_id_of(request)
         try:
             await self.authenticate(request, await self.deps())
-        except Refused as refused:
+        except HTTPProblem as refused:
             return problem_response(refused, request_id)
         except Exception as exc:
             log.error("request %s failed: %s", request_id, exc)
-            return problem_response(Refused(503, "Service Unavailable", "LAP is starting or a dependency is down",
-                                            headers={"Retry-After": "5"}), request_id)
+            return problem_response(HTTPProblem(503, "Service Unavailable", "LAP is starting or a dependency is down",
+                                                headers={"Retry-After": "5"}), request_id)
         return Response(orjson.dumps({
             "caliper_maximum_payload_size": self.settings.limits.max_body_bytes // 1024,
             "caliper_supported_versions": list(SUPPORTED_VERSIONS),
@@ -339,8 +312,8 @@ class IngestAPI:
             deps = await self.deps()
         except Exception as exc:
             log.error("cannot open the ingest dependencies: %s", exc)
-            return problem_response(Refused(503, "Service Unavailable", "LAP is starting or a dependency is down",
-                                            headers={"Retry-After": "5"}), request_id)
+            return problem_response(HTTPProblem(503, "Service Unavailable", "LAP is starting or a dependency is down",
+                                                headers={"Retry-After": "5"}), request_id)
         try:
             principal = await self.authenticate(request, deps)
             check_content_type(request.headers.get("content-type"))
@@ -353,29 +326,29 @@ class IngestAPI:
                 packed = pack(envelope, principal, received_at, request_id, await deps.shards.get(),
                               self.settings.limits.max_record_bytes)
             except RecordTooLarge as exc:
-                raise Refused(413, "Payload Too Large", "an event is over the stream's record size limit",
-                              exc.problems) from None
+                raise HTTPProblem(413, "Payload Too Large", "an event is over the stream's record size limit",
+                                  problems=exc.problems) from None
             except ItemsTooDeep as exc:
-                raise Refused(400, "Bad Request", f"{len(exc.problems)} items nest too deep; the envelope was "
-                              "refused as a whole", exc.problems) from None
+                raise HTTPProblem(400, "Bad Request", f"{len(exc.problems)} items nest too deep; the envelope was "
+                                  "refused as a whole", problems=exc.problems) from None
             try:
                 receipts = await deps.producer.put(packed.records)
             except PutDeadlineExceeded as exc:
                 log.warning("request %s: %s", request_id, exc)
-                raise Refused(503, "Service Unavailable", "the stream did not acknowledge every event in time; "
-                              "nothing is lost by retrying the same envelope", headers={"Retry-After": "1"}) from None
+                raise HTTPProblem(503, "Service Unavailable", "the stream did not acknowledge every event in time; "
+                                  "nothing is lost by retrying the same envelope", headers={"Retry-After": "1"}) from None
             except StreamRejected as exc:
                 log.error("request %s: %s", request_id, exc)
-                raise Refused(503, "Service Unavailable", "the stream is not available; retry later",
-                              headers={"Retry-After": "5"}) from None
-        except Refused as refused:
+                raise HTTPProblem(503, "Service Unavailable", "the stream is not available; retry later",
+                                  headers={"Retry-After": "5"}) from None
+        except HTTPProblem as refused:
             if refused.status in (400, 413, 422) and principal is not None:
                 self.quarantine(deps, principal, request, request_id, received_at, refused, body)
             return problem_response(refused, request_id)
         except Exception:  # a dependency failed (Postgres for the key, say): retriable, never a bare 500
             log.exception("request %s failed", request_id)
-            return problem_response(Refused(503, "Service Unavailable", "LAP could not take this request now; "
-                                            "retry later", headers={"Retry-After": "5"}), request_id)
+            return problem_response(HTTPProblem(503, "Service Unavailable", "LAP could not take this request now; "
+                                                "retry later", headers={"Retry-After": "5"}), request_id)
 
         items = envelope.items
         for members, expected, receipt in zip(packed.members, packed.shard_ids, receipts):
@@ -395,10 +368,10 @@ class IngestAPI:
         try:
             return parse_envelope(body, whole_numbers)
         except CaliperError as exc:
-            raise Refused(exc.status, exc.title, _detail(exc), list(exc.problems)) from None
+            raise HTTPProblem(exc.status, exc.title, _detail(exc), problems=list(exc.problems)) from None
 
     def quarantine(self, deps: Deps, principal: Principal, request: Request, request_id: str,
-                   received_at: datetime, refused: Refused, body: bytes) -> None:
+                   received_at: datetime, refused: HTTPProblem, body: bytes) -> None:
         sensor = principal.sensor or _sensor_of(body) or "unknown"
         deps.quarantine.submit(
             tenant=principal.tenant, sensor=sensor, key_id=principal.key_id, request_id=request_id,

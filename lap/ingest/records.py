@@ -16,7 +16,7 @@ from datetime import datetime
 import orjson
 
 from lap.auth import Principal
-from lap.caliper import Envelope, Problem
+from lap.caliper import Envelope, ItemProblem
 from lap.stream import record_format
 from lap.stream.producer import Record, partition_key_for
 from lap.stream.shard_map import ShardMap, hash_key
@@ -25,7 +25,7 @@ from lap.stream.shard_map import ShardMap, hash_key
 class RecordTooLarge(Exception):
     """Some items cannot fit in a stream record, even alone."""
 
-    def __init__(self, problems: list[Problem]):
+    def __init__(self, problems: list[ItemProblem]):
         super().__init__(f"{len(problems)} items are over the stream's record size limit")
         self.problems = problems
 
@@ -33,7 +33,7 @@ class RecordTooLarge(Exception):
 class ItemsTooDeep(Exception):
     """Some items nest deeper than a stream record's JSON can hold (orjson writes 254 levels at most)."""
 
-    def __init__(self, problems: list[Problem]):
+    def __init__(self, problems: list[ItemProblem]):
         super().__init__(f"{len(problems)} items nest too deep")
         self.problems = problems
 
@@ -65,7 +65,7 @@ def pack(envelope: Envelope, principal: Principal, received_at: datetime, reques
     by_slot: dict[int, list[int]] = {}
     starts = shards.starts
     dumps = orjson.dumps
-    too_deep: list[Problem] = []
+    too_deep: list[ItemProblem] = []
     for n, item in enumerate(envelope.items):
         event_time = item.event_time
         meta = {
@@ -76,7 +76,7 @@ def pack(envelope: Envelope, principal: Principal, received_at: datetime, reques
         try:
             lines.append(dumps({"meta": meta, "item": item.doc}))  # record_format.event_line, inlined: per event
         except orjson.JSONEncodeError:  # parsing takes 1,024 levels, writing fewer: refused, never retried
-            too_deep.append(Problem(item.index, f"$.data[{item.index}]",
+            too_deep.append(ItemProblem(item.index, f"$.data[{item.index}]",
                                     f"this item nests objects or arrays more than {MAX_ITEM_DEPTH} levels deep"))
             lines.append(b"")
         key = partition_key_for(item.learner or item.id)
@@ -91,7 +91,7 @@ def pack(envelope: Envelope, principal: Principal, received_at: datetime, reques
     if too_deep:
         raise ItemsTooDeep(too_deep)
     packed = Packed([], [], [])
-    too_big: list[Problem] = []
+    too_big: list[ItemProblem] = []
 
     def add(slot: int, members: list[int]) -> None:
         record = Record(record_format.encode(shared, [lines[i] for i in members]), keys[members[0]],
@@ -102,7 +102,7 @@ def pack(envelope: Envelope, principal: Principal, received_at: datetime, reques
             packed.shard_ids.append(shards.shard_ids[slot])
         elif len(members) == 1:
             index = envelope.items[members[0]].index
-            too_big.append(Problem(index, f"$.data[{index}]",
+            too_big.append(ItemProblem(index, f"$.data[{index}]",
                                    f"this item makes a compressed stream record of {record.size} bytes; "
                                    f"the limit is {max_record_bytes} bytes"))
         else:  # rare: over 1 MB compressed; halves keep the learners' events in order

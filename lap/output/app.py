@@ -22,7 +22,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import asyncpg
 import opensearchpy
 import orjson
-from fastapi import FastAPI, Query, Request
+from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -30,10 +30,12 @@ from pydantic import BaseModel, Field
 from ray import serve
 
 from lap import __version__
-from lap.audit.reconcile import ReconcileRefused, Reconciler, Window
+from lap.audit.reconcile import ReconcileRefused, Reconciler, Window, WindowError, checked_window
+from lap.audit.shards import consumer_state, shard_view
 from lap.audit.replay import STAGES, Replayer, ReplayBusy, ReplayError, check_replay_window, new_replay_id
 from lap.auth import KeyCache, Principal, bearer_token, declare_bearer_auth
 from lap.aws import open_client
+from lap.problems import PROBLEM_JSON, HTTPProblem
 from lap.health import HEALTH_RESPONSES, CachedHealth, ComponentHealth, HealthReport, health_reply
 from lap.settings import load_settings
 from lap.web import add_offline_docs
@@ -42,7 +44,6 @@ from lap.sinks.store import create_pool
 
 log = logging.getLogger("lap.output")
 
-PROBLEM_JSON = "application/problem+json"
 MAX_LIMIT = 1000
 
 app = FastAPI(
@@ -56,20 +57,12 @@ declare_bearer_auth(app, open_paths={"/healthz"})
 add_offline_docs(app)
 
 
-class Problem(Exception):
-    def __init__(self, status: int, title: str, detail: str, headers: dict[str, str] | None = None):
-        super().__init__(detail)
-        self.status, self.title, self.detail, self.headers = status, title, detail, headers or {}
+def problem_response(problem: HTTPProblem) -> Response:
+    return problem.response()
 
 
-def problem_response(problem: Problem) -> Response:
-    body = {"type": f"urn:lap:problem:{problem.status}", "title": problem.title, "status": problem.status,
-            "detail": problem.detail}
-    return Response(orjson.dumps(body), status_code=problem.status, media_type=PROBLEM_JSON, headers=problem.headers)
-
-
-@app.exception_handler(Problem)
-async def _on_problem(request: Request, exc: Problem) -> Response:
+@app.exception_handler(HTTPProblem)
+async def _on_problem(request: Request, exc: HTTPProblem) -> Response:
     return problem_response(exc)
 
 
@@ -80,8 +73,8 @@ async def _on_routing(request: Request, exc: StarletteHTTPException) -> Response
     if detail == HTTPStatus(exc.status_code).phrase:  # Starlette's own, e.g. "Not Found": say more
         detail = {404: "no route matches this path; the routes are listed in /v1/openapi.json",
                   405: f"{request.method} is not allowed on this path"}.get(exc.status_code, detail)
-    return problem_response(Problem(exc.status_code, HTTPStatus(exc.status_code).phrase, detail,
-                                    dict(exc.headers or {})))
+    return problem_response(HTTPProblem(exc.status_code, HTTPStatus(exc.status_code).phrase, detail,
+                                        dict(exc.headers or {})))
 
 
 @app.exception_handler(asyncpg.PostgresConnectionError)
@@ -91,8 +84,8 @@ async def _on_routing(request: Request, exc: StarletteHTTPException) -> Response
 async def _on_store_away(request: Request, exc: Exception) -> Response:
     """A store went away after the key was checked (keys are cached): retriable, so a 503, never a 500."""
     log.warning("%s %s: a store did not answer: %s", request.method, request.url.path, type(exc).__name__)
-    return problem_response(Problem(503, "Service Unavailable", "a store LAP reads did not answer; retry later",
-                                    {"Retry-After": "5"}))
+    return problem_response(HTTPProblem(503, "Service Unavailable", "a store LAP reads did not answer; retry later",
+                                        {"Retry-After": "5"}))
 
 
 @app.exception_handler(asyncpg.DataError)
@@ -101,13 +94,13 @@ async def _on_out_of_range(request: Request, exc: Exception) -> Response:
     # a parameter or cursor value Postgres or datetime cannot hold (a tampered cursor, year 9999 minus an offset);
     # the exception's text names query arguments and Python values: logged, not shown
     log.info("parameter out of range: %s", exc)
-    return problem_response(Problem(400, "Bad Request", "a date, number or text in the request is out of the range "
+    return problem_response(HTTPProblem(400, "Bad Request", "a date, number or text in the request is out of the range "
                                                         "LAP can store"))
 
 
 MAX_QUERY_BYTES = 4096  # far above any real query (cursors are ~100 bytes), below the proxies' own limits
-QUERY_TOO_LONG = Problem(414, "URI Too Long",
-                         f"the query string is over {MAX_QUERY_BYTES} bytes; no LAP query needs that much")
+QUERY_TOO_LONG = HTTPProblem(414, "URI Too Long",
+                             f"the query string is over {MAX_QUERY_BYTES} bytes; no LAP query needs that much")
 
 
 @app.middleware("http")
@@ -120,14 +113,14 @@ async def _refuse_nul(request: Request, call_next):
     if len(request.scope.get("query_string", b"")) > MAX_QUERY_BYTES:
         return problem_response(QUERY_TOO_LONG)
     if "\x00" in request.url.path or any("\x00" in k or "\x00" in v for k, v in request.query_params.multi_items()):
-        return problem_response(Problem(400, "Bad Request", "the path or a query parameter holds a NUL character"))
+        return problem_response(HTTPProblem(400, "Bad Request", "the path or a query parameter holds a NUL character"))
     return await call_next(request)
 
 
 @app.exception_handler(RequestValidationError)
 async def _on_bad_parameters(request: Request, exc: RequestValidationError) -> Response:
     errors = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:]) or e['loc'][0]}: {e['msg']}" for e in exc.errors())
-    return problem_response(Problem(400, "Bad Request", errors or "invalid parameters"))
+    return problem_response(HTTPProblem(400, "Bad Request", errors or "invalid parameters"))
 
 
 _PROBLEMS = {s: {"content": {PROBLEM_JSON: {"schema": {"type": "object"}}}} for s in (400, 401, 403, 404, 503)}
@@ -444,7 +437,6 @@ class LearnerActivity(BaseModel):
 
 # --- helpers ---------------------------------------------------------------------------
 
-MAX_WINDOW = timedelta(days=31)
 TIME_ZONE = Query("UTC", max_length=64, description="IANA time zone in which days and hours are read, e.g. "
                                                     "Europe/Paris (default UTC)")
 
@@ -460,7 +452,7 @@ def zone(name: str) -> ZoneInfo:
             raise ZoneInfoNotFoundError(name)
         return ZoneInfo(name)
     except (ZoneInfoNotFoundError, ValueError, OSError):
-        raise Problem(400, "Bad Request", f"tz {name!r} is not an IANA time zone name, e.g. UTC or "
+        raise HTTPProblem(400, "Bad Request", f"tz {name!r} is not an IANA time zone name, e.g. UTC or "
                                           "America/New_York") from None
 SEARCH = Query(None, min_length=1, max_length=200, description="only IRIs that hold this text (any case)")
 NEXT_CURSOR = Query(None, max_length=4000, description="next_cursor of the previous page")
@@ -471,18 +463,14 @@ def as_utc(name: str, value: datetime) -> datetime:
     try:
         return value.astimezone(UTC)
     except OverflowError:  # year 1 at +14:00, say: before the first UTC instant Python can hold
-        raise Problem(400, "Bad Request", f"{name} is out of the range of dates LAP can store") from None
+        raise HTTPProblem(400, "Bad Request", f"{name} is out of the range of dates LAP can store") from None
 
 
 def check_window(start: datetime, end: datetime) -> None:
-    for name, value in (("start", start), ("end", end)):
-        if value.tzinfo is None:
-            raise Problem(400, "Bad Request", f"{name} must carry a timezone, e.g. 2026-11-27T00:00:00Z")
-        as_utc(name, value)
-    if end <= start:
-        raise Problem(400, "Bad Request", "end must be after start (start is included, end excluded)")
-    if end - start > MAX_WINDOW:
-        raise Problem(400, "Bad Request", f"the window is over {MAX_WINDOW.days} days; reconcile it in parts")
+    try:
+        checked_window("", start, end)
+    except WindowError as exc:
+        raise HTTPProblem(400, "Bad Request", str(exc)) from None
 
 
 def _next_midnight(moment: datetime, tz: ZoneInfo | None = None) -> datetime:
@@ -541,7 +529,7 @@ def decode_cursor(cursor: str, length: int) -> list[Any]:
     except (binascii.Error, ValueError, orjson.JSONDecodeError):
         values = None
     if not isinstance(values, list) or len(values) != length:
-        raise Problem(400, "Bad Request", "cursor is not one this API handed out; start again without it")
+        raise HTTPProblem(400, "Bad Request", "cursor is not one this API handed out; start again without it")
     return values
 
 
@@ -576,8 +564,17 @@ def hit(found: dict[str, Any], event: dict[str, Any] | None = None) -> EventHit:
                     received_at=source.get("received_at"), event=event)
 
 
+async def calling_reader(request: Request) -> Principal:
+    """The reader or admin key's principal: every route but /healthz depends on it, and its tenant scopes
+    every query. The replica object is Serve's, as for the routes' own `self`."""
+    return await serve.get_replica_context().servable_object.caller(request)
+
+
+READER = Depends(calling_reader)
+
+
 # Everything the class uses must be defined above it: Serve pickles the class when it is decorated.
-@serve.deployment(max_ongoing_requests=32)
+@serve.deployment  # its replicas and limits: serve_config.yaml
 @serve.ingress(app)
 class OutputAPI:
     def __init__(self) -> None:
@@ -588,6 +585,21 @@ class OutputAPI:
         self._search = None
         self._lock = asyncio.Lock()
         self._watcher: asyncio.Task | None = None
+
+    async def __del__(self) -> None:
+        """Serve calls this on a graceful replica shutdown: stop the background work and close the stores.
+        A replay stopped here is resumed by another replica once its heartbeat is stale."""
+        for task in [self._watcher, *getattr(self, "_tasks", ())]:
+            if task is not None:
+                task.cancel()
+        await self.health.checker.close()
+        if self._pool is not None:
+            await self._clients.aclose()
+            await self._search.close()
+            try:
+                await asyncio.wait_for(self._pool.close(), 5)
+            except TimeoutError:  # a query still running: its connection goes with the process
+                self._pool.terminate()
 
     async def check_health(self) -> None:
         """Serve calls this every few seconds on every replica: it keeps the replay watcher running there."""
@@ -643,13 +655,13 @@ class OutputAPI:
             principal = await self._keys.principal(token) if token else None
         except Exception as exc:
             log.error("cannot check the key: %s", exc)
-            raise Problem(503, "Service Unavailable", "LAP cannot check keys now; retry later",
-                          {"Retry-After": "5"}) from None
+            raise HTTPProblem(503, "Service Unavailable", "LAP cannot check keys now; retry later",
+                              {"Retry-After": "5"}) from None
         if principal is None:
-            raise Problem(401, "Unauthorized", "send a reader or admin key as `Authorization: Bearer <token>`",
-                          {"WWW-Authenticate": 'Bearer realm="lap", error="invalid_token"'})
+            raise HTTPProblem(401, "Unauthorized", "send a reader or admin key as `Authorization: Bearer <token>`",
+                              {"WWW-Authenticate": 'Bearer realm="lap", error="invalid_token"'})
         if principal.role not in ("reader", "admin"):
-            raise Problem(403, "Forbidden", f"a {principal.role} key cannot read; use a reader or admin key")
+            raise HTTPProblem(403, "Forbidden", f"a {principal.role} key cannot read; use a reader or admin key")
         return principal
 
     async def search(self, tenant: str, body: dict[str, Any]) -> dict[str, Any]:
@@ -659,28 +671,29 @@ class OutputAPI:
                                              ignore_unavailable=True)
         except opensearchpy.RequestError as exc:  # OpenSearch read the query and refused it: no use retrying
             log.warning("search refused: %s", exc)
-            raise Problem(400, "Bad Request", "the search index refused this query; check its dates and filters") \
+            raise HTTPProblem(400, "Bad Request", "the search index refused this query; check its dates and filters") \
                 from None
         except Exception as exc:
             log.warning("search failed: %s", exc)
-            raise Problem(503, "Service Unavailable", "the search index is not reachable; retry later",
-                          {"Retry-After": "5"}) from None
+            raise HTTPProblem(503, "Service Unavailable", "the search index is not reachable; retry later",
+                              {"Retry-After": "5"}) from None
 
     @app.get("/healthz", response_model=HealthReport, responses=HEALTH_RESPONSES)
     async def healthz(self):
         return await health_reply(self.health)
 
     @app.get("/whoami", response_model=Caller, responses=_PROBLEMS, summary="The tenant and role of the key sent")
-    async def whoami(self, request: Request):
-        principal = await self.caller(request)
+    async def whoami(self, caller: Principal = READER):
+        principal = caller
         return Caller(tenant=principal.tenant, role=principal.role)
 
     @app.get("/learner-summary", response_model=LearnerSummary, responses=_PROBLEMS,
              summary="A learner's figures for each course")
-    async def learner_summary(self, request: Request,
+    async def learner_summary(self,
                               learner: str = Query(..., min_length=1, max_length=2000, description="learner IRI"),
-                              course: str | None = Query(None, min_length=1, max_length=2000)):
-        tenant = (await self.caller(request)).tenant
+                              course: str | None = Query(None, min_length=1, max_length=2000),
+                              caller: Principal = READER):
+        tenant = caller.tenant
         async with self._pool.acquire() as conn:
             rows = await conn.fetch(
                 """SELECT course, sum(events) AS events, sum(submissions) AS submissions,
@@ -695,17 +708,18 @@ class OutputAPI:
                     WHERE tenant = $1 AND learner = $2 AND ($3::text IS NULL OR course = $3)
                     GROUP BY course, action""", tenant, learner, course)
         if not rows:
-            raise Problem(404, "Not Found", "no events of this learner" + (" in this course" if course else ""))
+            raise HTTPProblem(404, "Not Found", "no events of this learner" + (" in this course" if course else ""))
         return LearnerSummary(learner=learner, courses=summary_rows(rows, actions))
 
     @app.get("/learner-activity", response_model=LearnerActivity, responses=_PROBLEMS,
              summary="A learner's events per UTC day and course")
     async def learner_activity(
-        self, request: Request, learner: str = Query(..., min_length=1, max_length=2000, description="learner IRI"),
+        self, learner: str = Query(..., min_length=1, max_length=2000, description="learner IRI"),
         start: datetime = Query(..., description="from (included): the UTC days that start inside the window"),
         end: datetime = Query(..., description="to (excluded)"),
+        caller: Principal = READER,
     ):
-        tenant = (await self.caller(request)).tenant
+        tenant = caller.tenant
         check_window(start, end)
         first, last = _next_midnight(start), _next_midnight(end)
         async with self._pool.acquire() as conn:
@@ -723,7 +737,7 @@ class OutputAPI:
     @app.get("/course-learners", response_model=CourseLearners, responses=_OR_CSV,
              summary="One row per learner of a course, sorted and paged")
     async def course_learners(
-        self, request: Request,
+        self,
         course: str = Query(..., min_length=1, max_length=2000, description="course (group) IRI"),
         sort: str = Query("-events", description="events, submissions, score_mean, time_on_task_s, last_active "
                                                  "or learner; a leading '-' sorts descending"),
@@ -732,12 +746,13 @@ class OutputAPI:
         q: str | None = SEARCH,
         format: Literal["json", "csv"] = Query("json", description="csv: every learner (no paging), for "
                                                                    "spreadsheets"),
+                                                                   caller: Principal = READER,
     ):
-        tenant = (await self.caller(request)).tenant
+        tenant = caller.tenant
         descending = sort.startswith("-")
         key = sort.lstrip("-")
         if key not in COURSE_LEARNER_SORTS:
-            raise Problem(400, "Bad Request", f"sort {sort!r} is not one of: {', '.join(COURSE_LEARNER_SORTS)} "
+            raise HTTPProblem(400, "Bad Request", f"sort {sort!r} is not one of: {', '.join(COURSE_LEARNER_SORTS)} "
                                               "(with an optional leading '-')")
         expr, sql_type = COURSE_LEARNER_SORTS[key]
         after = ""
@@ -748,10 +763,10 @@ class OutputAPI:
                 try:
                     value = datetime.fromisoformat(value)
                 except (TypeError, ValueError):
-                    raise Problem(400, "Bad Request", "cursor is not one this API handed out") from None
+                    raise HTTPProblem(400, "Bad Request", "cursor is not one this API handed out") from None
             elif sql_type == "text" and not isinstance(value, str) or \
                     sql_type != "text" and not isinstance(value, (int, float)):
-                raise Problem(400, "Bad Request", "cursor does not match this sort; start again without it")
+                raise HTTPProblem(400, "Bad Request", "cursor does not match this sort; start again without it")
             args += [value, str(last_learner)]
             op = "<" if descending else ">"
             after = f"WHERE ({expr} {op} $5::{sql_type} OR ({expr} = $5::{sql_type} AND learner > $6))"
@@ -768,7 +783,7 @@ class OutputAPI:
                     {after} ORDER BY {order} LIMIT $3""", *args)
         if format == "csv":
             if len(rows) > MAX_CSV_ROWS:
-                raise Problem(400, "Bad Request", f"the course has over {MAX_CSV_ROWS:,} learners: page through "
+                raise HTTPProblem(400, "Bad Request", f"the course has over {MAX_CSV_ROWS:,} learners: page through "
                                                   "them as JSON, or narrow them with q")
             return csv_response("course-learners.csv", ["learner", "events", "submissions", "score_mean",
                                                          "time_on_task_s", "last_active"], rows)
@@ -786,11 +801,10 @@ class OutputAPI:
                           score_mean=r["score_mean"], time_on_task_s=r["time_on_task_s"],
                           last_active=r["last_active"]) for r in page])
 
-    async def iri_page(self, request: Request, sql: str, q: str | None, limit: int,
+    async def iri_page(self, tenant: str, sql: str, q: str | None, limit: int,
                        cursor: str | None) -> tuple[list, str | None]:
         """One page of a listing by IRI: `sql` takes tenant, the last IRI of the previous page, the search text
         and the limit ($1-$4), and returns rows whose first column is the IRI."""
-        tenant = (await self.caller(request)).tenant
         after = str(decode_cursor(cursor, 1)[0]) if cursor else None
         async with self._pool.acquire() as conn:
             rows = await conn.fetch(sql, tenant, after, q, limit + 1)
@@ -799,10 +813,10 @@ class OutputAPI:
 
     @app.get("/courses", response_model=CoursePage, responses=_PROBLEMS,
              summary="The tenant's courses, by IRI, with their events and first and last days")
-    async def courses(self, request: Request, q: str | None = SEARCH, limit: int = Query(100, ge=1, le=MAX_LIMIT),
-                      cursor: str | None = NEXT_CURSOR):
+    async def courses(self, q: str | None = SEARCH, limit: int = Query(100, ge=1, le=MAX_LIMIT),
+                      cursor: str | None = NEXT_CURSOR, caller: Principal = READER):
         page, next_cursor = await self.iri_page(
-            request, """SELECT course, sum(events)::bigint AS events, min(day) AS first_day, max(day) AS last_day
+            caller.tenant, """SELECT course, sum(events)::bigint AS events, min(day) AS first_day, max(day) AS last_day
                           FROM course_days
                          WHERE tenant = $1 AND course <> '' AND ($2::text IS NULL OR course > $2)
                            AND ($3::text IS NULL OR strpos(lower(course), lower($3)) > 0)
@@ -811,10 +825,10 @@ class OutputAPI:
 
     @app.get("/learners", response_model=LearnerPage, responses=_PROBLEMS,
              summary="The tenant's learners, by IRI, with their courses, events and last activity")
-    async def learners(self, request: Request, q: str | None = SEARCH, limit: int = Query(100, ge=1, le=MAX_LIMIT),
-                       cursor: str | None = NEXT_CURSOR):
+    async def learners(self, q: str | None = SEARCH, limit: int = Query(100, ge=1, le=MAX_LIMIT),
+                       cursor: str | None = NEXT_CURSOR, caller: Principal = READER):
         page, next_cursor = await self.iri_page(
-            request, """SELECT learner, count(DISTINCT nullif(course, '')) AS courses,
+            caller.tenant, """SELECT learner, count(DISTINCT nullif(course, '')) AS courses,
                                sum(events)::bigint AS events, max(last_active) AS last_active
                           FROM learner_days
                          WHERE tenant = $1 AND ($2::text IS NULL OR learner > $2)
@@ -825,13 +839,14 @@ class OutputAPI:
     @app.get("/course-activity", response_model=CourseActivity, responses=_PROBLEMS,
              summary="Events and active learners of a course per day or hour")
     async def course_activity(
-        self, request: Request, course: str = Query(..., min_length=1, max_length=2000),
+        self, course: str = Query(..., min_length=1, max_length=2000),
         start: datetime = Query(..., description="event time from (included)"),
         end: datetime = Query(..., description="event time to (excluded)"),
         granularity: Literal["day", "hour"] = Query("day"),
         tz: str = TIME_ZONE,
+        caller: Principal = READER,
     ):
-        tenant = (await self.caller(request)).tenant
+        tenant = caller.tenant
         check_window(start, end)
         local = zone(tz)
         if granularity == "day" and tz == "UTC":
@@ -868,12 +883,13 @@ class OutputAPI:
     @app.get("/course-heatmap", response_model=CourseHeatmap, responses=_PROBLEMS,
              summary="Learners x days activity of a course, and its hour-of-week activity")
     async def course_heatmap(
-        self, request: Request, course: str = Query(..., min_length=1, max_length=2000),
+        self, course: str = Query(..., min_length=1, max_length=2000),
         start: datetime = Query(..., description="event time from (included); whole days"),
         end: datetime = Query(..., description="event time to (excluded)"),
         tz: str = TIME_ZONE,
+        caller: Principal = READER,
     ):
-        tenant = (await self.caller(request)).tenant
+        tenant = caller.tenant
         check_window(start, end)
         local = zone(tz)
         first, last = _next_midnight(start), _next_midnight(end)  # the UTC days that start inside the window
@@ -907,30 +923,31 @@ class OutputAPI:
         try:
             return await work
         except ReconcileRefused as exc:
-            raise Problem(400, "Bad Request", str(exc)) from None
+            raise HTTPProblem(400, "Bad Request", str(exc)) from None
         except Exception as exc:
             log.warning("reconcile failed: %s", exc)
-            raise Problem(503, "Service Unavailable", f"reconcile could not reach a store ({type(exc).__name__}); "
-                          "retry later", {"Retry-After": "5"}) from None
+            raise HTTPProblem(503, "Service Unavailable", f"reconcile could not reach a store ({type(exc).__name__}); "
+                              "retry later", {"Retry-After": "5"}) from None
 
     @app.get("/audit/reconcile", response_model=ReconcileReport, responses=_PROBLEMS,
              summary="What each stage holds of the events received in a window, and what is missing")
     async def reconcile(
-        self, request: Request,
+        self,
         start: datetime = Query(..., description="received from (included), ISO 8601 with a timezone"),
         end: datetime = Query(..., description="received until (excluded)"),
         sensor: str | None = Query(None, max_length=2000),
         detail: str | None = Query(None, pattern="^ids$", description="`ids`: list the missing ids per stage"),
         limit: int = Query(1000, ge=1, le=10_000, description="missing ids per stage and page"),
         cursor: str | None = Query(None, max_length=4000),
+        caller: Principal = READER,
     ):
-        tenant = (await self.caller(request)).tenant
+        tenant = caller.tenant
         check_window(start, end)
         after: dict[str, str] = {}
         if cursor:
             values = decode_cursor(cursor, 3)
             if not all(isinstance(v, str) for v in values):
-                raise Problem(400, "Bad Request", "cursor is not one this API handed out")
+                raise HTTPProblem(400, "Bad Request", "cursor is not one this API handed out")
             after = dict(zip(("archive", "aggregate", "index"), values))
         result = await self.reconciled(Reconciler(self.settings, self._pool, self._s3, self._search).run(
             Window(tenant, start, end, sensor), with_ids=detail == "ids", limit=limit, after=after))
@@ -943,20 +960,21 @@ class OutputAPI:
     @app.get("/audit/hours", response_model=HourAudits, responses=_OR_CSV,
              summary="Reconcile, hour by hour: each hour's figures, for a chart or a spreadsheet")
     async def audit_hours(
-        self, request: Request,
+        self,
         start: datetime = Query(..., description="received from (included); the first row is its hour"),
         end: datetime = Query(..., description="received until (excluded)"),
         format: Literal["json", "csv"] = Query("json"),
         tz: str = Query("UTC", max_length=64, description="IANA time zone whose whole hours are the rows, e.g. "
                                                           "Asia/Kolkata (default UTC)"),
+                                                          caller: Principal = READER,
     ):
-        tenant = (await self.caller(request)).tenant
+        tenant = caller.tenant
         check_window(start, end)
         local = zone(tz)
         start, end = as_utc("start", start), as_utc("end", end)
         first = start.astimezone(local).replace(minute=0, second=0, microsecond=0).astimezone(UTC)
         if end - first > timedelta(hours=MAX_AUDIT_HOURS):
-            raise Problem(400, "Bad Request", f"at most {MAX_AUDIT_HOURS} hours at a time; ask in parts")
+            raise HTTPProblem(400, "Bad Request", f"at most {MAX_AUDIT_HOURS} hours at a time; ask in parts")
         reconciler = Reconciler(self.settings, self._pool, self._s3, self._search)
         starts = [first + timedelta(hours=i) for i in range(math.ceil((end - first) / timedelta(hours=1)))]
         gate = asyncio.Semaphore(4)  # a few hours at a time: each takes a few queries
@@ -975,15 +993,15 @@ class OutputAPI:
 
     @app.post("/audit/replay", response_model=ReplayAccepted, status_code=202, responses=_PROBLEMS,
               summary="Replay what reconcile finds missing in a window (admin keys)")
-    async def replay(self, request: Request, body: ReplayRequest):
-        principal = await self.caller(request)
+    async def replay(self, body: ReplayRequest, caller: Principal = READER):
+        principal = caller
         if principal.role != "admin":
-            raise Problem(403, "Forbidden", "only an admin key can replay")
+            raise HTTPProblem(403, "Forbidden", "only an admin key can replay")
         check_window(body.start, body.end)
         try:
             check_replay_window(self.settings, body.start)
         except ReplayError as exc:  # refused up front, not accepted and failed later
-            raise Problem(400, "Bad Request", str(exc)) from None
+            raise HTTPProblem(400, "Bad Request", str(exc)) from None
         replay_id = new_replay_id()
         stages = sorted(set(body.stages), key=STAGES.index)
         async with self._pool.acquire() as conn:
@@ -1051,12 +1069,12 @@ class OutputAPI:
 
     @app.get("/audit/replay/{replay_id}", response_model=ReplayStatus, responses=_PROBLEMS,
              summary="A replay's progress, status and result")
-    async def replay_status(self, request: Request, replay_id: str):
-        tenant = (await self.caller(request)).tenant
+    async def replay_status(self, replay_id: str, caller: Principal = READER):
+        tenant = caller.tenant
         async with self._pool.acquire() as conn:
             row = await conn.fetchrow("SELECT * FROM replays WHERE id = $1 AND tenant = $2", replay_id, tenant)
         if row is None:
-            raise Problem(404, "Not Found", "no replay with this id")
+            raise HTTPProblem(404, "Not Found", "no replay with this id")
         live = self._jobs.get(replay_id)
         return ReplayStatus(
             id=row["id"], status=row["status"], start=row["window_start"], end=row["window_end"],
@@ -1066,15 +1084,10 @@ class OutputAPI:
 
     @app.get("/audit/shards", response_model=list[ShardAudit], responses=_PROBLEMS,
              summary="Each shard's checkpoint, lag, and this tenant's events per stage")
-    async def audit_shards(self, request: Request):
-        tenant = (await self.caller(request)).tenant
+    async def audit_shards(self, caller: Principal = READER):
+        tenant = caller.tenant
         async with self._pool.acquire() as conn:
-            shards = await conn.fetch(
-                """SELECT c.shard_id, c.parent_ids, c.finished, c.sequence_number, i.last_seq, s.lag_ms
-                     FROM shard_checkpoints c
-                     LEFT JOIN index_cursors i ON i.stream = c.stream AND i.shard_id = c.shard_id
-                     LEFT JOIN shard_status s ON s.stream = c.stream AND s.shard_id = c.shard_id
-                    WHERE c.stream = $1 ORDER BY c.shard_id""", self.settings.stream.name)
+            shards = await shard_view(conn, self.settings.stream.name)
             counts = await conn.fetch(
                 """SELECT shard_id, stage, sum(events)::bigint AS n FROM stage_counts WHERE tenant = $1
                     GROUP BY shard_id, stage""", tenant)
@@ -1083,17 +1096,18 @@ class OutputAPI:
             by_shard.setdefault(c["shard_id"], {})[c["stage"]] = c["n"]
         return [ShardAudit(shard_id=r["shard_id"], parent_ids=list(r["parent_ids"]), finished=r["finished"],
                            checkpoint=None if r["sequence_number"] is None else str(r["sequence_number"]),
-                           indexed_to=None if r["last_seq"] is None else str(r["last_seq"]),
+                           indexed_to=None if r["indexed_to"] is None else str(r["indexed_to"]),
                            lag_ms=r["lag_ms"], counts=by_shard.get(r["shard_id"], {})) for r in shards]
 
     @app.get("/audit/quarantine", response_model=QuarantinePage, responses=_PROBLEMS,
              summary="What was refused in a window, and why")
     async def audit_quarantine(
-        self, request: Request, start: datetime = Query(...), end: datetime = Query(...),
+        self, start: datetime = Query(...), end: datetime = Query(...),
         sensor: str | None = Query(None, max_length=2000), limit: int = Query(100, ge=1, le=MAX_LIMIT),
         cursor: str | None = Query(None, max_length=4000),
+        caller: Principal = READER,
     ):
-        tenant = (await self.caller(request)).tenant
+        tenant = caller.tenant
         check_window(start, end)
         after_time, after_id = start, ""
         if cursor:
@@ -1101,7 +1115,7 @@ class OutputAPI:
             try:
                 after_time, after_id = datetime.fromisoformat(when), str(request_id)
             except (TypeError, ValueError):
-                raise Problem(400, "Bad Request", "cursor is not one this API handed out") from None
+                raise HTTPProblem(400, "Bad Request", "cursor is not one this API handed out") from None
         async with self._pool.acquire() as conn:
             rows = await conn.fetch(
                 """SELECT request_id, sensor, received_at, status, title, problems, payload_bytes, object_key
@@ -1120,8 +1134,8 @@ class OutputAPI:
 
     @app.get("/pipeline", response_model=PipelineReport, responses=_PROBLEMS,
              summary="The live pipeline: this tenant's events and refusals per minute, each shard, each dependency")
-    async def pipeline(self, request: Request, minutes: int = Query(15, ge=1, le=120)):
-        tenant = (await self.caller(request)).tenant
+    async def pipeline(self, minutes: int = Query(15, ge=1, le=120), caller: Principal = READER):
+        tenant = caller.tenant
         now = datetime.now(UTC)
         since = now.replace(second=0, microsecond=0) - timedelta(minutes=minutes - 1)
         stale_after = max(30.0, 5 * self.settings.process.audit_flush_s)
@@ -1139,15 +1153,7 @@ class OutputAPI:
             refused = await conn.fetch(
                 """SELECT date_trunc('minute', received_at) AS minute, status, count(*) AS n FROM quarantined
                     WHERE tenant = $1 AND received_at >= $2 GROUP BY 1, 2""", tenant, since)
-            shards = await conn.fetch(
-                """SELECT c.shard_id, c.finished, c.lease_owner IS NOT NULL AND c.lease_expires > now() AS leased,
-                          s.lag_ms, s.consumer_node, s.updated_at,
-                          (SELECT count(*) FROM batches b WHERE b.stream = c.stream AND b.shard_id = c.shard_id
-                              AND (i.last_seq IS NULL OR b.first_seq > i.last_seq)) AS backlog
-                     FROM shard_checkpoints c
-                     LEFT JOIN index_cursors i ON i.stream = c.stream AND i.shard_id = c.shard_id
-                     LEFT JOIN shard_status s ON s.stream = c.stream AND s.shard_id = c.shard_id
-                    WHERE c.stream = $1 ORDER BY c.shard_id""", self.settings.stream.name)
+            shards = await shard_view(conn, self.settings.stream.name)
         figures = {since + timedelta(minutes=i): MinuteFigures(minute=since + timedelta(minutes=i), accepted=0,
                                                                refused={}) for i in range(minutes)}
         for r in accepted:
@@ -1159,17 +1165,17 @@ class OutputAPI:
         return PipelineReport(
             generated_at=now, stale_after_s=stale_after, minutes=list(figures.values()), components=health.components,
             shards=[ShardPipeline(
-                shard_id=r["shard_id"], node=r["consumer_node"], lag_ms=r["lag_ms"],
-                consumer="finished" if r["finished"] else ("consuming" if r["leased"] else "waiting"),
-                index_backlog_batches=r["backlog"], reported_at=r["updated_at"],
+                shard_id=r["shard_id"], node=r["consumer_node"], lag_ms=r["lag_ms"], consumer=consumer_state(r),
+                index_backlog_batches=r["index_backlog"], reported_at=r["updated_at"],
                 stale=not r["finished"] and (r["updated_at"] is None
                                              or (now - r["updated_at"]).total_seconds() > stale_after))
                 for r in shards])
 
     @app.get("/audit/refusals", response_model=RefusalGroups, responses=_PROBLEMS,
              summary="Refusals kept in the quarantine, by sensor and reason, each with its newest sample")
-    async def audit_refusals(self, request: Request, start: datetime = Query(...), end: datetime = Query(...)):
-        tenant = (await self.caller(request)).tenant
+    async def audit_refusals(self, start: datetime = Query(...), end: datetime = Query(...),
+                             caller: Principal = READER):
+        tenant = caller.tenant
         check_window(start, end)
         async with self._pool.acquire() as conn:
             rows = await conn.fetch(
@@ -1185,24 +1191,24 @@ class OutputAPI:
 
     @app.get("/audit/quarantine/{request_id}", response_model=QuarantinedRequest, responses=_PROBLEMS,
              summary="One refused request: its problems and the payload as kept")
-    async def quarantined_request(self, request: Request, request_id: str):
-        tenant = (await self.caller(request)).tenant
+    async def quarantined_request(self, request_id: str, caller: Principal = READER):
+        tenant = caller.tenant
         async with self._pool.acquire() as conn:
             row = await conn.fetchrow("SELECT * FROM quarantined WHERE request_id = $1 AND tenant = $2",
                                       request_id, tenant)
         if row is None:
-            raise Problem(404, "Not Found", "no refused request with this id")
+            raise HTTPProblem(404, "Not Found", "no refused request with this id")
         try:
             reply = await self._s3.get_object(Bucket=self.settings.archive.bucket, Key=row["object_key"])
             async with reply["Body"] as body:
                 kept = orjson.loads(await body.read())
         except self._s3.exceptions.NoSuchKey:
-            raise Problem(404, "Not Found", "the payload of this refusal is no longer kept (the quarantine's "
+            raise HTTPProblem(404, "Not Found", "the payload of this refusal is no longer kept (the quarantine's "
                                             "lifecycle removed it)") from None
         except Exception as exc:
             log.warning("quarantine read for %s failed: %s", request_id, exc)
-            raise Problem(503, "Service Unavailable", "the archive is not reachable; retry later",
-                          {"Retry-After": "5"}) from None
+            raise HTTPProblem(503, "Service Unavailable", "the archive is not reachable; retry later",
+                              {"Retry-After": "5"}) from None
         return QuarantinedRequest(
             request_id=row["request_id"], sensor=row["sensor"], received_at=row["received_at"], status=row["status"],
             title=row["title"], problems=orjson.loads(row["problems"]), payload_bytes=row["payload_bytes"],
@@ -1212,16 +1218,17 @@ class OutputAPI:
     @app.get("/audit/dead-letters", response_model=DeadLetterPage, responses=_PROBLEMS,
              summary="Stream records of this tenant a consumer could not process, and why")
     async def audit_dead_letters(
-        self, request: Request, start: datetime = Query(...), end: datetime = Query(...),
+        self, start: datetime = Query(...), end: datetime = Query(...),
         limit: int = Query(100, ge=1, le=MAX_LIMIT), cursor: str | None = Query(None, max_length=4000),
+        caller: Principal = READER,
     ):
-        tenant = (await self.caller(request)).tenant
+        tenant = caller.tenant
         check_window(start, end)
         after = ("", -1)
         if cursor:
             shard_id, sequence = decode_cursor(cursor, 2)
             if type(shard_id) is not str or type(sequence) is not str or not sequence.isdigit():
-                raise Problem(400, "Bad Request", "cursor is not one this API handed out")
+                raise HTTPProblem(400, "Bad Request", "cursor is not one this API handed out")
             after = (shard_id, int(sequence))
         async with self._pool.acquire() as conn:
             rows = await conn.fetch(
@@ -1242,20 +1249,20 @@ class OutputAPI:
                        replay_id=r["replay_id"]) for r in page])
 
     @app.get("/events/{event_id:path}", response_model=EventHit, responses=_PROBLEMS, summary="One event")
-    async def event(self, request: Request, event_id: str):
-        tenant = (await self.caller(request)).tenant
+    async def event(self, event_id: str, caller: Principal = READER):
+        tenant = caller.tenant
         if not event_id.strip():
-            raise Problem(400, "Bad Request", "give the event's id: GET /v1/events/{id}")
+            raise HTTPProblem(400, "Bad Request", "give the event's id: GET /v1/events/{id}")
         try:
             reply = await self._search.get(index=index_name(self.settings, tenant), id=event_id, ignore=[404])
         except Exception as exc:
             log.warning("event lookup failed: %s", exc)
-            raise Problem(503, "Service Unavailable", "the search index is not reachable; retry later",
-                          {"Retry-After": "5"}) from None
+            raise HTTPProblem(503, "Service Unavailable", "the search index is not reachable; retry later",
+                              {"Retry-After": "5"}) from None
         source = reply.get("_source") or {}
         # the tenant's own index: a document of another tenant cannot be there (its tenant is not in the source)
         if not reply.get("found") or reply.get("_index") != index_name(self.settings, tenant):
-            raise Problem(404, "Not Found", "no such event (or it is not indexed yet)")
+            raise HTTPProblem(404, "Not Found", "no such event (or it is not indexed yet)")
         return hit(reply, source.get("event") or await self.archived_event(tenant, reply["_id"], source))
 
     async def archived_event(self, tenant: str, event_id: str, source: dict[str, Any]) -> dict[str, Any]:
@@ -1267,27 +1274,28 @@ class OutputAPI:
                     "SELECT key FROM archive_objects WHERE batch_id = $1 AND tenant = $2 AND received_hour = $3",
                     source["batch"], tenant, received.replace(minute=0, second=0, microsecond=0))
             if key is None:
-                raise Problem(404, "Not Found", "the event's archive object is not in the manifest; reconcile the "
+                raise HTTPProblem(404, "Not Found", "the event's archive object is not in the manifest; reconcile the "
                                                 "window and replay it")
             reply = await self._s3.get_object(Bucket=self.settings.archive.bucket, Key=key)
             async with reply["Body"] as body:
                 data = gzip.decompress(await body.read())
-        except Problem:
+        except HTTPProblem:
             raise
         except Exception as exc:
             log.warning("archive read for %s failed: %s", event_id, exc)
-            raise Problem(503, "Service Unavailable", "the archive is not reachable; retry later",
-                          {"Retry-After": "5"}) from None
+            raise HTTPProblem(503, "Service Unavailable", "the archive is not reachable; retry later",
+                              {"Retry-After": "5"}) from None
         for line in data.splitlines():
             doc = orjson.loads(line)
             if doc["meta"]["event_id"] == event_id:
                 return doc["item"]
-        raise Problem(404, "Not Found", "the event is not in its archive object; reconcile the window and replay it")
+        raise HTTPProblem(404, "Not Found", "the event is not in its archive object; reconcile the window and "
+                                            "replay it")
 
     @app.get("/events", response_model=EventPage, responses=_PROBLEMS,
              summary="Search events; newest first, paged with search_after")
     async def events(
-        self, request: Request,
+        self,
         actor: str | None = Query(None, max_length=2000), type: str | None = Query(None, max_length=200),  # noqa: A002
         action: str | None = Query(None, max_length=200), object: str | None = Query(None, max_length=2000),  # noqa: A002
         group: str | None = Query(None, max_length=2000), sensor: str | None = Query(None, max_length=2000),
@@ -1295,8 +1303,9 @@ class OutputAPI:
         end: datetime | None = Query(None, description="event time to (excluded), ISO 8601"),
         limit: int = Query(100, ge=1, le=MAX_LIMIT),
         cursor: str | None = Query(None, max_length=4000),
+        caller: Principal = READER,
     ):
-        tenant = (await self.caller(request)).tenant
+        tenant = caller.tenant
         start, end = (t if t is None else as_utc(name, t if t.tzinfo else t.replace(tzinfo=UTC))
                       for name, t in (("start", start), ("end", end)))
         filters: list[dict] = [{"term": {"tenant": tenant}}]
@@ -1306,7 +1315,7 @@ class OutputAPI:
                 filters.append({"term": {field: value}})
         if start or end:
             if start and end and end <= start:
-                raise Problem(400, "Bad Request", "end must be after start")
+                raise HTTPProblem(400, "Bad Request", "end must be after start")
             span = {}
             if start:
                 span["gte"] = start.isoformat()
@@ -1318,7 +1327,7 @@ class OutputAPI:
         if cursor:
             after = decode_cursor(cursor, 2)  # the sort values of the last hit: event time (ms) and event id
             if not (isinstance(after[0], int) and not isinstance(after[0], bool) and isinstance(after[1], str)):
-                raise Problem(400, "Bad Request", "cursor is not one this API handed out; start again without it")
+                raise HTTPProblem(400, "Bad Request", "cursor is not one this API handed out; start again without it")
             body["search_after"] = after
         reply = await self.search(tenant, body)
         hits = reply.get("hits", {}).get("hits", [])

@@ -1,4 +1,7 @@
-"""Coordinator: runs one ShardConsumer per shard that is ready, and sweeps orphaned archive objects.
+"""Coordinator: runs one ShardConsumer per shard that is ready, and, every `process.sweep_interval_s`,
+does the housekeeping no consumer owns: it removes orphaned archive objects, prunes dedup rows and receipts
+past the dedup window, folds the per-minute audit counters past it into hours, records archive objects
+that S3 lost, and reconciles each tenant's last hour into the `lap_reconcile_*` metrics.
 
 A shard is ready when it is not finished and every parent it has (after a split
 or a merge) is finished: a parent is drained before its children start, so one

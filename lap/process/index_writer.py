@@ -27,7 +27,9 @@ from botocore.exceptions import ClientError
 
 from lap import metrics
 from lap.audit.actor import AUDIT_ACTOR, NAMESPACE
+from lap.audit.shards import shard_view
 from lap.aws import open_client
+from lap.caliper import iri_of
 from lap.process.batch import ADD_STAGE_COUNT, minute_of, parse_time
 from lap.process import run_in_background
 from lap.settings import Settings, load_settings
@@ -45,14 +47,6 @@ EXPIRE_EVERY_S = 600.0  # how often documents past index.retention_days are remo
 INDEX_WRITER = "lap-index-writer"
 
 
-def _iri(value: Any) -> str | None:
-    if isinstance(value, str):
-        return value
-    if isinstance(value, dict) and isinstance(value.get("id"), str):
-        return value["id"]
-    return None
-
-
 def document(line: dict[str, Any], batch_id: int) -> dict[str, Any]:
     """The searchable fields of an archived event and where the whole event is: its batch's archive object.
 
@@ -60,11 +54,11 @@ def document(line: dict[str, Any], batch_id: int) -> dict[str, Any]:
     there): a document is a few hundred bytes, not the event twice over.
     """
     meta, item = line["meta"], line["item"]
-    learner, actor = meta.get("learner"), _iri(item.get("actor"))
+    learner, actor = meta.get("learner"), iri_of(item.get("actor"))
     doc = {
         "event_id": meta["event_id"], "tenant": meta["tenant"], "sensor": meta.get("sensor"),
         "type": meta.get("type"), "action": meta.get("action"), "learner": learner,
-        "actor": actor, "object": _iri(item.get("object")), "course": meta.get("course"),
+        "actor": actor, "object": iri_of(item.get("object")), "course": meta.get("course"),
         "event_time": meta.get("event_time"), "received_at": meta.get("received_at"), "batch": batch_id,
     }
     if actor != learner:  # a grader, say: the source keeps it (`actor` itself is searchable, not stored)
@@ -135,18 +129,13 @@ class IndexWriter:
         """Committed batches each shard has not indexed yet, for the `lap_index_backlog_batches` metric."""
         try:
             async with self.pool.acquire() as conn:
-                rows = await conn.fetch(
-                    """SELECT c.shard_id, count(b.id) AS batches FROM shard_checkpoints c
-                         LEFT JOIN index_cursors i ON i.stream = c.stream AND i.shard_id = c.shard_id
-                         LEFT JOIN batches b ON b.stream = c.stream AND b.shard_id = c.shard_id
-                               AND (i.last_seq IS NULL OR b.first_seq > i.last_seq)
-                        WHERE c.stream = $1 GROUP BY c.shard_id""", self.settings.stream.name)
+                rows = await shard_view(conn, self.settings.stream.name)
         except Exception as exc:  # Postgres away: the next pass reports it
             log.warning("index backlog not measured: %s", exc)
             return
         try:
             for row in rows:
-                metrics.index_backlog_batches().set(row["batches"], tags={"shard": row["shard_id"]})
+                metrics.index_backlog_batches().set(row["index_backlog"], tags={"shard": row["shard_id"]})
         except Exception as exc:  # a metric must never stop indexing
             log.warning("index backlog not reported: %s", exc)
 

@@ -21,8 +21,7 @@ from lap.settings import load_settings
 log = logging.getLogger("lap.process")
 
 
-@serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0}, health_check_period_s=10,
-                  health_check_timeout_s=60)
+@serve.deployment  # one replica, no CPU, its health checks: serve_config.yaml
 class Pipeline:
     def __init__(self) -> None:
         settings = load_settings()

@@ -39,7 +39,7 @@ async def console_file(name: str):
     return FileResponse(CONSOLE / file, media_type=media_type, headers=HEADERS)
 
 
-@serve.deployment(max_ongoing_requests=32)
+@serve.deployment  # its replicas and limits: serve_config.yaml
 @serve.ingress(app)
 class Console:
     """Static files only: one small replica serves every visitor."""
