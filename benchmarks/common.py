@@ -9,38 +9,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-import yaml
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a private LAP is made as the tests make theirs
+from tests.support.stack import run_lap, write_config  # noqa: E402
 
-
-def free_ports(count: int) -> list[int]:
-    """Distinct free ports on 127.0.0.1, where Ray's own servers never bind (lap/local/ports.py)."""
-    from lap.local.ports import free_ports as pick
-
-    return pick(count)
-
-
-def write_private_config(folder: Path, **extra: dict) -> Path:
-    """A config for a LAP of the benchmark's own, in `folder`, on free ports; `extra` adds to its sections."""
-    folder.chmod(0o755)  # Postgres runs as an unprivileged user when we are root
-    ports = free_ports(10)
-    config = {
-        "data_dir": str(folder / "data"),
-        "local": dict(zip(("postgres_port", "kinesis_port", "s3_port", "opensearch_port"), ports)),
-        "ray": {"http_port": ports[4], "dashboard_port": ports[5], "haproxy_stats_port": ports[6],
-                "haproxy_metrics_port": ports[7], "metrics_port": ports[8], "fallback_proxy_port": ports[9]},
-    }
-    for section, values in extra.items():
-        config.setdefault(section, {}).update(values)
-    path = folder / "lap.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
+__all__ = ["lap", "machine", "start_lap", "write_config", "write_report"]
 
 
 def lap(*args: str, config: Path, timeout: float = 400) -> subprocess.CompletedProcess:
-    """Run the `lap` command against `config`, ignoring any LAP_ variables of the caller."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LAP_")}
-    return subprocess.run([sys.executable, "-m", "lap", *args, "--config", str(config)],
-                          capture_output=True, text=True, timeout=timeout, env=env)
+    """The `lap` command against `config`; its exit code is the caller's to judge."""
+    return run_lap(*args, config=config, timeout=timeout, check=False)
 
 
 def machine() -> dict:
@@ -50,7 +27,7 @@ def machine() -> dict:
 def start_lap(config: Path) -> bool:
     """`lap up --detach` with this config; prints why when it fails."""
     print("starting LAP...", file=sys.stderr, flush=True)
-    up = lap("up", "--detach", config=config)
+    up = run_lap("up", "--detach", config=config)
     if up.returncode != 0:
         print(up.stdout, up.stderr, file=sys.stderr)
     return up.returncode == 0

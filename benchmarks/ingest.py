@@ -48,7 +48,7 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import lap, machine, start_lap, write_private_config, write_report  # noqa: E402
+from common import lap, machine, start_lap, write_config, write_report  # noqa: E402
 
 from lap.samples import EventFactory, envelope  # noqa: E402
 
@@ -341,7 +341,7 @@ def main() -> int:
     try:
         if args.url is None:
             folder = Path(tempfile.mkdtemp(prefix="lap-bench-ingest-"))
-            config = write_private_config(folder, **({"process": {"index_enabled": False}} if args.no_index else {}))
+            config = write_config(folder, **({"process": {"index_enabled": False}} if args.no_index else {}))
             settings = load_settings(config)
             if not start_lap(config):
                 return 1

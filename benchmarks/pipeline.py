@@ -43,7 +43,7 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import lap, machine, start_lap, write_private_config, write_report  # noqa: E402
+from common import lap, machine, start_lap, write_config, write_report  # noqa: E402
 from ingest import load_process, pct  # noqa: E402
 
 TARGETS = {"processed_per_s": 5_000, "drain_s": 15, "consumer_cpu_us": 50, "postgres_cpu_us": 20,
@@ -231,7 +231,7 @@ def main() -> int:
     from lap.settings import load_settings
 
     folder = Path(tempfile.mkdtemp(prefix="lap-bench-pipeline-"))
-    config = write_private_config(folder, process={"index_enabled": False})
+    config = write_config(folder, process={"index_enabled": False})
     settings = load_settings(config)
     if not start_lap(config):
         return 1

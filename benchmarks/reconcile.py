@@ -41,7 +41,7 @@ import orjson
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import lap, machine, start_lap, write_private_config, write_report  # noqa: E402
+from common import lap, machine, start_lap, write_config, write_report  # noqa: E402
 
 TENANT = "bench"
 TARGETS = {"counts_s": 1.0, "ids_s": 120.0}
@@ -186,7 +186,7 @@ def main() -> int:
     from lap.settings import load_settings
 
     folder = Path(tempfile.mkdtemp(prefix="lap-bench-reconcile-"))
-    config = write_private_config(folder, process={"index_enabled": False})
+    config = write_config(folder, process={"index_enabled": False})
     settings = load_settings(config)
     if not start_lap(config):
         return 1

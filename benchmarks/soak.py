@@ -58,7 +58,7 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import lap, machine, start_lap, write_private_config, write_report  # noqa: E402
+from common import lap, machine, start_lap, write_config, write_report  # noqa: E402
 from ingest import Bodies, pct  # noqa: E402
 from pipeline import _kind  # noqa: E402
 
@@ -554,7 +554,7 @@ def main() -> int:
     from lap.settings import load_settings
 
     folder = Path(tempfile.mkdtemp(prefix="lap-bench-soak-"))
-    config = write_private_config(folder)  # the default settings: the index writer on, as `lap up` runs it
+    config = write_config(folder)  # the default settings: the index writer on, as `lap up` runs it
     settings = load_settings(config)
     if not settings.api_url.startswith("http://127.0.0.1"):
         parser.error(f"the soak's LAP must answer on 127.0.0.1, not {settings.api_url}")

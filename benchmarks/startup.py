@@ -11,10 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -23,11 +20,8 @@ from pathlib import Path
 
 import yaml
 
-
-def free_port() -> int:
-    from lap.local.ports import free_port as pick  # where Ray's own servers never bind
-
-    return pick()
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import lap, machine, write_config  # noqa: E402
 
 
 def healthz_ok(port: int) -> bool:
@@ -38,12 +32,6 @@ def healthz_ok(port: int) -> bool:
         return False
 
 
-def lap(*args: str, config: Path, timeout: float) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LAP_")}
-    return subprocess.run([sys.executable, "-m", "lap", *args, "--config", str(config)],
-                          capture_output=True, text=True, timeout=timeout, env=env)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=2, help="1 cold start, then warm starts")
@@ -52,15 +40,8 @@ def main() -> int:
     args = parser.parse_args()
 
     folder = Path(tempfile.mkdtemp(prefix="lap-bench-"))
-    folder.chmod(0o755)
-    http_port = free_port()
-    config = folder / "lap.yaml"
-    config.write_text(yaml.safe_dump({
-        "data_dir": str(folder / "data"),
-        "local": {"postgres_port": free_port(), "kinesis_port": free_port(),
-                  "s3_port": free_port(), "opensearch_port": free_port()},
-        "ray": {"http_port": http_port, "dashboard_port": free_port(), "metrics_port": free_port()},
-    }))
+    config = write_config(folder)
+    http_port = yaml.safe_load(config.read_text())["ray"]["http_port"]
     rows = []
     try:
         for run in range(args.runs):
@@ -85,7 +66,7 @@ def main() -> int:
     print(f"\n{'run':<22} {'up -> /healthz 200 (s)':>22} {'down (s)':>9}")
     for r in rows:
         print(f"{r['run']:<22} {r['up_to_healthz_200_s']:>22.1f} {r['down_s']:>9.1f}")
-    result = {"benchmark": "startup", "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+    result = {"benchmark": "startup", "machine": machine(),
               "runs": rows, "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2))

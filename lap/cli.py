@@ -465,7 +465,8 @@ def reconcile(config_file: Path | None, tenant: str, start: datetime, end: datet
               help="where missing events are read again from")
 def replay(config_file: Path | None, tenant: str, start: datetime, end: datetime, stages: str, source: str) -> None:
     """Put back into each stage what reconcile finds missing in the window; a second run changes nothing."""
-    from lap.audit.replay import STAGES, Replayer, ReplayError, new_replay_id
+    from lap.audit.jobs import ReplayJobs, record_job
+    from lap.audit.replay import STAGES, new_replay_id
 
     settings = _settings(config_file)
     window = _window(tenant, start, end)
@@ -475,13 +476,18 @@ def replay(config_file: Path | None, tenant: str, start: datetime, end: datetime
         raise click.ClickException(f"--stages takes {', '.join(STAGES)}; got {stages!r}")
     progress = _progress_bars() or (lambda step, done, total: None)
 
-    async def work(pool, s3, search, kinesis):
-        return await Replayer(settings, pool, s3, search, kinesis, progress).run(new_replay_id(), window, chosen, source)
+    replay_id = new_replay_id()
 
-    try:
-        result = _run_store_work(settings, work)
-    except ReplayError as exc:
-        raise click.ClickException(str(exc)) from None
+    async def work(pool, s3, search, kinesis):  # a job like POST /v1/audit/replay's: its row shows how it went
+        await record_job(pool, replay_id, window, chosen, source)
+        return await ReplayJobs(settings, pool, s3, search, kinesis).run(replay_id, window, chosen, source,
+                                                                         report=progress)
+
+    job = _run_store_work(settings, work)
+    if job["status"] != "done":
+        raise click.ClickException(f"replay {replay_id} failed: {job['error']}")
+    result = job["result"]
+    click.echo(f"replay {replay_id} (GET /v1/audit/replay/{replay_id} shows it too)")
     click.echo("replayed: " + ", ".join(f"{k} {v:,}" for k, v in result["replayed"].items()))
     after = result["after"]
     click.echo("after: missing " + ", ".join(f"{k} {v:,}" for k, v in after["missing"].items())

@@ -20,20 +20,14 @@ from lap.process.batch import write_aggregates
 from lap.process.coordinator import COORDINATOR
 from lap.samples import envelope
 from lap.sinks.index import index_name, open_opensearch
-from tests.conftest import run_lap
-from tests.sensors import Sensor
-from tests.test_output import get, key
-from tests.test_pipeline import (
-    archived_ids,
-    receipts_of,
-    envelopes,
-    expected_records,
-    make_events,
-    new_tenant,
-    send,
-    stored_aggregates,
+from tests.support.stack import run_lap
+from tests.support.sensors import Sensor
+from tests.support.api import get, key
+from tests.support.traffic import (
+    archived_ids, envelopes, expected_records, make_events, new_tenant, receipts_of, send, stored_aggregates,
     wait_for,
 )
+from tests.support.traffic import delete_documents
 
 
 def window(started: datetime) -> dict[str, str]:
@@ -173,16 +167,6 @@ async def test_reconcile_finds_each_loss_by_id(settings, audited, db, ray_driver
     assert max(ids.values()) == 1 and len(ids) == 301
 
 
-async def delete_documents(settings, tenant: str, event_ids: list[str]) -> None:
-    """Lose these events from the tenant's search index, as an OpenSearch mishap would."""
-    search = open_opensearch(settings)
-    try:
-        for event_id in event_ids:
-            await search.delete(index=index_name(settings, tenant), id=event_id)
-    finally:
-        await search.close()
-
-
 async def test_a_document_counts_for_the_batch_that_made_it_and_no_other(settings):
     """A writer that died between its bulk and its commit left documents: the next try of that batch counts them,
     any other batch that meets them does not, and an existing document is never overwritten."""
@@ -274,7 +258,7 @@ async def test_a_replay_whose_replica_died_is_resumed_or_failed_in_bounded_time(
     """What a replica that died mid-replay leaves behind: a `running` row whose heartbeat stopped. Another replica
     resumes it (or, after REPLAY_MAX_RUNS runs, marks it failed) within REPLAY_STALE_S + REPLAY_WATCH_S."""
     from lap.audit.replay import new_replay_id
-    from lap.output.app import REPLAY_MAX_RUNS, REPLAY_STALE_S, REPLAY_WATCH_S
+    from lap.audit.jobs import REPLAY_MAX_RUNS, REPLAY_STALE_S, REPLAY_WATCH_S
 
     span = window(audited["started"])
     start, end = (datetime.fromisoformat(span[k]) for k in ("start", "end"))
@@ -368,7 +352,7 @@ def on_a_terminal(*args: str, config) -> tuple[int, str]:
     import subprocess
     import threading
 
-    from tests.conftest import LAP
+    from tests.support.stack import LAP
 
     master, slave = os.openpty()
     drawn: list[bytes] = []
@@ -416,6 +400,10 @@ async def test_reconcile_and_replay_from_the_command_line(lap_up, settings, db):
     repaired = run_lap("replay", *args, "--stages", "index", config=lap_up.config)
     assert "replayed: indexed 2" in repaired.stdout and "complete" in repaired.stdout
     assert repaired.stderr.strip() == "", repaired.stderr  # no terminal: no progress bar, no stray line
+    # the command line's replay is a job like the API's: its row says how it went, for the tenant's readers
+    replay_id = repaired.stdout.split()[1]
+    job = get(settings, key(lap_up, tenant, "reader"), f"/audit/replay/{replay_id}").json()
+    assert job["status"] == "done" and job["result"]["replayed"]["indexed"] == 2 and job["stages"] == ["index"], job
     assert run_lap("reconcile", *args, config=lap_up.config).returncode == 0
 
     # on a terminal, both draw a bar on stderr while they read

@@ -22,9 +22,9 @@ import pytest
 import yaml
 
 from lap.settings import REPO_DIR, load_settings
-from tests.conftest import free_port, run_lap, write_config
-from tests.sensors import Sensor
-from tests.test_pipeline import assert_exact, make_events, wait_for
+from tests.support.stack import free_port, run_lap, write_config
+from tests.support.sensors import Sensor
+from tests.support.traffic import assert_exact, make_events, wait_for
 
 INGEST = "ServeReplica:ingest:IngestAPI"
 CONSUMER = "ShardConsumer"

@@ -28,8 +28,8 @@ from selenium.webdriver.support.ui import WebDriverWait
 from lap.aws import open_client
 from lap.process.coordinator import COORDINATOR
 from lap.samples import EventFactory
-from tests.test_output import get, key
-from tests.test_pipeline import envelopes, new_tenant, send, wait_for
+from tests.support.api import get, key
+from tests.support.traffic import envelopes, new_tenant, send, wait_for
 
 SHOTS: list[Path] = []  # the folder of this session's screenshots, set by the browser fixture
 EVENTS = 900

@@ -7,7 +7,6 @@ from contextlib import AsyncExitStack
 from datetime import datetime, timedelta, timezone
 
 import numpy as np
-import pytest
 
 from lap.aws import open_client
 from lap.process.dedup import DedupState, DedupStore, fingerprint, fingerprints, from_bytes, to_bytes

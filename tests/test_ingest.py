@@ -86,7 +86,7 @@ async def test_accepted_envelope_is_durably_in_the_stream_with_receipts(api, set
                 assert shards.shard_ids[shards.slot(learner)] == shard  # on the learner's own shard
 
     # The shard consumers write the receipts of what they read: the same record and position for each event.
-    from tests.test_pipeline import receipts_of
+    from tests.support.traffic import receipts_of
 
     ids = {e["id"] for e in events}
     for _ in range(100):

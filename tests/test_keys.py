@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from lap.auth import KeyRequestError, create_key, hash_token, list_keys, revoke_key, verify_token
-from tests.conftest import run_lap
+from tests.support.stack import run_lap
 
 
 async def test_created_key_verifies_and_only_its_hash_is_stored(db):
@@ -87,7 +87,7 @@ async def test_cli_prints_only_the_token_and_revoke_takes_effect(lap_up, db):
 
 
 def test_cli_explains_when_postgres_is_not_reachable(tmp_path):
-    from tests.conftest import free_port, write_config
+    from tests.support.stack import free_port, write_config
 
     config = write_config(tmp_path / "nothing-running")
     config.write_text(config.read_text() + f"db:\n  dsn: postgresql://lap:pw@127.0.0.1:{free_port()}/lap\n")

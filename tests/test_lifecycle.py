@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 
 from lap.settings import load_settings
-from tests.conftest import LAP, assert_all_gone, descendants, run_lap, write_config
+from tests.support.stack import assert_all_gone, descendants, LAP, run_lap, write_config
 
 
 def test_foreground_up_then_ctrl_c_leaves_nothing():

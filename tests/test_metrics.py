@@ -10,8 +10,8 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from lap.process.coordinator import COORDINATOR
-from tests.test_audit import delete_documents
-from tests.test_pipeline import envelopes, make_events, new_tenant, send, wait_for
+from tests.support.traffic import delete_documents
+from tests.support.traffic import envelopes, make_events, new_tenant, send, wait_for
 
 
 def scrape(settings) -> dict[str, list[tuple[dict[str, str], float]]]:

@@ -13,17 +13,8 @@ from zoneinfo import ZoneInfo
 import httpx
 import pytest
 
-from tests.conftest import run_lap
-from tests.test_pipeline import envelopes, expected_records, make_events, new_tenant, send, wait_for
-
-
-def key(lap_up, tenant: str, role: str) -> str:
-    return run_lap("keys", "create", "--tenant", tenant, "--role", role, config=lap_up.config).stdout.strip()
-
-
-def get(settings, token: str | None, path: str, **params) -> httpx.Response:
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    return httpx.get(f"{settings.api_url}/v1{path}", params=params, headers=headers, timeout=30)
+from tests.support.traffic import envelopes, expected_records, make_events, new_tenant, send, wait_for
+from tests.support.api import get, key
 
 
 @pytest.fixture(scope="module")

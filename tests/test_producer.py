@@ -19,7 +19,7 @@ from lap.stream.producer import (
     split_batches,
 )
 from lap.stream.records_client import RecordsClient
-from tests.faults import KinesisFaultProxy
+from tests.support.faults import KinesisFaultProxy
 
 
 def test_batches_respect_the_record_and_byte_limits():

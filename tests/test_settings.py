@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings as hsettings, strategies as st
 
 from lap.settings import ConfigError, load_settings
-from tests.conftest import run_lap
+from tests.support.stack import run_lap
 
 
 @pytest.fixture(autouse=True)

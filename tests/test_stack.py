@@ -14,7 +14,7 @@ import psutil
 
 from lap.aws import open_client
 from lap.sinks.store import connect
-from tests.conftest import run_lap
+from tests.support.stack import run_lap
 
 
 def wait_for(predicate, timeout: float, what: str):
@@ -171,7 +171,7 @@ def test_second_up_on_the_same_data_is_refused(lap_up):
 
 
 def test_up_refuses_an_api_port_that_another_lap_holds(lap_up, tmp_path):
-    from tests.conftest import write_config
+    from tests.support.stack import write_config
 
     config = write_config(tmp_path / "other", ray={"http_port": lap_up.settings.ray.http_port})
     result = run_lap("up", config=config, check=False, timeout=120)

@@ -13,9 +13,9 @@ from pathlib import Path
 import yaml
 
 from lap.runner import serve_config
-from tests.sensors import Sensor
-from tests.test_output import get, key
-from tests.test_pipeline import assert_exact, make_events, new_tenant, wait_for
+from tests.support.sensors import Sensor
+from tests.support.api import get, key
+from tests.support.traffic import assert_exact, make_events, new_tenant, wait_for
 
 APPS = ("ingest", "output", "processing")
 

@@ -31,9 +31,9 @@ class AuditActor:
         self._task: asyncio.Task | None = None
 
     def _shard(self, shard_id: str) -> dict[str, Any]:
-        return self.shards.setdefault(shard_id, {"lag_ms": None, "archived_seq": None, "indexed_seq": None, "node": None,
-                                                 "archived": 0, "aggregated": 0, "indexed": 0, "duplicates": 0,
-                                                 "dirty": True})
+        return self.shards.setdefault(shard_id, {"lag_ms": None, "archived_seq": None, "indexed_seq": None,
+                                                 "node": None, "archived": 0, "aggregated": 0, "indexed": 0,
+                                                 "duplicates": 0, "dirty": True})
 
     def consumer_report(self, shard_id: str, report: dict[str, Any]) -> None:
         shard = self._shard(shard_id)

@@ -32,6 +32,8 @@ import asyncpg
 import numpy as np
 import orjson
 
+from lap.buckets import minute_of
+
 log = logging.getLogger("lap.receipts")
 
 FORMAT = 1
@@ -45,18 +47,36 @@ DO UPDATE SET events = stage_counts.events + excluded.events
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 
+class StageTally(dict):
+    """Events per audit counter, (tenant, sensor, shard, minute, stage) -> n, added up in memory and then added
+    to `stage_counts` in one statement. Every writer of the counters goes through here."""
+
+    def count(self, tenant: str, sensor: str | None, shard_id: str, received_at: datetime, stage: str,
+              events: int = 1) -> None:
+        key = (tenant, sensor or "", shard_id, minute_of(received_at), stage)
+        self[key] = self.get(key, 0) + events
+
+    def add(self, key: tuple, events: int) -> None:
+        """A counter whose key is made already (the sweeper's hours)."""
+        self[key] = self.get(key, 0) + events
+
+    async def write(self, conn) -> int:
+        rows = sorted((*key, n) for key, n in self.items() if n)  # in key order: writers never deadlock
+        await conn.executemany(ADD_STAGE_COUNT, rows)
+        return len(rows)
+
+
 class AcknowledgedCounts:
     """Ingest's `acknowledged` counters, kept in the replica and added to Postgres every `flush_interval_s`."""
 
     def __init__(self, pool: asyncpg.Pool, flush_interval_s: float = 0.5):
         self.pool = pool
         self.flush_interval_s = flush_interval_s
-        self._counts: dict[tuple[str, str, str, datetime], int] = {}
+        self._counts = StageTally()
         self._task: asyncio.Task | None = None
 
     def add(self, tenant: str, sensor: str, shard_id: str, received_at: datetime, events: int) -> None:
-        key = (tenant, sensor, shard_id, received_at.replace(second=0, microsecond=0))  # received_at is UTC
-        self._counts[key] = self._counts.get(key, 0) + events
+        self._counts.count(tenant, sensor, shard_id, received_at, "acknowledged", events)
 
     def start(self) -> None:
         if self._task is None:
@@ -73,16 +93,14 @@ class AcknowledgedCounts:
     async def flush(self) -> int:
         if not self._counts:
             return 0
-        counts, self._counts = self._counts, {}
-        rows = sorted((*key, "acknowledged", n) for key, n in counts.items())  # key order: replicas never deadlock
+        counts, self._counts = self._counts, StageTally()
         try:
             async with self.pool.acquire() as conn:
-                await conn.executemany(ADD_STAGE_COUNT, rows)
+                return await counts.write(conn)
         except BaseException:
             for key, n in counts.items():
-                self._counts[key] = self._counts.get(key, 0) + n
+                self._counts.add(key, n)
             raise
-        return len(rows)
 
     async def close(self) -> None:
         if self._task is not None:

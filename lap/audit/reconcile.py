@@ -35,7 +35,7 @@ import numpy as np
 import orjson
 
 from lap.audit.receipts import ReceiptObject, Receipts, decode_receipts, hour_prefix, micros
-from lap.process.batch import hour_of, minute_of
+from lap.buckets import hour_of, minute_of
 from lap.settings import Settings
 from lap.sinks.archive import keys_in_s3
 from lap.sinks.index import index_name

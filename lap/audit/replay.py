@@ -36,8 +36,9 @@ from urllib.parse import quote
 import numpy as np
 import orjson
 
-from lap.audit.receipts import ADD_STAGE_COUNT
+from lap.audit.receipts import StageTally
 from lap.audit.reconcile import Reconciler, Trail, Window
+from lap.buckets import hour_of, parse_time
 from lap.process.batch import (
     GZIP_LEVEL,
     POISON,
@@ -45,9 +46,6 @@ from lap.process.batch import (
     Decoded,
     archive_line,
     decode_record,
-    hour_of,
-    minute_of,
-    parse_time,
 )
 from lap.process.index_writer import bulk_index
 from lap.settings import Settings
@@ -346,15 +344,14 @@ class Replayer:
     async def count_indexed(self, created: list[dict[str, Any]]) -> None:
         """The `indexed` counters of the documents this replay made (an index writer that reaches the same events
         later finds them there, and does not count them again)."""
-        counts: dict[tuple, int] = {}
+        counts = StageTally()
         for line in created:
             meta = line["meta"]
-            key = (meta["tenant"], meta.get("sensor") or "", meta.get("shard_id") or "",
-                   minute_of(parse_time(meta["received_at"])), "indexed")
-            counts[key] = counts.get(key, 0) + 1
+            counts.count(meta["tenant"], meta.get("sensor"), meta.get("shard_id") or "",
+                         parse_time(meta["received_at"]), "indexed")
         if counts:
             async with self.pool.acquire() as conn:
-                await conn.executemany(ADD_STAGE_COUNT, sorted((*k, n) for k, n in counts.items()))
+                await counts.write(conn)
 
     async def read_object(self, key: str) -> list[dict[str, Any]]:
         reply = await self.s3.get_object(Bucket=self.settings.archive.bucket, Key=key)

@@ -3,21 +3,20 @@
 Every route takes a Bearer key with the role `reader` or `admin`, and every
 query is scoped to that key's tenant: the tenant is never a parameter. IRIs
 are query parameters. Errors are RFC 7807 problems, never a 5xx for bad input.
+
+Here are the routes and their SQL; the answers' shapes are in models.py, what
+routes take alike (windows, time zones, cursors, CSV) in params.py, and the
+replay jobs in lap/audit/jobs.py.
 """
 
 import asyncio
-import base64
-import binascii
-import functools
 import gzip
 import logging
 import math
 from http import HTTPStatus
 from contextlib import AsyncExitStack
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
-import zoneinfo
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import asyncpg
 import opensearchpy
@@ -26,25 +25,37 @@ from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from pydantic import BaseModel, Field
 from ray import serve
 
 from lap import __version__
-from lap.audit.reconcile import ReconcileRefused, Reconciler, Window, WindowError, checked_window
+from lap.audit.reconcile import ReconcileRefused, Reconciler, Window
 from lap.audit.shards import consumer_state, shard_view
-from lap.audit.replay import STAGES, Replayer, ReplayBusy, ReplayError, check_replay_window, new_replay_id
+from lap.audit.jobs import REPLAY_WATCH_S, ReplayJobs, record_job
+from lap.audit.replay import STAGES, ReplayError, check_replay_window, new_replay_id
 from lap.auth import KeyCache, Principal, bearer_token, declare_bearer_auth
 from lap.aws import open_client
+from lap.output.models import (
+    ActivityBucket, Caller, CourseActivity, CourseEntry, CourseHeatmap, CourseLearner,
+    CourseLearners, CoursePage, DeadLetter, DeadLetterPage, EventHit, EventPage,
+    HOUR_CSV_COLUMNS, HourAudit, HourAudits, LearnerActivity, LearnerDays, LearnerEntry,
+    LearnerPage, LearnerSummary, MinuteFigures, PipelineReport, QuarantineEntry, QuarantinePage,
+    QuarantinedRequest, ReconcileReport, RefusalGroup, RefusalGroups, ReplayAccepted, ReplayRequest,
+    ReplayStatus, ShardAudit, ShardPipeline, WEEKDAYS, WeekdayHours, hit,
+    summary_rows,
+)
+from lap.output.params import (
+    MAX_AUDIT_HOURS, MAX_CSV_ROWS, MAX_LIMIT, NEXT_CURSOR, SEARCH, TIME_ZONE,
+    next_midnight, as_utc, check_window, csv_response, decode_cursor, encode_cursor,
+    zone,
+)
 from lap.problems import PROBLEM_JSON, HTTPProblem
-from lap.health import HEALTH_RESPONSES, CachedHealth, ComponentHealth, HealthReport, health_reply
+from lap.health import HEALTH_RESPONSES, CachedHealth, HealthReport, health_reply
 from lap.settings import load_settings
 from lap.web import add_offline_docs
 from lap.sinks.index import index_name, open_opensearch
 from lap.sinks.store import create_pool
 
 log = logging.getLogger("lap.output")
-
-MAX_LIMIT = 1000
 
 app = FastAPI(
     title="LAP Output API",
@@ -128,363 +139,6 @@ _OR_CSV = _PROBLEMS | {200: {"content": {"text/csv": {"schema": {"type": "string
                              "description": "JSON, or with format=csv a CSV file"}}
 
 
-# --- response models -------------------------------------------------------------------
-
-
-class Scores(BaseModel):
-    count: int
-    sum: float
-    max: float | None
-    mean: float | None
-
-
-class CourseFigures(BaseModel):
-    course: str | None
-    events: int
-    actions: dict[str, int]
-    submissions: int
-    scores: Scores
-    time_on_task_s: float
-    first_active: datetime
-    last_active: datetime
-
-
-class LearnerSummary(BaseModel):
-    learner: str
-    courses: list[CourseFigures]
-
-
-class CourseLearner(BaseModel):
-    learner: str
-    events: int
-    submissions: int
-    score_mean: float | None
-    time_on_task_s: float
-    last_active: datetime
-
-
-class CourseLearners(BaseModel):
-    course: str
-    learners: list[CourseLearner]
-    next_cursor: str | None
-
-
-class CourseEntry(BaseModel):
-    course: str
-    events: int
-    first_day: date
-    last_day: date
-
-
-class CoursePage(BaseModel):
-    courses: list[CourseEntry]
-    next_cursor: str | None
-
-
-class LearnerEntry(BaseModel):
-    learner: str
-    courses: int
-    events: int
-    last_active: datetime
-
-
-class LearnerPage(BaseModel):
-    learners: list[LearnerEntry]
-    next_cursor: str | None
-
-
-class ActivityBucket(BaseModel):
-    start: datetime
-    events: int
-    active_learners: int
-
-
-class CourseActivity(BaseModel):
-    course: str
-    granularity: Literal["day", "hour"]
-    buckets: list[ActivityBucket]
-
-
-class LearnerDays(BaseModel):
-    learner: str
-    days: dict[str, int]  # "YYYY-MM-DD" -> events
-
-
-WEEKDAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
-
-
-class WeekdayHours(BaseModel):
-    weekday: Literal["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
-    hours: list[int] = Field(description="24 counts: events from 00:00 to 01:00 (in time_zone) first")
-
-
-class CourseHeatmap(BaseModel):
-    course: str
-    time_zone: str = Field(description="the zone of hour_of_week and week; in a zone whose offset is not whole "
-                                       "hours, each UTC hour counts in the local hour it starts in")
-    days: list[str] = Field(description="UTC days: learners' days are kept per UTC day")
-    learners: list[LearnerDays]
-    hour_of_week: list[int] = Field(description="168 counts over the window's days, Monday 00-01 first (the same "
-                                                "as `week`, flat)")
-    week: list[WeekdayHours] = Field(description="the same counts by weekday (Monday first) and hour")
-
-
-class EventHit(BaseModel):
-    event_id: str
-    type: str | None
-    action: str | None
-    actor: str | None
-    object: str | None
-    course: str | None
-    sensor: str | None
-    event_time: str | None
-    received_at: str | None
-    event: dict[str, Any] | None = Field(None, description="the whole event as sent: in GET /v1/events/{id} only, "
-                                                          "read from the archive")
-
-
-class EventPage(BaseModel):
-    events: list[EventHit]
-    next_cursor: str | None
-
-
-class ReconcileReport(BaseModel):
-    start: datetime
-    end: datetime
-    sensor: str | None
-    accepted: int
-    duplicates: int
-    quarantined: int
-    describes: int
-    archived: int
-    aggregated: int
-    indexed: int
-    pending: int = Field(0, description="acknowledged events the stream still holds ahead of their shard's consumer: "
-                                        "on their way, not missing")
-    index_pending: int = Field(0, description="archived events the index writer has still to reach (new, or "
-                                              "behind an index rebuild): not missing")
-    index_expired: int = Field(0, description="archived events received before index.retention_days: no longer "
-                                              "expected in the index")
-    missing: dict[str, int]
-    retention_lost: int
-    dead_lettered: int = Field(0, description="events in stream records a consumer could not process, kept aside "
-                                              "(listed by /v1/audit/dead-letters) until a replay stores them: not "
-                                              "missing, but the window is not complete")
-    complete: bool
-    archive_checked_at: datetime | None = None
-    missing_ids: dict[str, list[str]] | None = None
-    next_cursor: str | None = None
-
-
-class HourAudit(BaseModel):
-    hour: datetime
-    accepted: int
-    duplicates: int
-    quarantined: int
-    archived: int
-    aggregated: int
-    indexed: int
-    pending: int
-    index_pending: int
-    index_expired: int
-    missing: dict[str, int]
-    retention_lost: int
-    dead_lettered: int
-    complete: bool
-
-
-class HourAudits(BaseModel):
-    start: datetime
-    end: datetime
-    hours: list[HourAudit]
-
-
-HOUR_CSV_COLUMNS = ["hour", "accepted", "duplicates", "quarantined", "archived", "aggregated", "indexed", "pending",
-                    "index_pending", "index_expired", "missing_archive", "missing_aggregate", "missing_index",
-                    "retention_lost", "dead_lettered", "complete"]
-MAX_AUDIT_HOURS = 24 * 7
-MAX_CSV_ROWS = 100_000  # one response holds them all in memory
-
-
-class ShardAudit(BaseModel):
-    shard_id: str
-    parent_ids: list[str]
-    finished: bool
-    checkpoint: str | None
-    indexed_to: str | None
-    lag_ms: int | None
-    counts: dict[str, int]
-
-
-class QuarantineEntry(BaseModel):
-    request_id: str
-    sensor: str
-    received_at: datetime
-    status: int
-    title: str
-    problems: list[dict[str, Any]]
-    payload_bytes: int
-    object_key: str
-
-
-class QuarantinePage(BaseModel):
-    entries: list[QuarantineEntry]
-    next_cursor: str | None
-
-
-class DeadLetter(BaseModel):
-    shard_id: str
-    sequence_number: str
-    sensor: str | None
-    received_at: datetime | None
-    events: int
-    reason: str
-    object_key: str = Field(description="the record as read from the stream, with the reason, in the archive bucket")
-    dead_lettered_at: datetime
-    replayed_at: datetime | None
-    replay_id: str | None
-
-
-class DeadLetterPage(BaseModel):
-    entries: list[DeadLetter]
-    next_cursor: str | None
-
-
-class ReplayRequest(BaseModel):
-    start: datetime
-    end: datetime
-    stages: list[Literal["archive", "aggregate", "index"]] = Field(..., min_length=1)
-    source: Literal["archive", "stream"] = "archive"
-
-
-class ReplayAccepted(BaseModel):
-    id: str
-
-
-class ReplayStatus(BaseModel):
-    id: str
-    status: Literal["running", "done", "failed"]
-    start: datetime
-    end: datetime
-    stages: list[str]
-    source: str
-    requested_at: datetime
-    finished_at: datetime | None
-    progress: dict[str, Any]
-    result: dict[str, Any] | None
-    error: str | None
-
-
-class Caller(BaseModel):
-    tenant: str
-    role: Literal["reader", "admin"]
-
-
-class MinuteFigures(BaseModel):
-    minute: datetime
-    accepted: int = Field(description="events the stream acknowledged, by the minute LAP received them")
-    refused: dict[str, int] = Field(description="requests refused and kept in the quarantine (400, 413, 422), by "
-                                                "HTTP status")
-
-
-class ShardPipeline(BaseModel):
-    shard_id: str
-    consumer: Literal["consuming", "waiting", "finished"]
-    node: str | None = Field(description="address of the node its consumer last reported from")
-    lag_ms: int | None
-    index_backlog_batches: int = Field(description="committed batches of the shard not yet in the search index")
-    reported_at: datetime | None
-    stale: bool = Field(description="an unfinished shard whose consumer has not reported for over stale_after_s")
-
-
-class PipelineReport(BaseModel):
-    generated_at: datetime
-    stale_after_s: float
-    minutes: list[MinuteFigures] = Field(description="this tenant's last minutes, oldest first; the newest may still "
-                                                     "grow (ingest replicas count for a few seconds before writing)")
-    shards: list[ShardPipeline]
-    components: dict[str, ComponentHealth]
-
-
-class RefusalGroup(BaseModel):
-    sensor: str
-    status: int
-    title: str
-    count: int
-    last_received_at: datetime
-    sample_request_id: str = Field(description="the newest refusal of the group: GET /v1/audit/quarantine/{id}")
-    sample_problems: list[dict[str, Any]]
-
-
-class RefusalGroups(BaseModel):
-    start: datetime
-    end: datetime
-    groups: list[RefusalGroup]
-
-
-class QuarantinedRequest(QuarantineEntry):
-    payload_truncated: bool = Field(description="only the first limits.quarantine_payload_bytes were kept")
-    payload_encoding: Literal["utf-8", "base64"]
-    payload: str
-
-
-class LearnerActivity(BaseModel):
-    learner: str
-    days: list[date]
-    courses: dict[str, list[int]] = Field(description="per course (\"\" for events without one), the events of "
-                                                      "each of `days` (UTC days)")
-
-
-# --- helpers ---------------------------------------------------------------------------
-
-TIME_ZONE = Query("UTC", max_length=64, description="IANA time zone in which days and hours are read, e.g. "
-                                                    "Europe/Paris (default UTC)")
-
-
-@functools.cache
-def time_zone_names() -> frozenset[str]:
-    return frozenset(zoneinfo.available_timezones()) - {"Factory", "localtime"}  # no place's time
-
-
-def zone(name: str) -> ZoneInfo:
-    try:
-        if name not in time_zone_names():
-            raise ZoneInfoNotFoundError(name)
-        return ZoneInfo(name)
-    except (ZoneInfoNotFoundError, ValueError, OSError):
-        raise HTTPProblem(400, "Bad Request", f"tz {name!r} is not an IANA time zone name, e.g. UTC or "
-                                          "America/New_York") from None
-SEARCH = Query(None, min_length=1, max_length=200, description="only IRIs that hold this text (any case)")
-NEXT_CURSOR = Query(None, max_length=4000, description="next_cursor of the previous page")
-
-
-def as_utc(name: str, value: datetime) -> datetime:
-    """The same instant in UTC: OpenSearch (Java) refuses offsets beyond +-18:00 that Python accepts."""
-    try:
-        return value.astimezone(UTC)
-    except OverflowError:  # year 1 at +14:00, say: before the first UTC instant Python can hold
-        raise HTTPProblem(400, "Bad Request", f"{name} is out of the range of dates LAP can store") from None
-
-
-def check_window(start: datetime, end: datetime) -> None:
-    try:
-        checked_window("", start, end)
-    except WindowError as exc:
-        raise HTTPProblem(400, "Bad Request", str(exc)) from None
-
-
-def _next_midnight(moment: datetime, tz: ZoneInfo | None = None) -> datetime:
-    """The first midnight (in `tz`, else UTC) at or after `moment`: per-day figures count a day only if it starts
-    inside the window."""
-    local = moment.astimezone(tz or UTC)
-    midnight = datetime(local.year, local.month, local.day, tzinfo=tz or UTC)
-    return midnight if midnight == moment else midnight + timedelta(days=1)  # wall-clock days across DST changes
-
-
-PROGRESS_SAVE_S = 2.0  # how often a running replay's progress (and heartbeat) is written for the other replicas
-REPLAY_STALE_S = 30.0  # a running replay whose heartbeat is older than this lost its replica
-REPLAY_WATCH_S = 10.0  # how often each replica looks for such replays
-REPLAY_MAX_RUNS = 3  # a replay whose replica stopped this many times is marked failed, not run again
 NO_SCORE = -1e308  # sorts a learner without scores below every mean (a finite value, so it fits a JSON cursor)
 # sort name -> (SQL expression over the per-learner row, SQL type of its cursor value)
 COURSE_LEARNER_SORTS = {
@@ -495,73 +149,6 @@ COURSE_LEARNER_SORTS = {
     "last_active": ("last_active", "timestamptz"),
     "learner": ("learner", "text"),
 }
-
-
-def csv_response(filename: str, columns: list[str], rows) -> Response:
-    """Rows as CSV (RFC 4180), for spreadsheets. A text cell that a spreadsheet would read as a formula (it
-    starts with =, +, -, @, a tab or a carriage return) gets a leading apostrophe."""
-    import csv
-    import io
-
-    def cell(value: Any) -> Any:
-        if isinstance(value, datetime):
-            return value.isoformat()
-        if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
-            return "'" + value
-        return "" if value is None else value
-
-    out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\r\n")
-    writer.writerow(columns)
-    for row in rows:
-        writer.writerow([cell(row[c]) for c in columns])
-    return Response(out.getvalue(), media_type="text/csv; charset=utf-8",
-                    headers={"Content-Disposition": f'attachment; filename="{filename}"'})
-
-
-def encode_cursor(values: list[Any]) -> str:
-    return base64.urlsafe_b64encode(orjson.dumps(values)).decode().rstrip("=")
-
-
-def decode_cursor(cursor: str, length: int) -> list[Any]:
-    try:
-        values = orjson.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
-    except (binascii.Error, ValueError, orjson.JSONDecodeError):
-        values = None
-    if not isinstance(values, list) or len(values) != length:
-        raise HTTPProblem(400, "Bad Request", "cursor is not one this API handed out; start again without it")
-    return values
-
-
-def course_of(value: str) -> str | None:
-    return value or None  # stored as '' when the events had no group
-
-
-def summary_rows(rows, actions) -> list[CourseFigures]:
-    by_course: dict[str, dict[str, int]] = {}
-    for a in actions:
-        by_course.setdefault(a["course"], {})[a["action"]] = int(a["n"])
-    out = []
-    for r in rows:
-        count = int(r["score_count"])
-        out.append(CourseFigures(
-            course=course_of(r["course"]), events=int(r["events"]), actions=by_course.get(r["course"], {}),
-            submissions=int(r["submissions"]),
-            scores=Scores(count=count, sum=r["score_sum"], max=r["score_max"],
-                          mean=(r["score_sum"] / count) if count else None),
-            time_on_task_s=r["time_on_task_s"], first_active=r["first_active"], last_active=r["last_active"]))
-    return out
-
-
-def hit(found: dict[str, Any], event: dict[str, Any] | None = None) -> EventHit:
-    """An index hit (or GET reply) as the API shows it; documents store neither their id nor, mostly, the actor
-    (docs/decisions.md, "Index")."""
-    source = found.get("_source") or {}
-    actor = source.get("actor") or source.get("actor_iri") or source.get("learner")
-    return EventHit(event_id=source.get("event_id") or found["_id"], type=source.get("type"),
-                    action=source.get("action"), actor=actor, object=source.get("object"), course=source.get("course"),
-                    sensor=source.get("sensor"), event_time=source.get("event_time"),
-                    received_at=source.get("received_at"), event=event)
 
 
 async def calling_reader(request: Request) -> Principal:
@@ -589,9 +176,10 @@ class OutputAPI:
     async def __del__(self) -> None:
         """Serve calls this on a graceful replica shutdown: stop the background work and close the stores.
         A replay stopped here is resumed by another replica once its heartbeat is stale."""
-        for task in [self._watcher, *getattr(self, "_tasks", ())]:
-            if task is not None:
-                task.cancel()
+        if self._watcher is not None:
+            self._watcher.cancel()
+        if self._pool is not None:
+            self._jobs.cancel()
         await self.health.checker.close()
         if self._pool is not None:
             await self._clients.aclose()
@@ -607,33 +195,16 @@ class OutputAPI:
             self._watcher = asyncio.get_running_loop().create_task(self._watch_replays())
 
     async def _watch_replays(self) -> None:
-        """Resume the replays whose replica stopped (their heartbeat is stale), so none stays `running` for good."""
+        await self._open_when_possible()
+        await self._jobs.watch()
+
+    async def _open_when_possible(self) -> None:
         while True:
             try:
-                await self._open()
-                await self._resume_stale_replays()
-            except Exception as exc:  # Postgres away: try again at the next round
-                log.warning("replay watcher: %s", exc)
-            await asyncio.sleep(REPLAY_WATCH_S)
-
-    async def _resume_stale_replays(self) -> None:
-        async with self._pool.acquire() as conn:
-            # one replica wins each stale replay: the row is re-checked under its lock
-            rows = await conn.fetch(
-                """UPDATE replays SET heartbeat_at = now(), attempts = attempts + 1
-                    WHERE status = 'running' AND heartbeat_at < now() - make_interval(secs => $1)
-                    RETURNING id, tenant, window_start, window_end, stages, source, attempts""", REPLAY_STALE_S)
-            for r in rows:
-                if r["attempts"] > REPLAY_MAX_RUNS:
-                    await conn.execute(
-                        """UPDATE replays SET status = 'failed', finished_at = now(), error = $2
-                            WHERE id = $1 AND status = 'running'""",
-                        r["id"], f"the replica running it stopped {REPLAY_MAX_RUNS} times; ask for the replay again")
-        for r in rows:
-            if r["attempts"] <= REPLAY_MAX_RUNS:
-                log.warning("resuming replay %s (run %d): the replica running it stopped", r["id"], r["attempts"])
-                self._start_replay(r["id"], Window(r["tenant"], r["window_start"], r["window_end"]),
-                                   list(r["stages"]), r["source"], resumed=True)
+                return await self._open()
+            except Exception as exc:  # Postgres away: try again soon
+                log.warning("stores not open yet: %s", exc)
+                await asyncio.sleep(REPLAY_WATCH_S)
 
     async def _open(self) -> None:
         async with self._lock:
@@ -644,8 +215,7 @@ class OutputAPI:
                 self._clients = AsyncExitStack()
                 self._s3 = await open_client(self._clients, self.settings, "s3")
                 self._kinesis = await open_client(self._clients, self.settings, "kinesis")
-                self._jobs: dict[str, dict[str, Any]] = {}  # live progress of the replays this replica runs
-                self._tasks: set[asyncio.Task] = set()
+                self._jobs = ReplayJobs(self.settings, self._pool, self._s3, self._search, self._kinesis)
 
     async def caller(self, request: Request) -> Principal:
         """The reader or admin key's principal; its tenant scopes every query."""
@@ -721,7 +291,7 @@ class OutputAPI:
     ):
         tenant = caller.tenant
         check_window(start, end)
-        first, last = _next_midnight(start), _next_midnight(end)
+        first, last = next_midnight(start), next_midnight(end)
         async with self._pool.acquire() as conn:
             rows = await conn.fetch(
                 """SELECT course, day, events FROM learner_days
@@ -864,7 +434,7 @@ class OutputAPI:
         else:
             # hours, and days of another time zone, come from the search index (the aggregates are per UTC day)
             if granularity == "day":  # whole days of tz, as in the UTC case
-                start, end = _next_midnight(start, local), _next_midnight(end, local)
+                start, end = next_midnight(start, local), next_midnight(end, local)
             interval = {"calendar_interval": "1d"} if granularity == "day" else {"fixed_interval": "1h"}
             body = {"size": 0, "query": {"bool": {"filter": [
                         {"term": {"tenant": tenant}}, {"term": {"course": course}},
@@ -892,8 +462,8 @@ class OutputAPI:
         tenant = caller.tenant
         check_window(start, end)
         local = zone(tz)
-        first, last = _next_midnight(start), _next_midnight(end)  # the UTC days that start inside the window
-        hours_from, hours_to = _next_midnight(start, local), _next_midnight(end, local)  # and the days of tz
+        first, last = next_midnight(start), next_midnight(end)  # the UTC days that start inside the window
+        hours_from, hours_to = next_midnight(start, local), next_midnight(end, local)  # and the days of tz
         async with self._pool.acquire() as conn:
             rows = await conn.fetch(
                 """SELECT learner, day, events FROM learner_days
@@ -1004,68 +574,10 @@ class OutputAPI:
             raise HTTPProblem(400, "Bad Request", str(exc)) from None
         replay_id = new_replay_id()
         stages = sorted(set(body.stages), key=STAGES.index)
-        async with self._pool.acquire() as conn:
-            await conn.execute(
-                """INSERT INTO replays (id, tenant, window_start, window_end, stages, source, status)
-                   VALUES ($1, $2, $3, $4, $5, $6, 'running')""",
-                replay_id, principal.tenant, body.start, body.end, stages, body.source)
-        self._start_replay(replay_id, Window(principal.tenant, body.start, body.end), stages, body.source)
+        window = Window(principal.tenant, body.start, body.end)
+        await record_job(self._pool, replay_id, window, stages, body.source)
+        self._jobs.start(replay_id, window, stages, body.source)
         return ReplayAccepted(id=replay_id)
-
-    def _start_replay(self, replay_id: str, window: Window, stages: list[str], source: str,
-                      resumed: bool = False) -> None:
-        progress: dict[str, Any] = {}
-        self._jobs[replay_id] = progress
-        task = asyncio.get_running_loop().create_task(
-            self._run_replay(replay_id, window, stages, source, progress, resumed))
-        self._tasks.add(task)  # asyncio keeps only a weak reference to a task
-        task.add_done_callback(self._tasks.discard)
-
-    async def _run_replay(self, replay_id: str, window: Window, stages: list[str], source: str,
-                          progress: dict[str, Any], resumed: bool = False) -> None:
-        def report(step: str, done: int, total: int) -> None:
-            progress[step] = {"done": done, "total": total}
-
-        async def save_progress() -> None:  # so that every replica can tell a running replay's progress
-            while True:
-                await asyncio.sleep(PROGRESS_SAVE_S)
-                try:
-                    async with self._pool.acquire() as conn:
-                        await conn.execute(
-                            """UPDATE replays SET progress = $2::jsonb, heartbeat_at = now()
-                                WHERE id = $1 AND status = 'running'""", replay_id, orjson.dumps(progress).decode())
-                except Exception as exc:  # only the progress is late; the result is saved at the end
-                    log.warning("replay %s: progress not saved: %s", replay_id, exc)
-
-        saver = asyncio.get_running_loop().create_task(save_progress())
-        status, result, error = "done", None, None
-        try:
-            replayer = Replayer(self.settings, self._pool, self._s3, self._search, self._kinesis, report)
-            result = await replayer.run(replay_id, window, stages, source)
-        except ReplayBusy as exc:
-            if resumed:  # its first replica is alive after all (a heartbeat late behind long work): it goes on
-                self._jobs.pop(replay_id, None)
-                log.info("replay %s: %s; left to the replica running it", replay_id, exc)
-                return
-            status, error = "failed", str(exc)
-        except ReplayError as exc:
-            status, error = "failed", str(exc)
-        except Exception as exc:  # a store went away: the replay can simply be asked for again
-            log.exception("replay %s failed", replay_id)
-            status, error = "failed", f"{type(exc).__name__}: {exc}"
-        finally:
-            saver.cancel()
-        try:
-            async with self._pool.acquire() as conn:
-                await conn.execute(
-                    """UPDATE replays SET status = $2, progress = $3::jsonb, result = $4::jsonb, error = $5,
-                                          finished_at = now() WHERE id = $1""",
-                    replay_id, status, orjson.dumps(progress).decode(),
-                    None if result is None else orjson.dumps(result, default=str).decode(), error)
-        except Exception:
-            log.exception("replay %s finished (%s) but its state could not be saved", replay_id, status)
-        finally:
-            self._jobs.pop(replay_id, None)
 
     @app.get("/audit/replay/{replay_id}", response_model=ReplayStatus, responses=_PROBLEMS,
              summary="A replay's progress, status and result")
@@ -1075,7 +587,7 @@ class OutputAPI:
             row = await conn.fetchrow("SELECT * FROM replays WHERE id = $1 AND tenant = $2", replay_id, tenant)
         if row is None:
             raise HTTPProblem(404, "Not Found", "no replay with this id")
-        live = self._jobs.get(replay_id)
+        live = self._jobs.live.get(replay_id)
         return ReplayStatus(
             id=row["id"], status=row["status"], start=row["window_start"], end=row["window_end"],
             stages=list(row["stages"]), source=row["source"], requested_at=row["requested_at"],

@@ -40,7 +40,8 @@ import numpy as np
 import orjson
 
 from lap import metrics
-from lap.audit.receipts import ADD_STAGE_COUNT, encode_receipts, receipt_key
+from lap.audit.receipts import StageTally, encode_receipts, receipt_key
+from lap.buckets import hour_of, parse_time
 from lap.process.aggregate import Aggregates, aggregate_records
 from lap.process.dedup import DedupStore, fingerprints, to_bytes
 from lap.settings import Settings
@@ -86,11 +87,6 @@ class BatchResult:
     duplicates: int
 
 
-def parse_time(text: str) -> datetime:
-    moment = datetime.fromisoformat(text)
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=timezone.utc)
-
-
 def decode_record(record: dict[str, Any]) -> list[Decoded]:
     """The events of one stream record (a GetRecords dict), in position order. Raises NotLapRecord."""
     sequence = int(record["SequenceNumber"])
@@ -124,16 +120,6 @@ def decode(records: list[dict[str, Any]]) -> tuple[list[Decoded], int]:
 
 
 @lru_cache(maxsize=4096)  # a record's events share one receipt time: computed once per record
-def hour_of(moment: datetime) -> datetime:
-    return moment.astimezone(timezone.utc).replace(minute=0, second=0, microsecond=0)
-
-
-@lru_cache(maxsize=4096)
-def minute_of(moment: datetime) -> datetime:
-    """The audit counters' bucket: reconcile counts whole minutes from them."""
-    return moment.astimezone(timezone.utc).replace(second=0, microsecond=0)
-
-
 def archive_key(settings: Settings, tenant: str, hour: datetime, shard_id: str, first: int, last: int,
                 replay: str | None = None) -> str:
     suffix = "" if replay is None else f"-r{replay}"
@@ -333,7 +319,7 @@ class BatchWriter:
                    ON CONFLICT (stream, shard_id, sequence_number) DO UPDATE SET reason = excluded.reason""",
                 self.stream, self.shard_id, Decimal(sequence), tenant,
                 decoded[0].meta.get("sensor") if decoded else None, received, len(decoded or []), reason, key)
-            await conn.executemany(ADD_STAGE_COUNT, stage_rows(self.shard_id, [], [], read))
+            await stage_tally(self.shard_id, [], [], read).write(conn)
             await self.advance_checkpoint(conn, sequence, received)
         metrics.dead_letters().inc(tags={"shard": self.shard_id})
         log.error("shard %s: record %s dead-lettered (%d events) to %s: %s", self.shard_id, sequence,
@@ -379,29 +365,22 @@ class BatchWriter:
             await write_aggregates(conn, aggregates)
             # every copy read is accepted, but for copies another shard's consumer forwarded: counted there already
             read = [] if self.replay is not None else [r for r in decoded if "forwarded_from" not in r.meta]
-            await conn.executemany(ADD_STAGE_COUNT, stage_rows(self.shard_id, kept, duplicates if read else [], read))
+            await stage_tally(self.shard_id, kept, duplicates if read else [], read).write(conn)
             if self.replay is None:
                 await self.advance_checkpoint(conn, last, newest)
 
 
-def stage_rows(shard_id: str, kept: list[Decoded], duplicates: list[Decoded], read: list[Decoded]) -> list[tuple]:
+def stage_tally(shard_id: str, kept: list[Decoded], duplicates: list[Decoded], read: list[Decoded]) -> StageTally:
     """Audit counters of a batch: every copy read from the stream is accepted; every kept record is archived and
     aggregated (a describe too: the stage holds it, though it adds to no figure); describes and duplicates are
     also counted apart."""
-    counts: dict[tuple, int] = {}
-
-    def add(records: list[Decoded], stage: str) -> None:
+    tally = StageTally()
+    for records, stage in ((read, "accepted"), (kept, "archived"), (kept, "aggregated"),
+                           ([r for r in kept if r.meta.get("kind") == "entity"], "describes"),
+                           (duplicates, "duplicates")):
         for record in records:
-            key = (record.meta["tenant"], record.meta.get("sensor") or "", shard_id, minute_of(record.received_at),
-                   stage)
-            counts[key] = counts.get(key, 0) + 1
-
-    add(read, "accepted")
-    add(kept, "archived")
-    add(kept, "aggregated")
-    add([r for r in kept if r.meta.get("kind") == "entity"], "describes")
-    add(duplicates, "duplicates")
-    return sorted((*key, n) for key, n in counts.items())  # in key order: no deadlock between shards
+            tally.count(record.meta["tenant"], record.meta.get("sensor"), shard_id, record.received_at, stage)
+    return tally
 
 
 async def write_aggregates(conn: asyncpg.Connection, agg: Aggregates) -> None:

@@ -12,6 +12,7 @@ Ray starts it again and re-runs `run`, which resumes from the checkpoint.
 from __future__ import annotations
 
 import asyncio
+import enum
 import functools
 import logging
 import os
@@ -60,6 +61,13 @@ async def take_lease(pool, settings: Settings, shard_id: str, owner: str) -> tup
         return None
     seq = row["sequence_number"]
     return row["lease_epoch"], (int(seq) if seq is not None else None), row["finished"]
+
+
+class ShardEnd(enum.Enum):
+    """How a consumer's run of its shard ended, as the Kinesis Client Library names it."""
+
+    TERMINATE = "terminate"  # the shard is closed (split or merged) and every record is processed: never again
+    ZOMBIE = "zombie"  # another consumer took the lease: this one stops without writing anything more
 
 
 class ShardReader:
@@ -128,13 +136,13 @@ class ShardConsumer:
     def info(self) -> dict[str, Any]:
         return {"shard_id": self.shard_id, "pid": self.pid, "batches": self.committed_batches}
 
-    async def run(self) -> str:
-        """Consume the shard until it is finished ("finished") or the lease is lost ("lost")."""
+    async def run(self) -> ShardEnd:
+        """Consume the shard until it is finished (TERMINATE) or the lease is lost to another consumer (ZOMBIE)."""
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._run())
         return await asyncio.shield(self._task)
 
-    async def _run(self) -> str:
+    async def _run(self) -> ShardEnd:
         s = self.settings
         async with AsyncExitStack() as stack:
             pool = await create_pool(s, background=True)
@@ -152,7 +160,7 @@ class ShardConsumer:
                     await asyncio.sleep(min(5.0, s.process.lease_ttl_s / 3))
             epoch, checkpoint, finished = lease
             if finished:
-                return "finished"
+                return ShardEnd.TERMINATE
             log.info("shard %s: lease epoch %d, resuming after %s", self.shard_id, epoch, checkpoint)
             dedup = DedupStore(s, pool, s3, s.stream.name, self.shard_id, DedupState(s.process.dedup_window_s))
             loaded = await dedup.load(await ancestors(pool, s.stream.name, self.shard_id))
@@ -166,9 +174,9 @@ class ShardConsumer:
                 return await self._loop(pool, reader, writer, audit, epoch)
             except LeaseLost as exc:
                 log.warning("%s; stopping (zombie shutdown)", exc)
-                return "lost"
+                return ShardEnd.ZOMBIE
 
-    async def _loop(self, pool, reader: ShardReader, writer: BatchWriter, audit, epoch: int) -> str:
+    async def _loop(self, pool, reader: ShardReader, writer: BatchWriter, audit, epoch: int) -> ShardEnd:
         p = self.settings.process
         pending: list[tuple[dict[str, Any], list[Decoded]]] = []  # records read, with their events
         pending_events = 0
@@ -223,7 +231,7 @@ class ShardConsumer:
                 await mark_finished(pool, self.settings, self.shard_id, epoch)
                 report(audit, self.shard_id, lag_ms=0)
                 log.info("shard %s: closed and fully processed", self.shard_id)
-                return "finished"
+                return ShardEnd.TERMINATE
             if time.monotonic() - renewed > p.lease_ttl_s / 3:
                 await renew_lease(pool, self.settings, self.shard_id, epoch)
                 renewed = time.monotonic()

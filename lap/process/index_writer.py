@@ -27,10 +27,11 @@ from botocore.exceptions import ClientError
 
 from lap import metrics
 from lap.audit.actor import AUDIT_ACTOR, NAMESPACE
+from lap.audit.receipts import StageTally
 from lap.audit.shards import shard_view
 from lap.aws import open_client
+from lap.buckets import parse_time
 from lap.caliper import iri_of
-from lap.process.batch import ADD_STAGE_COUNT, minute_of, parse_time
 from lap.process import run_in_background
 from lap.settings import Settings, load_settings
 from lap.sinks.index import expire_documents, index_name, open_opensearch
@@ -231,12 +232,11 @@ class IndexWriter:
             indexed.extend(created)
             failures.extend((line["meta"]["tenant"], line["meta"]["event_id"], batch["id"], status, reason)
                             for line, status, reason in failed)
-        counts: dict[tuple, int] = {}
+        counts = StageTally()
         for line in indexed:
             meta = line["meta"]
-            key = (meta["tenant"], meta.get("sensor") or "", batch["shard_id"],
-                   minute_of(parse_time(meta["received_at"])), "indexed")
-            counts[key] = counts.get(key, 0) + 1
+            counts.count(meta["tenant"], meta.get("sensor"), batch["shard_id"], parse_time(meta["received_at"]),
+                         "indexed")
         async with self.pool.acquire() as conn, conn.transaction():
             if failures:
                 await conn.executemany(
@@ -244,7 +244,7 @@ class IndexWriter:
                        ON CONFLICT (tenant, event_id) DO UPDATE
                           SET batch_id = excluded.batch_id, status = excluded.status, reason = excluded.reason,
                               failed_at = now()""", failures)
-            await conn.executemany(ADD_STAGE_COUNT, sorted((*k, n) for k, n in counts.items()))
+            await counts.write(conn)
             # compare-and-set: if the cursor was reset meanwhile, this batch's counts must not stand
             if backfill:
                 moved = await conn.execute(

@@ -162,7 +162,6 @@ def scram_verifier(password: str, iterations: int = 4096) -> str:
     """Postgres's SCRAM-SHA-256 form of a password (RFC 5802, 7677), as `CREATE ROLE ... PASSWORD` takes it."""
     import base64
     import hmac
-    import os
 
     salt = os.urandom(16)
     salted = hashlib.pbkdf2_hmac("sha256", password.encode(), salt, iterations)

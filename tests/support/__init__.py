@@ -1,0 +1,1 @@
+"""What the tests and the benchmarks share. No test module imports another: they import from here."""
