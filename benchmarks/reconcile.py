@@ -69,7 +69,7 @@ def receipt_object(shard: str, second: int, per_batch: int, first: int) -> bytes
 async def fill(settings, rate: int, shards: int, minutes: int) -> dict:
     from lap.audit.receipts import receipt_key
     from lap.aws import open_client
-    from lap.process.batch import archive_key
+    from lap.sinks.archive import archive_key
     from lap.sinks.store import connect
 
     per_batch = rate // shards

@@ -102,7 +102,7 @@ async def test_an_admin_dsn_migrates_and_leaves_the_app_user_rows_but_not_the_sc
     import yaml
     from pydantic import SecretStr
 
-    from conftest import run_lap
+    from tests.support.stack import run_lap
     from lap.sinks.store import migrate
 
     name, role = f"mig_{uuid.uuid4().hex[:10]}", f"app_{uuid.uuid4().hex[:10]}"

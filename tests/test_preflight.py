@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from conftest import LAP, run_lap
+from tests.support.stack import LAP, run_lap
 from lap.local.ports import free_ports
 
 REPO = Path(__file__).resolve().parent.parent

@@ -25,19 +25,17 @@ from __future__ import annotations
 
 import asyncio
 import bisect
-import gzip
 import heapq
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import numpy as np
-import orjson
 
 from lap.audit.receipts import ReceiptObject, Receipts, decode_receipts, hour_prefix, micros
 from lap.buckets import hour_of, minute_of
 from lap.settings import Settings
-from lap.sinks.archive import keys_in_s3
+from lap.sinks.archive import keys_in_s3, read_object
 from lap.sinks.index import index_name
 from lap.stream.kinesis import oldest_arrival
 
@@ -529,15 +527,10 @@ class Reconciler:
                 window.tenant, hour_of(window.start), window.end)]
         found: set[str] = set()
         for key in keys:
-            for line in await self.read_archive_object(key):
+            for line in await read_object(self.s3, self.settings, key):
                 found.add(line["meta"]["event_id"])
         return found
 
-    async def read_archive_object(self, key: str) -> list[dict[str, Any]]:
-        reply = await self.s3.get_object(Bucket=self.settings.archive.bucket, Key=key)
-        async with reply["Body"] as body:
-            data = await body.read()
-        return [orjson.loads(line) for line in gzip.decompress(data).splitlines() if line]
 
     async def _archive_objects(self, tenant: str, batch_of: np.ndarray) -> np.ndarray:
         """batch * 1e6 + hour index of each archive object the manifest names for these batches and S3 still has."""
@@ -569,9 +562,6 @@ class Reconciler:
         return await conn.fetchval(
             """SELECT count(*) FROM quarantined WHERE tenant = $1 AND received_at >= $2 AND received_at < $3
                   AND ($4::text IS NULL OR sensor = $4)""", window.tenant, window.start, window.end, window.sensor)
-
-    async def _keys_in_s3(self, keys: set[str]) -> set[str]:
-        return await keys_in_s3(self.settings, self.s3, keys)
 
     def _index_query(self, window: Window) -> dict[str, Any]:
         filters: list[dict] = [

@@ -22,7 +22,6 @@ one replay per tenant runs at a time (a Postgres advisory lock).
 from __future__ import annotations
 
 import base64
-import gzip
 import hashlib
 import logging
 import uuid
@@ -31,7 +30,6 @@ from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any
-from urllib.parse import quote
 
 import numpy as np
 import orjson
@@ -40,7 +38,6 @@ from lap.audit.receipts import StageTally
 from lap.audit.reconcile import Reconciler, Trail, Window
 from lap.buckets import hour_of, parse_time
 from lap.process.batch import (
-    GZIP_LEVEL,
     POISON,
     BatchWriter,
     Decoded,
@@ -49,6 +46,7 @@ from lap.process.batch import (
 )
 from lap.process.index_writer import bulk_index
 from lap.settings import Settings
+from lap.sinks.archive import hour_prefix, pack_lines, put_object, read_object
 from lap.stream.record_format import NotLapRecord
 
 log = logging.getLogger("lap.replay")
@@ -218,8 +216,7 @@ class Replayer:
         paginator = self.s3.get_paginator("list_objects_v2")
         hour = hour_of(window.start)
         while hour < window.end:
-            prefix = (f"{self.settings.archive.prefix}/tenant={quote(window.tenant, safe='')}/"
-                      f"date={hour:%Y-%m-%d}/hour={hour:%H}/")
+            prefix = hour_prefix(self.settings, window.tenant, hour)
             async for page in paginator.paginate(Bucket=self.settings.archive.bucket, Prefix=prefix):
                 for obj in page.get("Contents", []):
                     for line in await self.read_object(obj["Key"]):
@@ -278,9 +275,7 @@ class Replayer:
         for n, ((batch, hour), members) in enumerate(sorted(lost.items()), 1):
             obj = objects[(batch, hour)]
             lines = await self.object_lines(obj, records, window)
-            body = gzip.compress(b"\n".join(lines) + b"\n", compresslevel=GZIP_LEVEL, mtime=0)
-            await self.s3.put_object(Bucket=self.settings.archive.bucket, Key=obj["key"], Body=body,
-                                     ContentType="application/x-ndjson", ContentEncoding="gzip")
+            await put_object(self.s3, self.settings, obj["key"], pack_lines(lines))
             async with self.pool.acquire() as conn:
                 await conn.execute("DELETE FROM lost_archive_objects WHERE key = $1", obj["key"])
             self.progress("archive", n, len(lost))
@@ -354,7 +349,4 @@ class Replayer:
                 await counts.write(conn)
 
     async def read_object(self, key: str) -> list[dict[str, Any]]:
-        reply = await self.s3.get_object(Bucket=self.settings.archive.bucket, Key=key)
-        async with reply["Body"] as body:
-            data = await body.read()
-        return [orjson.loads(line) for line in gzip.decompress(data).splitlines() if line]
+        return await read_object(self.s3, self.settings, key)

@@ -10,7 +10,6 @@ replay jobs in lap/audit/jobs.py.
 """
 
 import asyncio
-import gzip
 import logging
 import math
 from http import HTTPStatus
@@ -52,6 +51,8 @@ from lap.problems import PROBLEM_JSON, HTTPProblem
 from lap.health import HEALTH_RESPONSES, CachedHealth, HealthReport, health_reply
 from lap.settings import load_settings
 from lap.web import add_offline_docs
+from lap.buckets import hour_of, parse_time
+from lap.sinks.archive import read_object
 from lap.sinks.index import index_name, open_opensearch
 from lap.sinks.store import create_pool
 
@@ -779,28 +780,25 @@ class OutputAPI:
 
     async def archived_event(self, tenant: str, event_id: str, source: dict[str, Any]) -> dict[str, Any]:
         """The whole event, from the archive object of the batch the document points at."""
-        received = datetime.fromisoformat(source["received_at"].replace("Z", "+00:00"))
+        received = parse_time(source["received_at"].replace("Z", "+00:00"))
         try:
             async with self._pool.acquire() as conn:
                 key = await conn.fetchval(
                     "SELECT key FROM archive_objects WHERE batch_id = $1 AND tenant = $2 AND received_hour = $3",
-                    source["batch"], tenant, received.replace(minute=0, second=0, microsecond=0))
+                    source["batch"], tenant, hour_of(received))
             if key is None:
                 raise HTTPProblem(404, "Not Found", "the event's archive object is not in the manifest; reconcile the "
                                                 "window and replay it")
-            reply = await self._s3.get_object(Bucket=self.settings.archive.bucket, Key=key)
-            async with reply["Body"] as body:
-                data = gzip.decompress(await body.read())
+            lines = await read_object(self._s3, self.settings, key)
         except HTTPProblem:
             raise
         except Exception as exc:
             log.warning("archive read for %s failed: %s", event_id, exc)
             raise HTTPProblem(503, "Service Unavailable", "the archive is not reachable; retry later",
                               {"Retry-After": "5"}) from None
-        for line in data.splitlines():
-            doc = orjson.loads(line)
-            if doc["meta"]["event_id"] == event_id:
-                return doc["item"]
+        for line in lines:
+            if line["meta"]["event_id"] == event_id:
+                return line["item"]
         raise HTTPProblem(404, "Not Found", "the event is not in its archive object; reconcile the window and "
                                             "replay it")
 

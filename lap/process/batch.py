@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import gzip
 import logging
 import time
 from dataclasses import dataclass
@@ -45,13 +44,13 @@ from lap.buckets import hour_of, parse_time
 from lap.process.aggregate import Aggregates, aggregate_records
 from lap.process.dedup import DedupStore, fingerprints, to_bytes
 from lap.settings import Settings
+from lap.sinks.archive import archive_key, pack_lines, put_object
 from lap.stream import record_format
 from lap.stream.producer import partition_key_for
 from lap.stream.shard_map import hash_key
 
 log = logging.getLogger("lap.process")
 
-GZIP_LEVEL = 3  # ~4x smaller than the JSON at a few ms per MB; the archive is write-mostly
 
 
 class LeaseLost(Exception):
@@ -120,13 +119,6 @@ def decode(records: list[dict[str, Any]]) -> tuple[list[Decoded], int]:
 
 
 @lru_cache(maxsize=4096)  # a record's events share one receipt time: computed once per record
-def archive_key(settings: Settings, tenant: str, hour: datetime, shard_id: str, first: int, last: int,
-                replay: str | None = None) -> str:
-    suffix = "" if replay is None else f"-r{replay}"
-    return (f"{settings.archive.prefix}/tenant={quote(tenant, safe='')}/date={hour:%Y-%m-%d}/hour={hour:%H}/"
-            f"shard={shard_id}/{first}-{last}{suffix}.jsonl.gz")
-
-
 def dead_letter_key(settings: Settings, tenant: str | None, moment: datetime, shard_id: str, sequence: int) -> str:
     owner = "tenant=" + quote(tenant, safe="") if tenant is not None else "not-lap"
     return f"{settings.archive.dead_letter_prefix}/{owner}/date={moment:%Y-%m-%d}/shard={shard_id}/{sequence}.json"
@@ -256,14 +248,12 @@ class BatchWriter:
             groups.setdefault((record.meta["tenant"], hour_of(record.received_at)), []).append(
                 archive_line(record, self.shard_id))
         objects: dict[str, tuple[str, datetime, int, int]] = {}
-        bucket = self.settings.archive.bucket
         puts = []
         for (tenant, hour), lines in groups.items():
             key = archive_key(self.settings, tenant, hour, self.shard_id, first, last, self.replay)
-            body = gzip.compress(b"\n".join(lines) + b"\n", compresslevel=GZIP_LEVEL, mtime=0)
+            body = pack_lines(lines)
             objects[key] = (tenant, hour, len(lines), len(body))
-            puts.append(self.s3.put_object(Bucket=bucket, Key=key, Body=body,
-                                           ContentType="application/x-ndjson", ContentEncoding="gzip"))
+            puts.append(put_object(self.s3, self.settings, key, body))
         if self.replay is None:  # what was read from the stream, duplicates included
             puts.extend(self.receipt_puts(decoded, duplicate, foreign, first, last))
         await asyncio.gather(*puts)

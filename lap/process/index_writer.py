@@ -12,7 +12,6 @@ else is recorded in `index_failures` with its reason.
 from __future__ import annotations
 
 import asyncio
-import gzip
 import logging
 import os
 import time
@@ -34,6 +33,7 @@ from lap.buckets import parse_time
 from lap.caliper import iri_of
 from lap.process import run_in_background
 from lap.settings import Settings, load_settings
+from lap.sinks.archive import read_object
 from lap.sinks.index import expire_documents, index_name, open_opensearch
 from lap.sinks.store import create_pool
 
@@ -204,11 +204,6 @@ class IndexWriter:
             done += 1
         return done
 
-    async def read_object(self, key: str) -> list[dict[str, Any]]:
-        reply = await self.s3.get_object(Bucket=self.settings.archive.bucket, Key=key)
-        async with reply["Body"] as body:
-            data = await body.read()
-        return [orjson.loads(line) for line in gzip.decompress(data).splitlines() if line]
 
     async def index_batch(self, batch, cursor: Decimal | None, backfill: bool = False) -> None:
         """Index one committed batch and move its cursor (the live one, or the rebuild's with `backfill`)."""
@@ -218,7 +213,7 @@ class IndexWriter:
         lines: list[dict[str, Any]] = []
         for key in keys:
             try:
-                lines.extend(await self.read_object(key))
+                lines.extend(await read_object(self.s3, self.settings, key))
             except ClientError as exc:
                 if exc.response.get("Error", {}).get("Code") not in ("NoSuchKey", "404"):
                     raise
