@@ -13,6 +13,7 @@ def parse_time(text: str) -> datetime:
     return moment if moment.tzinfo is not None else moment.replace(tzinfo=timezone.utc)
 
 
+@lru_cache(maxsize=4096)  # a record's events share one receipt time: computed once per record
 def hour_of(moment: datetime) -> datetime:
     return moment.astimezone(timezone.utc).replace(minute=0, second=0, microsecond=0)
 

@@ -27,7 +27,6 @@ import base64
 import logging
 import time
 from dataclasses import dataclass
-from functools import lru_cache
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from collections.abc import Awaitable, Callable
@@ -118,7 +117,6 @@ def decode(records: list[dict[str, Any]]) -> tuple[list[Decoded], int]:
     return decoded, bad
 
 
-@lru_cache(maxsize=4096)  # a record's events share one receipt time: computed once per record
 def dead_letter_key(settings: Settings, tenant: str | None, moment: datetime, shard_id: str, sequence: int) -> str:
     owner = "tenant=" + quote(tenant, safe="") if tenant is not None else "not-lap"
     return f"{settings.archive.dead_letter_prefix}/{owner}/date={moment:%Y-%m-%d}/shard={shard_id}/{sequence}.json"
