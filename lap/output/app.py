@@ -255,8 +255,7 @@ class OutputAPI:
 
     @app.get("/whoami", response_model=Caller, responses=_PROBLEMS, summary="The tenant and role of the key sent")
     async def whoami(self, caller: Principal = READER):
-        principal = caller
-        return Caller(tenant=principal.tenant, role=principal.role)
+        return Caller(tenant=caller.tenant, role=caller.role)
 
     @app.get("/learner-summary", response_model=LearnerSummary, responses=_PROBLEMS,
              summary="A learner's figures for each course")
@@ -565,8 +564,7 @@ class OutputAPI:
     @app.post("/audit/replay", response_model=ReplayAccepted, status_code=202, responses=_PROBLEMS,
               summary="Replay what reconcile finds missing in a window (admin keys)")
     async def replay(self, body: ReplayRequest, caller: Principal = READER):
-        principal = caller
-        if principal.role != "admin":
+        if caller.role != "admin":
             raise HTTPProblem(403, "Forbidden", "only an admin key can replay")
         check_window(body.start, body.end)
         try:
@@ -575,7 +573,7 @@ class OutputAPI:
             raise HTTPProblem(400, "Bad Request", str(exc)) from None
         replay_id = new_replay_id()
         stages = sorted(set(body.stages), key=STAGES.index)
-        window = Window(principal.tenant, body.start, body.end)
+        window = Window(caller.tenant, body.start, body.end)
         await record_job(self._pool, replay_id, window, stages, body.source)
         self._jobs.start(replay_id, window, stages, body.source)
         return ReplayAccepted(id=replay_id)
