@@ -134,7 +134,7 @@ def measured_sizes() -> dict[str, float]:
                                 "item": i.doc}) for e in _SAMPLE for i in e.items]
     lines = [record_format.event_line({"event_id": i.id, "kind": i.kind}, i.doc) for e in _SAMPLE for i in e.items]
     record = record_format.encode({"tenant": "capacity", "received_at": "2026-11-27T00:00:00.000000Z"}, lines[:50])
-    stream = [{"SequenceNumber": "1", "Data": record}]
+    stream = [record_format.StreamRecord(1, record)]
     decoded, _ = decode(stream)
     archive = gzip.compress(b"\n".join(archive_line(d, "shardId-000000000000") for d in decoded))
     return {"one_event_record_bytes": sum(map(len, old_format)) / len(old_format),

@@ -117,7 +117,7 @@ async def test_a_zombie_consumer_past_its_lease_cannot_commit(lap_up, settings, 
     or stored twice."""
     import asyncpg
 
-    from lap.process.consumer import take_lease
+    from lap.process import leases
 
     ray = ray_driver
     tenant, events, shard_id, pid, sender = await traffic_past_a_consumer(lap_up, settings, ray, 2000, 200)
@@ -132,7 +132,7 @@ async def test_a_zombie_consumer_past_its_lease_cannot_commit(lap_up, settings, 
             await asyncio.sleep(settings.process.lease_ttl_s + 1)  # its lease runs out while it sleeps
             since = await db.fetchval("SELECT now()")
             try:
-                usurped = await take_lease(usurper, settings, shard_id, "test-usurper")  # as a new consumer would
+                usurped = await leases.take(usurper, settings, shard_id, "test-usurper")  # as a new consumer would
             except asyncpg.LockNotAvailableError:  # frozen mid-commit: let it finish, and freeze it again
                 os.kill(pid, signal.SIGCONT)
                 await asyncio.sleep(0.5)
@@ -152,7 +152,7 @@ async def test_a_zombie_consumer_past_its_lease_cannot_commit(lap_up, settings, 
     await wait_for(db, tenant, {"accepted": 2000, "archived": 2000, "aggregated": 2000})
     owner, epoch = await db.fetchrow("SELECT lease_owner, lease_epoch FROM shard_checkpoints WHERE shard_id = $1 "
                                      "AND stream = $2", shard_id, settings.stream.name)
-    assert owner != "test-usurper" and epoch > usurped[0]  # the consumer took the shard back after the usurper
+    assert owner != "test-usurper" and epoch > usurped.epoch  # the consumer took the shard back after the usurper
     await assert_exact(settings, db, tenant, events)
 
 

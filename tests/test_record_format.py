@@ -19,7 +19,7 @@ from lap.process.batch import decode, decode_record
 from lap.samples import EventFactory, envelope
 from lap.stream import record_format
 from lap.stream.producer import partition_key_for
-from lap.stream.record_format import NotLapRecord
+from lap.stream.record_format import NotLapRecord, StreamRecord
 from lap.stream.shard_map import ShardMap, hash_key
 
 SHARED = {"tenant": "acme", "sensor": "https://lms.example.edu/sensors/lms", "key_id": "k1",
@@ -54,7 +54,7 @@ def test_a_record_holds_events_in_position_order_with_the_shared_metadata():
 
 def test_one_event_records_of_format_0_are_still_read():
     old = orjson.dumps({"meta": {"event_id": "e0", **SHARED}, "item": {"id": "e0"}})
-    events = decode_record({"SequenceNumber": "42", "Data": old})
+    events = decode_record(StreamRecord(42, old))
     assert [(e.sequence, e.position, e.meta["event_id"]) for e in events] == [(42, 0, "e0")]
     assert events[0].received_at == datetime(2026, 11, 30, 10, 0, 0, 123456, tzinfo=timezone.utc)
 
@@ -71,7 +71,7 @@ def test_one_event_records_of_format_0_are_still_read():
 def test_records_that_are_not_lap_s_are_refused_clearly(data, reason):
     with pytest.raises(NotLapRecord, match=reason):
         record_format.decode(data)
-    assert decode([{"SequenceNumber": "7", "Data": data}]) == ([], 1)  # the consumer skips it and counts it
+    assert decode([StreamRecord(7, data)]) == ([], 1)  # the consumer skips it and counts it
 
 
 def test_the_shard_map_follows_kinesis_md5_rule_and_ignores_closed_shards():
@@ -145,6 +145,6 @@ def test_archive_lines_keep_the_items_bytes_as_the_stream_held_them():
     env = _envelope(40, seed=9)
     packed = pack(env, PRINCIPAL, datetime.now(timezone.utc), "req", ShardMap(four_shards()), 1024 * 1024)
     for n, record in enumerate(packed.records):
-        for event in decode_record({"SequenceNumber": str(100 + n), "Data": record.data}):
+        for event in decode_record(StreamRecord(100 + n, record.data)):
             assert event.raw_item is not None
             assert archive_line(event, "s") == archive_line(replace(event, raw_item=None), "s")

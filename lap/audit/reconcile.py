@@ -34,6 +34,7 @@ import numpy as np
 
 from lap.audit.receipts import ReceiptObject, Receipts, decode_receipts, hour_prefix, micros
 from lap.buckets import hour_of, minute_of
+from lap.process import leases
 from lap.settings import Settings
 from lap.sinks.archive import keys_in_s3, read_object
 from lap.sinks.index import index_name
@@ -229,7 +230,7 @@ class Reconciler:
                      FROM stage_counts
                     WHERE tenant = $1 AND received_minute >= $2 AND received_minute < $3
                     GROUP BY sensor, shard_id, received_minute""", window.tenant, first, last)
-            reached = await self.consumers_reached(conn)
+            reached = await leases.reached(conn, self.settings.stream.name)
             result.index_pending = await conn.fetchval(
                 f"""SELECT coalesce(sum(o.records), 0) FROM archive_objects o JOIN batches b ON b.id = o.batch_id
                       {INDEX_PROGRESS_JOINS}
@@ -270,13 +271,6 @@ class Reconciler:
                     setattr(result, name, getattr(result, name) + getattr(part, name))
         result.indexed = await self._indexed_count(window)
         return result.finish()
-
-    async def consumers_reached(self, conn) -> dict[str, datetime | None]:
-        """Per shard of the stream, the newest receipt time its consumer has committed (None: nothing yet)."""
-        rows = await conn.fetch("SELECT shard_id, received_at, finished FROM shard_checkpoints WHERE stream = $1",
-                                self.settings.stream.name)
-        return {r["shard_id"]: (datetime.max.replace(tzinfo=timezone.utc) if r["finished"] else r["received_at"])
-                for r in rows}
 
     def is_pending(self, shard_id: str, minute: datetime, reached: dict[str, datetime | None]) -> bool:
         """Whether a minute's events on a shard may still be ahead of its consumer (records can reach the stream
@@ -554,7 +548,7 @@ class Reconciler:
                   AND ($4::text IS NULL OR sensor = $4)
                 GROUP BY sensor, shard_id, received_minute""", window.tenant, minute_of(window.start), window.end,
             window.sensor)
-        reached = await self.consumers_reached(conn)
+        reached = await leases.reached(conn, self.settings.stream.name)
         return sum(r["acknowledged"] - r["accepted"] for r in rows
                    if r["acknowledged"] > r["accepted"] and self.is_pending(r["shard_id"], r["received_minute"], reached))
 

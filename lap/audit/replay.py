@@ -47,7 +47,7 @@ from lap.process.batch import (
 from lap.process.index_writer import bulk_index
 from lap.settings import Settings
 from lap.sinks.archive import hour_prefix, pack_lines, put_object, read_object
-from lap.stream.record_format import NotLapRecord
+from lap.stream.record_format import NotLapRecord, StreamRecord
 
 log = logging.getLogger("lap.replay")
 
@@ -195,7 +195,7 @@ class Replayer:
             reply = await self.s3.get_object(Bucket=self.settings.archive.bucket, Key=row["key"])
             async with reply["Body"] as body:
                 kept = orjson.loads(await body.read())
-            record = {"SequenceNumber": kept["sequence_number"], "Data": base64.b64decode(kept["data_base64"])}
+            record = StreamRecord(int(kept["sequence_number"]), base64.b64decode(kept["data_base64"]))
             found += [(row["shard_id"], event) for event in decode_record(record) if event.meta["event_id"] in wanted]
         return found
 
@@ -240,7 +240,7 @@ class Replayer:
             self.progress("read stream", n, len(wanted))
         return found
 
-    async def stream_record(self, shard_id: str, sequence: str) -> dict[str, Any] | None:
+    async def stream_record(self, shard_id: str, sequence: str) -> StreamRecord | None:
         try:
             iterator = (await self.kinesis.get_shard_iterator(
                 StreamName=self.settings.stream.name, ShardId=shard_id, ShardIteratorType="AT_SEQUENCE_NUMBER",
@@ -252,7 +252,7 @@ class Replayer:
         records = reply.get("Records", [])
         if not records or records[0]["SequenceNumber"] != sequence:
             return None
-        return {"SequenceNumber": sequence, "Data": records[0]["Data"]}
+        return StreamRecord.from_get_records(records[0])
 
     # --- archive: objects a manifest names that S3 lost --------------------------------------
 

@@ -27,7 +27,7 @@ import base64
 import logging
 import time
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from decimal import Decimal
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -42,18 +42,16 @@ from lap.audit.receipts import StageTally, encode_receipts, receipt_key
 from lap.buckets import hour_of, parse_time
 from lap.process.aggregate import Aggregates, aggregate_records
 from lap.process.dedup import DedupStore, fingerprints, to_bytes
+from lap.process.leases import Lease
 from lap.settings import Settings
 from lap.sinks.archive import archive_key, pack_lines, put_object
 from lap.stream import record_format
+from lap.stream.record_format import StreamRecord
 from lap.stream.producer import partition_key_for
 from lap.stream.shard_map import hash_key
 
 log = logging.getLogger("lap.process")
 
-
-
-class LeaseLost(Exception):
-    """Another consumer holds this shard now; this one must stop without committing."""
 
 
 # What the same records raise again on every try: their data, not a server, is at fault. Such a batch is processed
@@ -85,10 +83,10 @@ class BatchResult:
     duplicates: int
 
 
-def decode_record(record: dict[str, Any]) -> list[Decoded]:
-    """The events of one stream record (a GetRecords dict), in position order. Raises NotLapRecord."""
-    sequence = int(record["SequenceNumber"])
-    events = record_format.decode_lines(record["Data"])
+def decode_record(record: StreamRecord) -> list[Decoded]:
+    """The events of one stream record, in position order. Raises NotLapRecord."""
+    sequence = record.sequence
+    events = record_format.decode_lines(record.data)
     decoded: list[Decoded] = []
     received_text = None
     received = None
@@ -104,7 +102,7 @@ def decode_record(record: dict[str, Any]) -> list[Decoded]:
     return decoded
 
 
-def decode(records: list[dict[str, Any]]) -> tuple[list[Decoded], int]:
+def decode(records: list[StreamRecord]) -> tuple[list[Decoded], int]:
     """The events of stream records; the count of records that are not LAP's (logged and skipped)."""
     decoded: list[Decoded] = []
     bad = 0
@@ -113,7 +111,7 @@ def decode(records: list[dict[str, Any]]) -> tuple[list[Decoded], int]:
             decoded.extend(decode_record(record))
         except record_format.NotLapRecord as exc:
             bad += 1
-            log.error("record %s of the stream is not a LAP record; skipped: %s", record.get("SequenceNumber"), exc)
+            log.error("record %s of the stream is not a LAP record; skipped: %s", record.sequence, exc)
     return decoded, bad
 
 
@@ -130,7 +128,7 @@ def archive_line(record: Decoded, shard_id: str) -> bytes:
 
 
 class BatchWriter:
-    """Writes a shard's batches; one per consumer, holding that consumer's lease epoch and dedup state.
+    """Writes a shard's batches; one per consumer, holding that consumer's lease and dedup state.
 
     A replay (`replay` = its id) goes through the same steps for events read
     again from the archive or the stream, but it holds no lease, no dedup state
@@ -142,7 +140,7 @@ class BatchWriter:
     nothing: the second finds nothing missing.
     """
 
-    def __init__(self, settings: Settings, pool: asyncpg.Pool, s3: Any, shard_id: str, epoch: int | None,
+    def __init__(self, settings: Settings, pool: asyncpg.Pool, s3: Any, shard_id: str, lease: Lease | None,
                  replay: str | None = None, dedup: DedupStore | None = None,
                  hash_range: tuple[int, int] | None = None,
                  forward: Callable[[list[Decoded]], Awaitable[None]] | None = None):
@@ -151,7 +149,7 @@ class BatchWriter:
         self.s3 = s3
         self.stream = settings.stream.name if replay is None else f"replay:{replay}"
         self.shard_id = shard_id
-        self.epoch = epoch
+        self.lease = lease  # None for a replay
         self.replay = replay
         self.dedup_store = dedup
         # The shard's hash-key range, and how to put an event back into the stream for the shard that owns it
@@ -159,11 +157,10 @@ class BatchWriter:
         self.hash_range = hash_range
         self.forward = forward
 
-    async def process(self, records: list[dict[str, Any]]) -> BatchResult:
-        """Archive, aggregate and commit one batch of GetRecords records (in stream order)."""
+    async def process(self, records: list[StreamRecord]) -> BatchResult:
+        """Archive, aggregate and commit one batch of stream records (in stream order)."""
         decoded, _ = decode(records)  # records that are not LAP's are logged there and skipped
-        return await self.process_events(int(records[0]["SequenceNumber"]), int(records[-1]["SequenceNumber"]),
-                                         len(records), decoded)
+        return await self.process_events(records[0].sequence, records[-1].sequence, len(records), decoded)
 
     async def process_events(self, first: int, last: int, records: int, decoded: list[Decoded]) -> BatchResult:
         """The same for events already decoded, from the records `first`..`last` (`records` of them)."""
@@ -277,7 +274,7 @@ class BatchWriter:
                                            ContentType="application/json", ContentEncoding="gzip"))
         return puts
 
-    async def dead_letter(self, record: dict[str, Any], decoded: list[Decoded] | None, reason: str) -> BatchResult:
+    async def dead_letter(self, record: StreamRecord, decoded: list[Decoded] | None, reason: str) -> BatchResult:
         """Keep a record that cannot be processed in S3, count it, and move the checkpoint past it.
 
         Its events (if it has LAP's format) get receipts like any copy read, so
@@ -285,13 +282,13 @@ class BatchWriter:
         rather than missing while the `dead_letters` row is open; a replay
         stores them once the cause is fixed.
         """
-        sequence = int(record["SequenceNumber"])
+        sequence = record.sequence
         tenant = decoded[0].meta["tenant"] if decoded else None
         received = decoded[0].received_at if decoded else None
         key = dead_letter_key(self.settings, tenant, received or datetime.now(timezone.utc), self.shard_id, sequence)
         kept_as_read = {"stream": self.settings.stream.name, "shard_id": self.shard_id,
                         "sequence_number": str(sequence), "reason": reason,
-                        "data_base64": base64.b64encode(bytes(record["Data"])).decode()}
+                        "data_base64": base64.b64encode(record.data).decode()}
         puts = [self.s3.put_object(Bucket=self.settings.archive.bucket, Key=key, Body=orjson.dumps(kept_as_read),
                                    ContentType="application/json")]
         if decoded:
@@ -299,7 +296,7 @@ class BatchWriter:
         await asyncio.gather(*puts)
         read = [r for r in (decoded or []) if "forwarded_from" not in r.meta]
         async with self.pool.acquire() as conn, conn.transaction():
-            await self.check_lease(conn)
+            await self.lease.fence(conn)
             await conn.execute(
                 """INSERT INTO dead_letters (stream, shard_id, sequence_number, tenant, sensor, received_at, events,
                                              reason, key)
@@ -308,27 +305,11 @@ class BatchWriter:
                 self.stream, self.shard_id, Decimal(sequence), tenant,
                 decoded[0].meta.get("sensor") if decoded else None, received, len(decoded or []), reason, key)
             await stage_tally(self.shard_id, [], [], read).write(conn)
-            await self.advance_checkpoint(conn, sequence, received)
+            await self.lease.advance(conn, sequence, received)
         metrics.dead_letters().inc(tags={"shard": self.shard_id})
         log.error("shard %s: record %s dead-lettered (%d events) to %s: %s", self.shard_id, sequence,
                   len(decoded or []), key, reason)
         return BatchResult(sequence, 0, 0)
-
-    async def check_lease(self, conn) -> None:
-        """Raises LeaseLost unless this writer's lease epoch is the shard's (and holds its row until commit)."""
-        epoch = await conn.fetchval(
-            "SELECT lease_epoch FROM shard_checkpoints WHERE stream = $1 AND shard_id = $2 FOR UPDATE",
-            self.stream, self.shard_id)
-        if epoch != self.epoch:
-            raise LeaseLost(f"shard {self.shard_id}: lease epoch is {epoch}, this consumer holds {self.epoch}")
-
-    async def advance_checkpoint(self, conn, last: int, newest: datetime | None) -> None:
-        await conn.execute(
-            """UPDATE shard_checkpoints
-                  SET sequence_number = $3, lease_expires = now() + $4::interval, updated_at = now(),
-                      received_at = greatest(received_at, $5)
-                WHERE stream = $1 AND shard_id = $2""",
-            self.stream, self.shard_id, Decimal(last), timedelta(seconds=self.settings.process.lease_ttl_s), newest)
 
     async def commit(self, first: int, last: int, count: int, decoded: list[Decoded], kept: list[Decoded],
                      duplicates: list[Decoded], keys: dict[str, tuple[str, datetime, int, int]], aggregates: Aggregates,
@@ -336,8 +317,8 @@ class BatchWriter:
         describes = sum(1 for r in kept if r.meta.get("kind") == "entity")
         newest = max((r.received_at for r in decoded), default=None)
         async with self.pool.acquire() as conn, conn.transaction():
-            if self.replay is None:
-                await self.check_lease(conn)
+            if self.lease is not None:
+                await self.lease.fence(conn)
             batch_id = await conn.fetchval(
                 """INSERT INTO batches (stream, shard_id, first_seq, last_seq, records, events, describes, duplicates,
                                         fingerprints, max_received_at)
@@ -354,8 +335,8 @@ class BatchWriter:
             # every copy read is accepted, but for copies another shard's consumer forwarded: counted there already
             read = [] if self.replay is not None else [r for r in decoded if "forwarded_from" not in r.meta]
             await stage_tally(self.shard_id, kept, duplicates if read else [], read).write(conn)
-            if self.replay is None:
-                await self.advance_checkpoint(conn, last, newest)
+            if self.lease is not None:
+                await self.lease.advance(conn, last, newest)
 
 
 def stage_tally(shard_id: str, kept: list[Decoded], duplicates: list[Decoded], read: list[Decoded]) -> StageTally:

@@ -19,7 +19,7 @@ import os
 import random
 import time
 from contextlib import AsyncExitStack
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from typing import Any
 
 import ray
@@ -28,7 +28,8 @@ from botocore.exceptions import ClientError
 from lap import metrics
 from lap.audit.actor import AUDIT_ACTOR, NAMESPACE
 from lap.aws import open_client
-from lap.process.batch import POISON, BatchResult, BatchWriter, Decoded, LeaseLost, decode_record
+from lap.process import leases
+from lap.process.batch import POISON, BatchResult, BatchWriter, Decoded, decode_record
 from lap.process.dedup import DedupState, DedupStore
 from lap.process import run_in_background
 from lap.settings import Settings, load_settings
@@ -36,7 +37,7 @@ from lap.sinks.store import create_pool
 from lap.stream import record_format
 from lap.stream.kinesis import list_shards
 from lap.stream.producer import Producer, Record, partition_key_for
-from lap.stream.record_format import NotLapRecord
+from lap.stream.record_format import NotLapRecord, StreamRecord
 from lap.stream.records_client import RecordsClient
 
 log = logging.getLogger("lap.process")
@@ -44,23 +45,6 @@ log = logging.getLogger("lap.process")
 DEDUP_SAVE_EVERY_S = 10.0  # how often closed dedup buckets are looked for and saved
 RETRIABLE_READ = {"ProvisionedThroughputExceededException", "LimitExceededException", "KMSThrottlingException",
                   "InternalFailure", "ServiceUnavailable"}
-
-
-async def take_lease(pool, settings: Settings, shard_id: str, owner: str) -> tuple[int, int | None, bool] | None:
-    """(epoch, checkpoint, finished) when this owner now holds the shard, else None (someone else's live lease)."""
-    async with pool.acquire() as conn:
-        row = await conn.fetchrow(
-            """UPDATE shard_checkpoints
-                  SET lease_owner = $3, lease_epoch = lease_epoch + 1,
-                      lease_expires = now() + $4::interval, updated_at = now()
-                WHERE stream = $1 AND shard_id = $2
-                  AND (lease_owner IS NULL OR lease_owner = $3 OR lease_expires < now())
-            RETURNING lease_epoch, sequence_number, finished""",
-            settings.stream.name, shard_id, owner, timedelta(seconds=settings.process.lease_ttl_s))
-    if row is None:
-        return None
-    seq = row["sequence_number"]
-    return row["lease_epoch"], (int(seq) if seq is not None else None), row["finished"]
 
 
 class ShardEnd(enum.Enum):
@@ -93,7 +77,7 @@ class ShardReader:
         reply = await self.kinesis.get_shard_iterator(**kwargs)
         return reply["ShardIterator"]
 
-    async def read(self) -> list[dict[str, Any]]:
+    async def read(self) -> list[StreamRecord]:
         """The next records (possibly none); sets `closed` once a closed shard is drained."""
         if self.iterator is None:
             self.iterator = await self._iterator()
@@ -111,11 +95,11 @@ class ShardReader:
                     raise
                 await asyncio.sleep(delay * (0.5 + random.random()))
                 delay = min(delay * 2, self.settings.process.max_poll_s)
-        records = reply.get("Records", [])
+        records = [StreamRecord.from_get_records(r) for r in reply.get("Records", [])]
         self.lag_ms = reply.get("MillisBehindLatest")
         self.iterator = reply.get("NextShardIterator")
         if records:
-            self.after = int(records[-1]["SequenceNumber"])
+            self.after = records[-1].sequence
         if self.iterator is None:
             self.closed = True
         return records
@@ -155,30 +139,29 @@ class ShardConsumer:
 
             lease = None
             while lease is None:  # the previous holder's lease must expire first
-                lease = await take_lease(pool, s, self.shard_id, self.owner)
+                lease = await leases.take(pool, s, self.shard_id, self.owner)
                 if lease is None:
                     await asyncio.sleep(min(5.0, s.process.lease_ttl_s / 3))
-            epoch, checkpoint, finished = lease
-            if finished:
+            if lease.finished:
                 return ShardEnd.TERMINATE
-            log.info("shard %s: lease epoch %d, resuming after %s", self.shard_id, epoch, checkpoint)
+            log.info("shard %s: lease epoch %d, resuming after %s", self.shard_id, lease.epoch, lease.checkpoint)
             dedup = DedupStore(s, pool, s3, s.stream.name, self.shard_id, DedupState(s.process.dedup_window_s))
-            loaded = await dedup.load(await ancestors(pool, s.stream.name, self.shard_id))
+            loaded = await dedup.load(await leases.ancestors(pool, s.stream.name, self.shard_id))
             log.info("shard %s: dedup state of %d ids loaded", self.shard_id, loaded)
             producer = Producer(records_client, s.stream.name, deadline_s=60.0)
-            writer = BatchWriter(s, pool, s3, self.shard_id, epoch, dedup=dedup,
+            writer = BatchWriter(s, pool, s3, self.shard_id, lease, dedup=dedup,
                                  hash_range=await hash_range(kinesis, s, self.shard_id),
                                  forward=lambda events: forward(producer, self.shard_id, events))
-            reader = ShardReader(s, kinesis, records_client, self.shard_id, checkpoint)
+            reader = ShardReader(s, kinesis, records_client, self.shard_id, lease.checkpoint)
             try:
-                return await self._loop(pool, reader, writer, audit, epoch)
-            except LeaseLost as exc:
+                return await self._loop(pool, reader, writer, audit, lease)
+            except leases.LeaseLost as exc:
                 log.warning("%s; stopping (zombie shutdown)", exc)
                 return ShardEnd.ZOMBIE
 
-    async def _loop(self, pool, reader: ShardReader, writer: BatchWriter, audit, epoch: int) -> ShardEnd:
+    async def _loop(self, pool, reader: ShardReader, writer: BatchWriter, audit, lease: leases.Lease) -> ShardEnd:
         p = self.settings.process
-        pending: list[tuple[dict[str, Any], list[Decoded]]] = []  # records read, with their events
+        pending: list[tuple[StreamRecord, list[Decoded] | None]] = []  # records read, with their events
         pending_events = 0
         pending_bytes = 0
         first_at = 0.0
@@ -197,7 +180,7 @@ class ShardConsumer:
                     events = None  # dead-lettered with its batch
                 pending.append((record, events))
                 pending_events += len(events or ())
-                pending_bytes += len(record["Data"])
+                pending_bytes += len(record.data)
             due = pending and (pending_events >= p.batch_max_events or pending_bytes >= p.batch_max_bytes
                                or time.monotonic() - first_at >= p.batch_max_wait_s or reader.closed)
             if due:
@@ -208,7 +191,7 @@ class ShardConsumer:
                     taken += 1
                 batch, pending = pending[:taken], pending[taken:]
                 pending_events -= len(events)
-                pending_bytes = sum(len(r["Data"]) for r, _ in pending)
+                pending_bytes = sum(len(r.data) for r, _ in pending)
                 last = batch[-1][0]
                 result = await self.process_batch(writer, batch, events)
                 self.committed_batches += 1
@@ -224,16 +207,16 @@ class ShardConsumer:
                     first_at = time.monotonic()
                 # behind the tip: what Kinesis says, or the age of the newest record just committed
                 # (kinesalite always says 0 for an open shard)
-                age_ms = int((time.time() - float(last.get("ApproximateArrivalTimestamp", time.time()))) * 1000)
+                age_ms = int((time.time() - (last.arrived_at or time.time())) * 1000)
                 report(audit, self.shard_id, result=result, lag_ms=max(reader.lag_ms or 0, age_ms))
                 continue
             if reader.closed and not pending:
-                await mark_finished(pool, self.settings, self.shard_id, epoch)
+                await lease.finish(pool)
                 report(audit, self.shard_id, lag_ms=0)
                 log.info("shard %s: closed and fully processed", self.shard_id)
                 return ShardEnd.TERMINATE
             if time.monotonic() - renewed > p.lease_ttl_s / 3:
-                await renew_lease(pool, self.settings, self.shard_id, epoch)
+                await lease.renew(pool)
                 renewed = time.monotonic()
                 report(audit, self.shard_id, lag_ms=reader.lag_ms)
             if len(records) < p.get_records_limit:  # at the tip: wait a little (Kinesis allows 5 reads/s/shard)
@@ -242,7 +225,7 @@ class ShardConsumer:
             else:
                 idle = p.idle_poll_s
 
-    async def process_batch(self, writer: BatchWriter, batch: list[tuple[dict[str, Any], list[Decoded] | None]],
+    async def process_batch(self, writer: BatchWriter, batch: list[tuple[StreamRecord, list[Decoded] | None]],
                             events: list[Decoded]) -> BatchResult:
         """Commit a batch; if it is poison, commit its records one by one and dead-letter those that fail alone.
 
@@ -251,7 +234,7 @@ class ShardConsumer:
         (S3, Postgres or the stream down) are not poison: they propagate, and the
         batch is tried again from the checkpoint.
         """
-        first, last = int(batch[0][0]["SequenceNumber"]), int(batch[-1][0]["SequenceNumber"])
+        first, last = batch[0][0].sequence, batch[-1][0].sequence
         if all(record_events is not None for _, record_events in batch):
             try:
                 return await writer.process_events(first, last, len(batch), events)
@@ -260,7 +243,7 @@ class ShardConsumer:
                           first, last, type(exc).__name__, exc)
         kept = duplicates = 0
         for record, record_events in batch:
-            sequence = int(record["SequenceNumber"])
+            sequence = record.sequence
             if record_events is None:
                 try:
                     decode_record(record)
@@ -306,39 +289,6 @@ async def forward(producer: Producer, shard_id: str, events: list[Decoded]) -> N
     await producer.put(records)
     log.info("shard %s: %d events belong to other shards (routed by a shard map from before a reshard); "
              "put back for them", shard_id, len(events))
-
-
-async def ancestors(pool, stream: str, shard_id: str) -> list[str]:
-    """The shards this one came from by splits and merges, parents first: their dedup state is handed down."""
-    async with pool.acquire() as conn:
-        rows = await conn.fetch(
-            """WITH RECURSIVE up(shard_id, depth) AS (
-                   SELECT unnest(parent_ids), 1 FROM shard_checkpoints WHERE stream = $1 AND shard_id = $2
-                   UNION
-                   SELECT unnest(c.parent_ids), up.depth + 1 FROM shard_checkpoints c
-                     JOIN up ON c.stream = $1 AND c.shard_id = up.shard_id WHERE up.depth < 64)
-               SELECT shard_id, min(depth) AS depth FROM up GROUP BY shard_id ORDER BY 2, 1""", stream, shard_id)
-    return [r["shard_id"] for r in rows]
-
-
-async def renew_lease(pool, settings: Settings, shard_id: str, epoch: int) -> None:
-    async with pool.acquire() as conn:
-        done = await conn.execute(
-            """UPDATE shard_checkpoints SET lease_expires = now() + $4::interval, updated_at = now()
-                WHERE stream = $1 AND shard_id = $2 AND lease_epoch = $3""",
-            settings.stream.name, shard_id, epoch, timedelta(seconds=settings.process.lease_ttl_s))
-    if done != "UPDATE 1":
-        raise LeaseLost(f"shard {shard_id}: lease taken over while idle")
-
-
-async def mark_finished(pool, settings: Settings, shard_id: str, epoch: int) -> None:
-    async with pool.acquire() as conn:
-        done = await conn.execute(
-            """UPDATE shard_checkpoints SET finished = true, lease_owner = NULL, updated_at = now()
-                WHERE stream = $1 AND shard_id = $2 AND lease_epoch = $3""",
-            settings.stream.name, shard_id, epoch)
-    if done != "UPDATE 1":
-        raise LeaseLost(f"shard {shard_id}: lease taken over before the shard could be marked finished")
 
 
 def audit_handle():

@@ -23,6 +23,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from lap.audit.actor import NAMESPACE
 from lap.aws import open_client
+from lap.process import leases
 from lap.process.consumer import ShardConsumer, ShardEnd
 from lap.process.sweeper import Sweeper
 from lap.settings import load_settings
@@ -111,15 +112,7 @@ class Coordinator:
     async def step(self) -> None:
         stream = self.settings.stream.name
         shards = await list_shards(self.kinesis, self.settings)
-        async with self.pool.acquire() as conn:
-            await conn.executemany(
-                """INSERT INTO shard_checkpoints (stream, shard_id, parent_ids) VALUES ($1, $2, $3)
-                   ON CONFLICT (stream, shard_id) DO NOTHING""",
-                [(stream, s["ShardId"], [p for p in (s.get("ParentShardId"), s.get("AdjacentParentShardId")) if p])
-                 for s in shards])
-            rows = await conn.fetch(
-                "SELECT shard_id, parent_ids, finished FROM shard_checkpoints WHERE stream = $1", stream)
-        checkpoints = {r["shard_id"]: dict(r) for r in rows}
+        checkpoints = await leases.register_shards(self.pool, stream, shards)
         self.reap()
         for shard_id in ready_shards(checkpoints):
             if shard_id not in self.runs:

@@ -17,6 +17,8 @@ a bare `{"meta", "item"}` JSON object, and are still read (position 0).
 from __future__ import annotations
 
 import zlib
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import orjson
@@ -26,6 +28,28 @@ FORMAT_VERSION = 1
 PREFIX = MAGIC + bytes([FORMAT_VERSION])
 # zlib level 1: as small as level 3 within ~8% on Caliper events, and the cheapest to make
 ZLIB_LEVEL = 1
+
+@dataclass(slots=True, frozen=True)
+class StreamRecord:
+    """One record as read back from a shard: where it sits, its bytes, and when it reached the stream.
+
+    GetRecords' dicts become these as soon as they are read, so the consumer,
+    the batch writer and replay (which reads records again from the stream or
+    from a dead letter) share one type.
+    """
+
+    sequence: int
+    data: bytes
+    arrived_at: float | None = None  # seconds since the epoch, as Kinesis reports it; None when not known
+
+    @classmethod
+    def from_get_records(cls, record: dict[str, Any]) -> "StreamRecord":
+        arrival = record.get("ApproximateArrivalTimestamp")
+        if isinstance(arrival, datetime):  # botocore parses it; LAP's own records client leaves the number
+            arrival = arrival.timestamp()
+        return cls(int(record["SequenceNumber"]), bytes(record["Data"]),
+                   float(arrival) if arrival is not None else None)
+
 
 # What the header carries for every event of the record (docs/stream-records.md).
 SHARED_FIELDS = ("tenant", "sensor", "key_id", "received_at", "request_id", "data_version",
