@@ -10,7 +10,6 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from contextlib import AsyncExitStack
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -111,8 +110,8 @@ def status(config_file: Path | None, as_json: bool) -> None:
 
 
 async def _status(settings: Settings) -> dict:
-    from lap.aws import open_client
     from lap.health import HealthChecker
+    from lap.stores import Stores
     from lap.stream.kinesis import list_shards
 
     checker = HealthChecker(settings)
@@ -123,9 +122,8 @@ async def _status(settings: Settings) -> dict:
     shards: list[dict] = []
     shards_error = None
     try:
-        async with AsyncExitStack() as stack:
-            kinesis = await open_client(stack, settings, "kinesis")
-            for shard in await asyncio.wait_for(list_shards(kinesis, settings), 5):
+        async with Stores(settings, kinesis=True) as stores:
+            for shard in await asyncio.wait_for(list_shards(stores.kinesis, settings), 5):
                 seq = shard["SequenceNumberRange"]
                 shards.append({
                     "shard": shard["ShardId"],
@@ -361,19 +359,11 @@ def _window(tenant: str, start: datetime, end: datetime, sensor: str | None = No
 
 
 async def _with_stores(settings: Settings, work):
-    """Run `work(pool, s3, search, kinesis)` with LAP's stores open, closing them after."""
-    from lap.aws import open_client
-    from lap.sinks.index import open_opensearch
-    from lap.sinks.store import create_pool
+    """Run `work(stores)` with LAP's stores open, closing them after."""
+    from lap.stores import Stores
 
-    async with AsyncExitStack() as stack:
-        pool = await create_pool(settings)
-        stack.push_async_callback(pool.close)
-        s3 = await open_client(stack, settings, "s3")
-        kinesis = await open_client(stack, settings, "kinesis")
-        search = open_opensearch(settings)
-        stack.push_async_callback(search.close)
-        return await work(pool, s3, search, kinesis)
+    async with Stores(settings, pool=True, s3=True, kinesis=True, search=True) as stores:
+        return await work(stores)
 
 
 def _run_store_work(settings: Settings, work):
@@ -438,9 +428,9 @@ def reconcile(config_file: Path | None, tenant: str, start: datetime, end: datet
 
     progress = _progress_bars()
 
-    async def work(pool, s3, search, kinesis):
-        return await Reconciler(settings, pool, s3, search, progress).run(window, with_ids=with_ids,
-                                                                           limit=10_000_000)
+    async def work(stores):
+        return await Reconciler(settings, stores.pool, stores.s3, stores.search, progress).run(
+            window, with_ids=with_ids, limit=10_000_000)
 
     try:
         result = _run_store_work(settings, work)
@@ -478,10 +468,10 @@ def replay(config_file: Path | None, tenant: str, start: datetime, end: datetime
 
     replay_id = new_replay_id()
 
-    async def work(pool, s3, search, kinesis):  # a job like POST /v1/audit/replay's: its row shows how it went
-        await record_job(pool, replay_id, window, chosen, source)
-        return await ReplayJobs(settings, pool, s3, search, kinesis).run(replay_id, window, chosen, source,
-                                                                         report=progress)
+    async def work(stores):  # a job like POST /v1/audit/replay's: its row shows how it went
+        await record_job(stores.pool, replay_id, window, chosen, source)
+        return await ReplayJobs(settings, stores.pool, stores.s3, stores.search, stores.kinesis).run(
+            replay_id, window, chosen, source, report=progress)
 
     job = _run_store_work(settings, work)
     if job["status"] != "done":

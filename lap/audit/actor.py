@@ -15,7 +15,7 @@ from typing import Any
 import ray
 
 from lap.settings import load_settings
-from lap.sinks.store import create_pool
+from lap.stores import Stores
 
 log = logging.getLogger("lap.audit")
 
@@ -61,13 +61,11 @@ class AuditActor:
         await asyncio.shield(self._task)
 
     async def _flush_loop(self) -> None:
-        pool = None
+        stores = Stores(self.settings, pool=True)
         while True:
             await asyncio.sleep(self.settings.process.audit_flush_s)
             try:
-                if pool is None:
-                    pool = await create_pool(self.settings)
-                await self.flush(pool)
+                await self.flush((await stores.open()).pool)
             except Exception as exc:  # Postgres away: the view stays in memory and goes out next time
                 log.warning("audit flush failed: %s", exc)
 

@@ -12,7 +12,6 @@ import logging
 import re
 import uuid
 import zlib
-from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
@@ -24,7 +23,6 @@ from ray import serve
 from lap import __version__, metrics
 from lap.audit.receipts import AcknowledgedCounts
 from lap.auth import KeyCache, Principal, bearer_token, declare_bearer_auth
-from lap.aws import open_client
 from lap.caliper import SUPPORTED_VERSIONS, CaliperError, Envelope, parse_envelope
 from lap.health import HEALTH_RESPONSES, CachedHealth, HealthReport, health_reply
 from lap.ingest.limits import RateLimiter, retry_after
@@ -33,9 +31,8 @@ from lap.ingest.records import ItemsTooDeep, RecordTooLarge, pack
 from lap.problems import PROBLEM_JSON, HTTPProblem
 from lap.settings import Settings, load_settings
 from lap.web import add_offline_docs
-from lap.sinks.store import create_pool
 from lap.stream.producer import CoalescedPuts, Producer, PutDeadlineExceeded, StreamRejected
-from lap.stream.records_client import RecordsClient
+from lap.stores import Stores
 from lap.stream.shard_map import ShardMapCache
 
 log = logging.getLogger("lap.ingest")
@@ -119,7 +116,7 @@ class Deps:
     limiter: RateLimiter
     acknowledged: AcknowledgedCounts
     quarantine: Quarantine
-    exit_stack: AsyncExitStack
+    stores: Stores
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -224,16 +221,8 @@ class IngestAPI:
 
     async def _open(self) -> Deps:
         s = self.settings
-        stack = AsyncExitStack()
-        try:
-            pool = await create_pool(s)
-            stack.push_async_callback(pool.close)
-            kinesis = RecordsClient(s)
-            stack.push_async_callback(kinesis.close)
-            s3 = await open_client(stack, s, "s3")
-        except BaseException:
-            await stack.aclose()
-            raise
+        stores = await Stores(s, pool=True, records=True, s3=True).open()
+        pool, kinesis, s3 = stores.pool, stores.records, stores.s3
         acknowledged = AcknowledgedCounts(pool)
         acknowledged.start()
         return Deps(
@@ -245,7 +234,7 @@ class IngestAPI:
             acknowledged=acknowledged,
             quarantine=Quarantine(s3, pool, s.archive.bucket, s.archive.quarantine_prefix,
                                   s.limits.quarantine_payload_bytes),
-            exit_stack=stack,
+            stores=stores,
         )
 
     async def __del__(self) -> None:
@@ -255,7 +244,7 @@ class IngestAPI:
                 await self._deps.acknowledged.close()
                 await self._deps.quarantine.close()
             finally:
-                await self._deps.exit_stack.aclose()
+                await self._deps.stores.close()
 
     async def authenticate(self, request: Request, deps: Deps) -> Principal:
         token = bearer_token(request.headers.get("authorization"))

@@ -18,7 +18,6 @@ import logging
 import os
 import random
 import time
-from contextlib import AsyncExitStack
 from datetime import datetime, timezone
 from typing import Any
 
@@ -27,13 +26,12 @@ from botocore.exceptions import ClientError
 
 from lap import metrics
 from lap.audit.actor import AUDIT_ACTOR, NAMESPACE
-from lap.aws import open_client
 from lap.process import leases
 from lap.process.batch import POISON, BatchResult, BatchWriter, Decoded, decode_record
 from lap.process.dedup import DedupState, DedupStore
 from lap.process import run_in_background
 from lap.settings import Settings, load_settings
-from lap.sinks.store import create_pool
+from lap.stores import Stores
 from lap.stream import record_format
 from lap.stream.kinesis import list_shards
 from lap.stream.producer import Producer, Record, partition_key_for
@@ -128,13 +126,8 @@ class ShardConsumer:
 
     async def _run(self) -> ShardEnd:
         s = self.settings
-        async with AsyncExitStack() as stack:
-            pool = await create_pool(s, background=True)
-            stack.push_async_callback(pool.close)
-            kinesis = await open_client(stack, s, "kinesis")
-            s3 = await open_client(stack, s, "s3")
-            records_client = RecordsClient(s)
-            stack.push_async_callback(records_client.close)
+        async with Stores(s, pool=True, background=True, s3=True, kinesis=True, records=True) as stores:
+            pool, s3, kinesis, records_client = stores.pool, stores.s3, stores.kinesis, stores.records
             audit = audit_handle()
 
             lease = None

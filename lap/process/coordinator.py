@@ -3,9 +3,9 @@ the Sweeper's housekeeping (lap/process/sweeper.py).
 
 A shard is ready when it is not finished and every parent it has (after a split
 or a merge) is finished: a parent is drained before its children start, so one
-learner's events are processed in order across a reshard. Shards and their
-checkpoints live in Postgres, so a restarted coordinator (or cluster) resumes
-where it stopped. Consumers are owned by the coordinator: if it dies they go
+learner's events are processed in order across a reshard. Shards, leases and
+checkpoints live in Postgres (lap/process/leases.py), so a restarted
+coordinator (or cluster) resumes where it stopped. Consumers are owned by the coordinator: if it dies they go
 with it, and its restart starts them again.
 """
 
@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from contextlib import AsyncExitStack
 from datetime import datetime
 from typing import Any
 
@@ -22,13 +21,11 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from lap.audit.actor import NAMESPACE
-from lap.aws import open_client
 from lap.process import leases
 from lap.process.consumer import ShardConsumer, ShardEnd
 from lap.process.sweeper import Sweeper
 from lap.settings import load_settings
-from lap.sinks.index import open_opensearch
-from lap.sinks.store import create_pool
+from lap.stores import Stores
 from lap.stream.kinesis import list_shards
 
 log = logging.getLogger("lap.process")
@@ -63,7 +60,7 @@ class Coordinator:
         self.placed: dict[str, str] = {}  # shard id -> the node its consumer was asked to start on
         self.runs: dict[str, asyncio.Task] = {}
         self._task: asyncio.Task | None = None
-        self._clients: AsyncExitStack | None = None
+        self.stores = Stores(self.settings, pool=True, s3=True, kinesis=True, search=True)
 
     def ping(self) -> bool:
         return True
@@ -75,16 +72,10 @@ class Coordinator:
         await asyncio.shield(self._task)
 
     async def _open(self) -> None:
-        if self._clients is None:
-            stack = AsyncExitStack()
-            self.pool = await create_pool(self.settings)
-            stack.push_async_callback(self.pool.close)
-            self.kinesis = await open_client(stack, self.settings, "kinesis")
-            self.s3 = await open_client(stack, self.settings, "s3")
-            self.search = open_opensearch(self.settings)
-            stack.push_async_callback(self.search.close)
-            self.sweeper = Sweeper(self.settings, self.pool, self.s3, self.search)
-            self._clients = stack
+        if not self.stores.opened:
+            await self.stores.open()
+            self.pool, self.kinesis = self.stores.pool, self.stores.kinesis
+            self.sweeper = Sweeper(self.settings, self.pool, self.stores.s3, self.stores.search)
 
     async def _run(self) -> None:
         p = self.settings.process

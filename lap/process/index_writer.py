@@ -16,7 +16,6 @@ import logging
 import os
 import time
 from collections import Counter
-from contextlib import AsyncExitStack
 from decimal import Decimal
 from typing import Any
 
@@ -28,14 +27,13 @@ from lap import metrics
 from lap.audit.actor import AUDIT_ACTOR, NAMESPACE
 from lap.audit.receipts import StageTally
 from lap.audit.shards import shard_view
-from lap.aws import open_client
 from lap.buckets import parse_time
 from lap.caliper import iri_of
 from lap.process import run_in_background
 from lap.settings import Settings, load_settings
 from lap.sinks.archive import read_object
-from lap.sinks.index import expire_documents, index_name, open_opensearch
-from lap.sinks.store import create_pool
+from lap.sinks.index import expire_documents, index_name
+from lap.stores import Stores
 
 log = logging.getLogger("lap.index")
 
@@ -95,12 +93,8 @@ class IndexWriter:
 
     async def _run(self) -> None:
         s = self.settings
-        async with AsyncExitStack() as stack:
-            self.pool = await create_pool(s, background=True)
-            stack.push_async_callback(self.pool.close)
-            self.s3 = await open_client(stack, s, "s3")
-            self.search = open_opensearch(s)
-            stack.push_async_callback(self.search.close)
+        async with Stores(s, pool=True, background=True, s3=True, search=True) as stores:
+            self.pool, self.s3, self.search = stores.pool, stores.s3, stores.search
             delay = s.process.index_retry_s
             backlog_at = 0.0
             expired_at = time.monotonic() - EXPIRE_EVERY_S + 60.0  # first a minute after the start
