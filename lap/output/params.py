@@ -1,4 +1,4 @@
-"""What the Output API's routes take and give alike: windows and time zones, cursors for paging, CSV files."""
+"""What the Output API's routes take and give alike: windows and time zones, cursors and pages, CSV files."""
 
 from __future__ import annotations
 
@@ -98,3 +98,13 @@ def decode_cursor(cursor: str, length: int) -> list[Any]:
     if not isinstance(values, list) or len(values) != length:
         raise HTTPProblem(400, "Bad Request", "cursor is not one this API handed out; start again without it")
     return values
+
+
+async def iri_page(pool, query, tenant: str, q: str | None, limit: int, cursor: str | None) -> tuple[list, str | None]:
+    """One page of a listing by IRI: `query` (lap.output.queries) takes the tenant, the last IRI of the previous
+    page, the search text and the row limit, and returns rows whose first column is the IRI."""
+    after = str(decode_cursor(cursor, 1)[0]) if cursor else None
+    async with pool.acquire() as conn:
+        rows = await query(conn, tenant, after, q, limit + 1)
+    page = rows[:limit]
+    return page, encode_cursor([page[-1][0]]) if len(rows) > limit else None
