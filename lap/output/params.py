@@ -40,6 +40,8 @@ def zone(name: str) -> ZoneInfo:
     except (ZoneInfoNotFoundError, ValueError, OSError):
         raise HTTPProblem(400, "Bad Request", f"tz {name!r} is not an IANA time zone name, e.g. UTC or "
                                           "America/New_York") from None
+
+
 SEARCH = Query(None, min_length=1, max_length=200, description="only IRIs that hold this text (any case)")
 NEXT_CURSOR = Query(None, max_length=4000, description="next_cursor of the previous page")
 
