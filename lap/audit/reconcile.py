@@ -33,8 +33,8 @@ from typing import Any
 import numpy as np
 
 from lap.audit.receipts import ReceiptObject, Receipts, decode_receipts, hour_prefix, micros
+from lap.audit.shards import consumers_reached
 from lap.buckets import hour_of, minute_of
-from lap.process import leases
 from lap.settings import Settings
 from lap.sinks.archive import keys_in_s3, read_object
 from lap.sinks.index import index_name
@@ -230,7 +230,7 @@ class Reconciler:
                      FROM stage_counts
                     WHERE tenant = $1 AND received_minute >= $2 AND received_minute < $3
                     GROUP BY sensor, shard_id, received_minute""", window.tenant, first, last)
-            reached = await leases.reached(conn, self.settings.stream.name)
+            reached = await consumers_reached(conn, self.settings.stream.name)
             result.index_pending = await conn.fetchval(
                 f"""SELECT coalesce(sum(o.records), 0) FROM archive_objects o JOIN batches b ON b.id = o.batch_id
                       {INDEX_PROGRESS_JOINS}
@@ -548,7 +548,7 @@ class Reconciler:
                   AND ($4::text IS NULL OR sensor = $4)
                 GROUP BY sensor, shard_id, received_minute""", window.tenant, minute_of(window.start), window.end,
             window.sensor)
-        reached = await leases.reached(conn, self.settings.stream.name)
+        reached = await consumers_reached(conn, self.settings.stream.name)
         return sum(r["acknowledged"] - r["accepted"] for r in rows
                    if r["acknowledged"] > r["accepted"] and self.is_pending(r["shard_id"], r["received_minute"], reached))
 

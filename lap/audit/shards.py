@@ -1,11 +1,14 @@
-"""Each shard as people watch it: one query for `lap status`, /v1/audit/shards and /v1/pipeline.
+"""Each shard as the audit side reads it: one query for `lap status`, /v1/audit/shards and /v1/pipeline, and how
+far each consumer has come, for reconcile.
 
 The live figures come from `shard_status`, which the AuditActor writes every few
-seconds; the checkpoint and lease from `shard_checkpoints`; the index writer's
-position from `index_cursors`.
+seconds; the checkpoint and lease from `shard_checkpoints` (written only by
+lap/process/leases.py); the index writer's position from `index_cursors`.
 """
 
 from __future__ import annotations
+
+from datetime import datetime, timezone
 
 
 async def shard_view(conn, stream: str) -> list:
@@ -27,3 +30,12 @@ async def shard_view(conn, stream: str) -> list:
 
 def consumer_state(row) -> str:
     return "finished" if row["finished"] else ("consuming" if row["leased"] else "waiting")
+
+
+async def consumers_reached(conn, stream: str) -> dict[str, datetime | None]:
+    """Per shard, the newest receipt time its consumer has committed (None: nothing yet; a finished shard has
+    reached the end of time): reconcile calls what lies beyond it pending, not missing."""
+    rows = await conn.fetch("SELECT shard_id, received_at, finished FROM shard_checkpoints WHERE stream = $1",
+                            stream)
+    return {r["shard_id"]: (datetime.max.replace(tzinfo=timezone.utc) if r["finished"] else r["received_at"])
+            for r in rows}

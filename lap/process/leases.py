@@ -6,16 +6,16 @@ epoch is checked and the row locked until commit), moves the checkpoint in
 that same transaction, and marks a closed shard finished once it is drained.
 A consumer whose epoch is no longer the shard's is a zombie: `LeaseLost`.
 
-The coordinator registers the stream's shards here, consumers read their
-ancestry here, and reconcile reads how far each consumer has come. Two
-read-only views join the table with others: lap/audit/shards.py (what people
-watch) and the index writer's batch query.
+The coordinator registers the stream's shards here, and consumers read their
+ancestry here. The audit side only reads the table, in lap/audit/shards.py
+(what people watch, and how far each consumer has come for reconcile); the
+index writer's batch query joins it too.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -121,12 +121,3 @@ async def ancestors(pool, stream: str, shard_id: str) -> list[str]:
                      JOIN up ON c.stream = $1 AND c.shard_id = up.shard_id WHERE up.depth < 64)
                SELECT shard_id, min(depth) AS depth FROM up GROUP BY shard_id ORDER BY 2, 1""", stream, shard_id)
     return [r["shard_id"] for r in rows]
-
-
-async def reached(conn, stream: str) -> dict[str, datetime | None]:
-    """Per shard, the newest receipt time its consumer has committed (None: nothing yet; a finished shard has
-    reached the end of time)."""
-    rows = await conn.fetch("SELECT shard_id, received_at, finished FROM shard_checkpoints WHERE stream = $1",
-                            stream)
-    return {r["shard_id"]: (datetime.max.replace(tzinfo=timezone.utc) if r["finished"] else r["received_at"])
-            for r in rows}
