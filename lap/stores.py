@@ -5,9 +5,11 @@ Every component names what it needs, and gets one object holding it:
     async with Stores(settings, pool=True, s3=True) as stores:
         ... stores.pool, stores.s3 ...
 
-A long-lived one (a Serve replica, the coordinator) calls `open()` once and
-`close()` on shutdown. A store that fails to open closes those opened before
-it, so a retry starts clean. A store not asked for stays None.
+A long-lived one (a Serve replica, the coordinator) calls `open()` wherever
+it needs the stores: the first call opens them, concurrent calls wait for it,
+later ones return at once. A Serve replica calls `close()` on shutdown; an
+actor's stores go with its process. A store that fails to open closes those
+opened before it, so a retry starts clean. A store not asked for stays None.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ class Stores:
         self.records: Any = None
         self.search: Any = None
         self._stack: AsyncExitStack | None = None
+        self._opening = asyncio.Lock()
 
     @property
     def opened(self) -> bool:
@@ -47,6 +50,12 @@ class Stores:
     async def open(self) -> "Stores":
         if self._stack is not None:
             return self
+        async with self._opening:
+            if self._stack is None:
+                await self._open_all()
+        return self
+
+    async def _open_all(self) -> None:
         s = self.settings
         stack = AsyncExitStack()
         try:
@@ -77,7 +86,6 @@ class Stores:
             self.pool = self.s3 = self.kinesis = self.records = self.search = None
             raise
         self._stack = stack
-        return self
 
     async def close(self) -> None:
         stack, self._stack = self._stack, None

@@ -71,7 +71,9 @@ def test_one_event_records_of_format_0_are_still_read():
 def test_records_that_are_not_lap_s_are_refused_clearly(data, reason):
     with pytest.raises(NotLapRecord, match=reason):
         record_format.decode(data)
-    assert decode([StreamRecord(7, data)]) == ([], 1)  # the consumer skips it and counts it
+    assert decode([StreamRecord(7, data)]) == ([], 1)  # a reader of many records skips it and counts it
+    with pytest.raises(NotLapRecord, match=reason):  # the consumer's own decoder: it dead-letters the record
+        decode_record(StreamRecord(7, data))
 
 
 def test_the_shard_map_follows_kinesis_md5_rule_and_ignores_closed_shards():

@@ -144,6 +144,8 @@ class BatchWriter:
                  replay: str | None = None, dedup: DedupStore | None = None,
                  hash_range: tuple[int, int] | None = None,
                  forward: Callable[[list[Decoded]], Awaitable[None]] | None = None):
+        if (lease is None) != (replay is not None):  # a live writer is fenced by its lease; a replay holds none
+            raise ValueError("a BatchWriter takes a lease, or a replay id, not both and not neither")
         self.settings = settings
         self.pool = pool
         self.s3 = s3
@@ -157,13 +159,8 @@ class BatchWriter:
         self.hash_range = hash_range
         self.forward = forward
 
-    async def process(self, records: list[StreamRecord]) -> BatchResult:
-        """Archive, aggregate and commit one batch of stream records (in stream order)."""
-        decoded, _ = decode(records)  # records that are not LAP's are logged there and skipped
-        return await self.process_events(records[0].sequence, records[-1].sequence, len(records), decoded)
-
     async def process_events(self, first: int, last: int, records: int, decoded: list[Decoded]) -> BatchResult:
-        """The same for events already decoded, from the records `first`..`last` (`records` of them)."""
+        """Archive, aggregate and commit the events of the records `first`..`last` (`records` of them)."""
         foreign = self.foreign(decoded)
         kept, duplicate = self.dedup(decoded, foreign)
         duplicates = [d for d, dup in zip(decoded, duplicate) if dup]

@@ -5,8 +5,8 @@ A shard is ready when it is not finished and every parent it has (after a split
 or a merge) is finished: a parent is drained before its children start, so one
 learner's events are processed in order across a reshard. Shards, leases and
 checkpoints live in Postgres (lap/process/leases.py), so a restarted
-coordinator (or cluster) resumes where it stopped. Consumers are owned by the coordinator: if it dies they go
-with it, and its restart starts them again.
+coordinator (or cluster) resumes where it stopped. Consumers are owned by the
+coordinator: if it dies they go with it, and its restart starts them again.
 """
 
 from __future__ import annotations

@@ -35,7 +35,7 @@ class Lease:
     owner: str
     epoch: int
     ttl: timedelta
-    checkpoint: int | None  # the last sequence number committed; None: read from the start
+    checkpoint: int | None  # the last sequence number committed when the lease was taken; None: from the start
     finished: bool  # the shard was closed and fully processed: nothing is left to do
 
     async def renew(self, pool) -> None:
