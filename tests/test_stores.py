@@ -36,14 +36,19 @@ async def test_the_bundle_opens_what_is_asked_and_closes_it(settings):
 async def test_concurrent_opens_make_one_set_of_stores(settings):
     """A long-lived component opens from several tasks at once (the coordinator's loop, a sweep, a report): one
     pool is made, and closing the bundle closes it; no second pool is left open behind it."""
-    pools_before = {id(o) for o in gc.get_objects() if isinstance(o, asyncpg.Pool)}
+    pools_before = {id(o) for o in live_pools()}
     stores = Stores(settings, pool=True, s3=True)
     opened = await asyncio.gather(*(stores.open() for _ in range(4)))
     assert all(o is stores for o in opened)
     assert await stores.pool.fetchval("SELECT 1") == 1
     await stores.close()
-    made = [o for o in gc.get_objects() if isinstance(o, asyncpg.Pool) and id(o) not in pools_before]
+    made = [o for o in live_pools() if id(o) not in pools_before]
     assert len(made) == 1 and made[0].is_closing()
+
+
+def live_pools() -> list:
+    """The asyncpg pools this process holds (by exact type: isinstance on a dead weak proxy raises)."""
+    return [o for o in gc.get_objects() if type(o) is asyncpg.Pool]
 
 
 async def test_a_store_that_cannot_be_reached_leaves_nothing_open_and_a_retry_works(settings):
