@@ -1,6 +1,7 @@
 # `make run` and `make test` install what LAP needs (idempotent, quick once done):
 # a virtualenv in .venv with the project and its test tools, and the npm
-# stand-ins (kinesalite, s3rver) in lap/local/node/node_modules.
+# stand-ins (kinesalite, s3rver) in lap/local/node/node_modules, and OpenSearch (from Maven Central) in
+# lap/local/opensearch/engine.
 
 PYTHON ?= python3
 VENV := .venv
@@ -10,10 +11,15 @@ NODE_STAMP := $(NODE_DIR)/node_modules/.lap-installed
 WEB_DIR := lap/web
 WEB_STAMP := $(WEB_DIR)/vendor/.lap-installed
 BROWSER_PACKAGES := chromium chromium-driver fonts-dejavu-core
+# The local index: a real OpenSearch node, fetched from Maven Central by Maven (lap/local/opensearch/pom.xml).
+OPENSEARCH_VERSION := 2.19.6
+OPENSEARCH_DIR := lap/local/opensearch
+OPENSEARCH_STAMP := $(OPENSEARCH_DIR)/engine/$(OPENSEARCH_VERSION)/.lap-installed
+JAVA_PACKAGES := openjdk-17-jre-headless maven
 
-.PHONY: install run test wheel constraints check-tools browser screenshots clean
+.PHONY: install run test wheel constraints check-tools check-java browser screenshots clean
 
-install: check-tools $(PY_STAMP) $(NODE_STAMP) $(WEB_STAMP)
+install: check-tools $(PY_STAMP) $(NODE_STAMP) $(WEB_STAMP) $(OPENSEARCH_STAMP)
 
 check-tools:
 	@command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1 || { \
@@ -52,6 +58,35 @@ $(WEB_STAMP): $(WEB_DIR)/package.json $(WEB_DIR)/package-lock.json
 	  $(WEB_DIR)/vendor/
 	touch $@
 
+# OpenSearch 2.19 runs on Java 17 or newer; Maven fetches its distribution. As root, Debian's packages are
+# installed when missing (as for chromium); otherwise make says what to install.
+check-java:
+	@java_ok() { command -v java >/dev/null 2>&1 && \
+	  [ "$$(java -XshowSettings:properties -version 2>&1 | sed -n 's/^ *java.specification.version = //p')" -ge 17 ] 2>/dev/null; }; \
+	if ! java_ok || ! command -v mvn >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing Debian's $(JAVA_PACKAGES) for the local OpenSearch"; \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(JAVA_PACKAGES) >/dev/null || { \
+	      apt-get update -q >/dev/null && \
+	      DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(JAVA_PACKAGES) >/dev/null; }; \
+	  fi; \
+	fi; \
+	java_ok || { echo "LAP's local OpenSearch needs Java 17 or newer as 'java' on PATH."; \
+	  echo "Install it (for example as root: apt-get install openjdk-17-jre-headless), then run make again."; exit 1; }; \
+	command -v mvn >/dev/null 2>&1 || { echo "make fetches OpenSearch from Maven Central with Maven, and 'mvn' is not on PATH."; \
+	  echo "Install it (for example as root: apt-get install maven), then run make again."; exit 1; }
+
+# Maven downloads the distribution and the reindex module; install.py assembles the node in a side folder and
+# renames it, so an interrupted install leaves nothing half-made.
+$(OPENSEARCH_STAMP): $(OPENSEARCH_DIR)/pom.xml $(OPENSEARCH_DIR)/install.py | check-java
+	rm -rf $(OPENSEARCH_DIR)/download
+	mvn -q -B -Dstyle.color=never -f $(OPENSEARCH_DIR)/pom.xml dependency:copy-dependencies \
+	  -DoutputDirectory=download
+	$(PYTHON) $(OPENSEARCH_DIR)/install.py $(OPENSEARCH_DIR)/download $(OPENSEARCH_DIR)/engine/$(OPENSEARCH_VERSION) \
+	  $(OPENSEARCH_VERSION)
+	rm -rf $(OPENSEARCH_DIR)/download
+	touch $@
+
 # The console's browser tests drive Debian's chromium through its chromedriver (tests/test_console.py).
 browser:
 	@command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1 || { \
@@ -83,4 +118,4 @@ wheel: $(PY_STAMP) $(WEB_STAMP)
 	rm -rf build
 
 clean:
-	rm -rf $(VENV) $(NODE_DIR)/node_modules $(WEB_DIR)/node_modules $(WEB_DIR)/vendor
+	rm -rf $(VENV) $(NODE_DIR)/node_modules $(WEB_DIR)/node_modules $(WEB_DIR)/vendor $(OPENSEARCH_DIR)/engine

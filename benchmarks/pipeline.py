@@ -18,9 +18,8 @@ with the index writer off, and:
    --index-seconds and reports the documents it indexed per second and their
    average size.
 
-Why the index runs on its own: the OpenSearch stand-in keeps every document in
-memory and indexes a few thousand per second on one core, so indexing a whole
-run would dominate the box. Its document count is bounded by the phase.
+The index runs on its own so that the processing figures are the consumers'
+alone; benchmarks/box.py runs everything at once.
 
     .venv/bin/python benchmarks/pipeline.py [--rate 5000] [--seconds 60] [--index-seconds 20]
 """
@@ -52,7 +51,7 @@ TARGETS = {"processed_per_s": 5_000, "drain_s": 15, "consumer_cpu_us": 50, "post
 
 def _kind(proc: psutil.Process) -> str:
     text = " ".join(proc.cmdline()) or proc.name()
-    for needle, kind in (("kinesalite", "kinesis"), ("s3rver", "s3"), ("osmem", "opensearch"),
+    for needle, kind in (("kinesalite", "kinesis"), ("s3rver", "s3"), ("org.opensearch.bootstrap.OpenSearch", "opensearch"),
                          ("postgres", "postgres"), ("ServeReplica:ingest", "ingest replicas"),
                          ("ShardConsumer", "shard consumers"), ("IndexWriter", "index writer"),
                          ("ProxyActor", "serve proxy")):

@@ -405,11 +405,17 @@ def _print_reconciliation(result) -> None:
         click.echo(f"dead-lettered {result.dead_lettered:,}: in records a consumer could not process, kept aside "
                    "(GET /v1/audit/dead-letters says why); `lap replay` stores them once the cause is fixed")
     if result.complete:
-        click.echo("complete" + (f" ({result.pending:,} still on their way through the stream)" if result.pending
-                                 else ""))
+        click.echo("complete: every accepted event is in every stage")
+    elif result.in_flight:
+        click.echo(f"NOT complete yet, nothing missing so far: {result.pending:,} events still in the stream, "
+                   f"{result.index_pending:,} waiting for the index (`--wait SECONDS` waits for them)")
     else:
         click.echo("NOT complete: `lap replay` can repair what is missing"
                    + (" (the pending events are not missing: they are still on their way)" if result.pending else ""))
+
+
+# `lap reconcile`'s exit codes: scripts tell "something is missing" from "not there yet"
+EXIT_COMPLETE, EXIT_MISSING, EXIT_IN_FLIGHT = 0, 1, 3
 
 
 @main.command()
@@ -418,9 +424,17 @@ def _print_reconciliation(result) -> None:
 @click.option("--sensor", default=None, help="only this sensor's events")
 @click.option("--ids", "with_ids", is_flag=True, help="also list the missing event ids per stage")
 @click.option("--json", "as_json", is_flag=True, help="print JSON")
+@click.option("--wait", "wait_s", type=click.FloatRange(min=0, max=86400), default=0, show_default=True,
+              help="while nothing is missing but events are still on their way, ask again for up to this many "
+                   "seconds")
 def reconcile(config_file: Path | None, tenant: str, start: datetime, end: datetime, sensor: str | None,
-              with_ids: bool, as_json: bool) -> None:
-    """Count each stage's events for a window of received time, and what is missing (exit 1 if any)."""
+              with_ids: bool, as_json: bool, wait_s: float) -> None:
+    """Count each stage's events for a window of received time, and what is missing.
+
+    Exit 0 when complete, 1 when events are missing (or dead-lettered), 3 when
+    nothing is missing but events are still on their way (pending, or waiting
+    for the index): with --wait, that is asked again until it settles.
+    """
     from lap.audit.reconcile import Reconciler, ReconcileRefused
 
     settings = _settings(config_file)
@@ -429,8 +443,16 @@ def reconcile(config_file: Path | None, tenant: str, start: datetime, end: datet
     progress = _progress_bars()
 
     async def work(stores):
-        return await Reconciler(settings, stores.pool, stores.s3, stores.search, progress).run(
-            window, with_ids=with_ids, limit=10_000_000)
+        reconciler = Reconciler(settings, stores.pool, stores.s3, stores.search, progress)
+        deadline = time.monotonic() + wait_s
+        while True:
+            result = await reconciler.run(window, with_ids=with_ids, limit=10_000_000)
+            if not result.in_flight or time.monotonic() >= deadline:
+                return result
+            if sys.stderr.isatty():
+                click.echo(f"waiting: {result.pending:,} pending, {result.index_pending:,} waiting for the index",
+                           err=True)
+            await asyncio.sleep(min(2.0, max(0.0, deadline - time.monotonic())))
 
     try:
         result = _run_store_work(settings, work)
@@ -443,7 +465,7 @@ def reconcile(config_file: Path | None, tenant: str, start: datetime, end: datet
         for stage, ids in (result.missing_ids or {}).items():
             for event_id in ids:
                 click.echo(f"missing from {stage}: {event_id}")
-    sys.exit(0 if result.complete else 1)
+    sys.exit(EXIT_COMPLETE if result.complete else EXIT_IN_FLIGHT if result.in_flight else EXIT_MISSING)
 
 
 @main.command()
@@ -481,8 +503,11 @@ def replay(config_file: Path | None, tenant: str, start: datetime, end: datetime
     click.echo("replayed: " + ", ".join(f"{k} {v:,}" for k, v in result["replayed"].items()))
     after = result["after"]
     click.echo("after: missing " + ", ".join(f"{k} {v:,}" for k, v in after["missing"].items())
-               + ("; complete" if after["complete"] else "; NOT complete"))
-    sys.exit(0 if after["complete"] else 1)
+               + ("; complete" if after["complete"] else "; nothing missing, events still on their way "
+                  "(`lap reconcile --wait` waits for them)" if after["nothing_missing"] and not after["dead_lettered"]
+                  else "; NOT complete"))
+    in_flight = after["nothing_missing"] and not after["dead_lettered"]
+    sys.exit(EXIT_COMPLETE if after["complete"] else EXIT_IN_FLIGHT if in_flight else EXIT_MISSING)
 
 
 @main.command()

@@ -476,7 +476,7 @@ def run_foreground(settings: Settings) -> int:
                 log.info("restarted %s", ", ".join(restarted))
                 state["stand_ins"] = {n: {"pid": stack.pids()[n], "port": p} for n, p in stack.ports().items()}
                 write_state(settings, state)
-                needs_provision = True  # osmem-server is in memory: a restart loses the templates
+                needs_provision = True  # an index found empty after a restart (its data lost) is rebuilt
             if needs_provision:
                 try:
                     asyncio.run(provision(settings))

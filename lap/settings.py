@@ -33,7 +33,8 @@ REPO_DIR = PACKAGE_DIR.parent
 # Credentials the S3 stand-in (s3rver) accepts; kinesalite accepts any.
 LOCAL_AWS_KEY = "S3RVER"
 LOCAL_DB_USER = "lap"
-LOCAL_INDEX_RETENTION_DAYS = 7.0  # the local index is in memory
+OPENSEARCH_VERSION = "2.19.6"  # the local index's engine; the Makefile installs the same
+LOCAL_INDEX_RETENTION_DAYS = 7.0  # the local index shares one machine's disk with everything else
 LOCAL_DB_PASSWORD = "lap-local"  # the stand-in listens on 127.0.0.1 only
 LOCAL_DB_NAME = "lap"
 
@@ -81,8 +82,8 @@ class IndexSettings(Section):
     index_prefix: str = "lap-events"
     verify_certs: bool = True
     # Documents of events received longer ago are removed from the index, and a rebuild skips them (the archive
-    # keeps every event; a replay indexes any window again). Unset: 7 days in local mode, where the index is in
-    # memory, and no limit with AWS. 0: no limit.
+    # keeps every event; a replay indexes any window again). Unset: 7 days in local mode, where the index shares
+    # one machine's disk, and no limit with AWS. 0: no limit.
     retention_days: float | None = Field(None, ge=0)
 
 
@@ -184,10 +185,18 @@ class LocalSettings(Section):
     kinesis_port: int = Field(4567, ge=1, le=65535)
     s3_port: int = Field(4568, ge=1, le=65535)
     opensearch_port: int = Field(9200, ge=1, le=65535)
+    # OpenSearch's node-to-node port: a single node only binds it (on 127.0.0.1)
+    opensearch_transport_port: int = Field(9300, ge=1, le=65535)
     # Where `make` installed kinesalite and s3rver (node_modules inside it).
     node_dir: Path = PACKAGE_DIR / "local" / "node"
-    # Postgres refuses to run as root: as root, the stand-in runs as this user.
+    # Postgres and OpenSearch refuse to run as root: as root, they run as these users.
     postgres_os_user: str = "nobody"
+    opensearch_os_user: str = "nobody"
+    # Where `make` unpacked OpenSearch's distribution (it runs on the `java` on PATH, or JAVA_HOME's).
+    opensearch_home: Path = PACKAGE_DIR / "local" / "opensearch" / "engine" / OPENSEARCH_VERSION
+    # OpenSearch's JVM heap (-Xms = -Xmx). Its memory is about the heap plus half of it for network buffers;
+    # 1 GiB holds LAP's local index well on a 2-core box and leaves the page cache the rest.
+    opensearch_heap_mb: int = Field(1024, ge=256, le=31744)
     start_timeout_s: float = Field(60.0, gt=0)
     # A stand-in that dies is restarted, at most this many times in 5 minutes.
     max_restarts: int = Field(5, ge=0)

@@ -66,7 +66,7 @@ async def audited(lap_up, settings):
     conn = await connect(settings)
     try:
         await wait_for(conn, tenant, {"accepted": 351, "archived": 301, "indexed": 301, "duplicates": 50},
-                       timeout=180)
+                       timeout=180, settings=settings)
     finally:
         await conn.close()
     return {"tenant": tenant, "events": events, "describe": describe, "started": started,
@@ -385,7 +385,7 @@ async def test_reconcile_and_replay_from_the_command_line(lap_up, settings, db):
     tenant, sensor = new_tenant(lap_up)
     events = make_events(100)
     send(settings, sensor, envelopes(events))
-    await wait_for(db, tenant, {"accepted": 100, "archived": 100, "indexed": 100}, timeout=180)
+    await wait_for(db, tenant, {"accepted": 100, "archived": 100, "indexed": 100}, timeout=180, settings=settings)
     span = window(started)
     args = ["--tenant", tenant, "--start", span["start"], "--end", span["end"]]
     clean = run_lap("reconcile", *args, "--json", config=lap_up.config)
@@ -427,7 +427,7 @@ async def test_a_replay_while_live_traffic_goes_on(lap_up, settings, db):
     admin, reader = key(lap_up, tenant, "admin"), key(lap_up, tenant, "reader")
     first = make_events(200)
     send(settings, sensor, envelopes(first))
-    await wait_for(db, tenant, {"accepted": 200, "archived": 200, "indexed": 200}, timeout=180)
+    await wait_for(db, tenant, {"accepted": 200, "archived": 200, "indexed": 200}, timeout=180, settings=settings)
     _, undone = await undo_batch(settings, db, tenant, first, min(e["id"] for e in first))
 
     # the same learners and courses keep sending, envelope after envelope, until the replay is done
@@ -449,7 +449,7 @@ async def test_a_replay_while_live_traffic_goes_on(lap_up, settings, db):
 
     total = len(first) + len(live.acknowledged)
     await wait_for(db, tenant, {"accepted": total, "archived": total, "aggregated": total, "indexed": total},
-                   timeout=180)
+                   timeout=180, settings=settings)
     report = await reconcile(settings, reader, started)
     assert report["complete"] is True and report["accepted"] == total and report["duplicates"] == 0, report
     await assert_aggregates(db, tenant, first + live.acknowledged)
@@ -548,7 +548,7 @@ async def test_one_event_records_of_lap_0_1_and_new_records_in_one_stream(lap_up
     finally:
         await client.close()
     send(settings, sensor, envelopes(new))  # format 1
-    await wait_for(db, tenant, {"accepted": 400, "archived": 400, "aggregated": 400, "indexed": 400}, timeout=180)
+    await wait_for(db, tenant, {"accepted": 400, "archived": 400, "aggregated": 400, "indexed": 400}, timeout=180, settings=settings)
     await assert_aggregates(db, tenant, events)
     ids = await archived_ids(settings, db, tenant)
     assert set(ids) == {e["id"] for e in events} and max(ids.values()) == 1

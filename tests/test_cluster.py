@@ -141,7 +141,7 @@ async def test_consumers_and_replicas_spread_and_survive_a_lost_node(cluster_lap
         # retry: those copies are duplicates). The accepted count may fall short: an ingest replica on the lost
         # node loses its last half second of receipts (docs/decisions.md); reconcile counts those as extras.
         await wait_for(db, tenant, {"archived": len(acknowledged), "aggregated": len(acknowledged),
-                                    "indexed": len(acknowledged)}, timeout=240)
+                                    "indexed": len(acknowledged)}, timeout=240, settings=settings)
         await assert_exact(settings, db, tenant, acknowledged)
     finally:
         await db.close()

@@ -72,7 +72,7 @@ async def console_data(lap_up, settings):
     assert refused.status_code == 400, refused.text
     conn = await connect(settings)
     try:
-        await wait_for(conn, tenant, {"accepted": EVENTS, "archived": EVENTS, "indexed": EVENTS}, timeout=180)
+        await wait_for(conn, tenant, {"accepted": EVENTS, "archived": EVENTS, "indexed": EVENTS}, timeout=180, settings=settings)
     finally:
         await conn.close()
     other, _ = new_tenant(lap_up)

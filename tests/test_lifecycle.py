@@ -46,7 +46,7 @@ def test_foreground_up_then_ctrl_c_leaves_nothing():
 
         children = descendants(proc.pid)
         commands = " ".join(" ".join(p.cmdline()) for p in children if p.is_running())
-        for stand_in in ("osmem-server", "kinesalite", "s3rver", "bin/postgres", "raylet"):
+        for stand_in in ("org.opensearch.bootstrap.OpenSearch", "kinesalite", "s3rver", "bin/postgres", "raylet"):
             assert stand_in in commands, f"{stand_in} is not running under `lap up`"
 
         os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C

@@ -50,7 +50,7 @@ async def test_metrics_show_ingest_processing_and_reconcile(lap_up, settings, db
     refused = httpx.post(f"{settings.api_url}/caliper", content=b"{}", timeout=30,
                          headers={"Authorization": f"Bearer {sensor}", "Content-Type": "application/json"})
     assert refused.status_code == 400
-    await wait_for(db, tenant, {"accepted": 120, "archived": 120, "indexed": 120}, timeout=180)
+    await wait_for(db, tenant, {"accepted": 120, "archived": 120, "indexed": 120}, timeout=180, settings=settings)
     shards = {r["shard_id"] for r in await db.fetch("SELECT shard_id FROM shard_checkpoints WHERE NOT finished")}
 
     coordinator = ray_driver.get_actor(COORDINATOR)

@@ -29,8 +29,8 @@ async def two_tenants(lap_up, settings):
     send(settings, b_sensor, envelopes(b_events))
     conn = await connect(settings)
     try:
-        await wait_for(conn, a, {"archived": 400, "indexed": 400}, timeout=180)
-        await wait_for(conn, b, {"archived": 100, "indexed": 100}, timeout=180)
+        await wait_for(conn, a, {"archived": 400, "indexed": 400}, timeout=180, settings=settings)
+        await wait_for(conn, b, {"archived": 100, "indexed": 100}, timeout=180, settings=settings)
     finally:
         await conn.close()
     return {"a": a, "b": b, "a_events": a_events, "b_events": b_events,

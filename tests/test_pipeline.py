@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import gzip
 import os
+import shutil
 import signal
 import time
 import uuid
@@ -303,7 +304,7 @@ async def test_opensearch_outage_pauses_only_indexing(lap_up, settings, db):
         await assert_exact(settings, db, tenant, events)
     finally:
         os.kill(osmem, signal.SIGCONT)
-    await wait_for(db, tenant, {"indexed": 800}, timeout=180)
+    await wait_for(db, tenant, {"indexed": 800}, timeout=180, settings=settings)
     search = open_opensearch(settings)
     try:
         count = await search.count(index=index_name(settings, tenant))
@@ -465,9 +466,10 @@ async def test_dedup_state_survives_consumer_restarts(lap_up, settings, db, ray_
     await assert_exact(settings, db, tenant, events)
 
 
-async def test_an_emptied_index_is_rebuilt_behind_new_events(lap_up, settings, db, ray_driver):
-    """OpenSearch restarts empty: new events are indexed first, the archive is indexed again behind them, the
-    rebuild shows as such (not as missing), and every event ends up indexed and counted once."""
+async def test_a_lost_index_is_rebuilt_behind_new_events(lap_up, settings, db, ray_driver):
+    """OpenSearch's data is lost (its node killed, its disk gone) and it restarts empty: new events are indexed
+    first, the archive is indexed again behind them, the rebuild shows as such (not as missing), and every event
+    ends up indexed and counted once."""
     from lap.process.index_writer import INDEX_WRITER
 
     started = datetime.now(timezone.utc)
@@ -475,12 +477,11 @@ async def test_an_emptied_index_is_rebuilt_behind_new_events(lap_up, settings, d
     reader = run_lap("keys", "create", "--tenant", tenant, "--role", "reader", config=lap_up.config).stdout.strip()
     old = make_events(300)
     send(settings, token, envelopes(old))
-    await wait_for(db, tenant, {"archived": 300, "indexed": 300})
+    await wait_for(db, tenant, {"archived": 300, "indexed": 300}, settings=settings)
     writer_pid = ray_driver.get(ray_driver.get_actor(INDEX_WRITER).pid.remote(), timeout=30)
     os.kill(writer_pid, signal.SIGSTOP)  # so that the rebuild cannot start before it is looked at
     try:
-        opensearch_pid = lap_up.state["stand_ins"]["opensearch"]["pid"]
-        os.kill(opensearch_pid, signal.SIGKILL)
+        lose_opensearch_data(lap_up)
         deadline = time.monotonic() + 90
         while not await db.fetchval("SELECT count(*) FROM index_backfill"):  # the supervisor provisions again
             assert time.monotonic() < deadline, "no index rebuild was set up after OpenSearch restarted empty"
@@ -503,7 +504,7 @@ async def test_an_emptied_index_is_rebuilt_behind_new_events(lap_up, settings, d
         await wait_for(db, tenant, {"archived": 400})
     finally:
         os.kill(writer_pid, signal.SIGCONT)
-    await wait_for(db, tenant, {"indexed": 400}, timeout=300)
+    await wait_for(db, tenant, {"indexed": 400}, timeout=300, settings=settings)
     deadline = time.monotonic() + 300
     while await db.fetchval("SELECT count(*) FROM index_backfill"):
         assert time.monotonic() < deadline, "the index rebuild did not finish"
@@ -522,6 +523,52 @@ async def test_an_emptied_index_is_rebuilt_behind_new_events(lap_up, settings, d
     assert (await stage_totals(db, tenant))["indexed"] == 400  # counted once
     assert "rebuilding" not in httpx.get(f"{settings.api_url}/healthz", timeout=30).json()[
         "components"]["opensearch"]["detail"]
+
+
+async def test_a_killed_opensearch_comes_back_with_its_index(lap_up, settings, db):
+    """SIGKILL, then the supervisor's restart: the documents are all there, and nothing is indexed again."""
+    tenant, token = new_tenant(lap_up)
+    events = make_events(200)
+    send(settings, token, envelopes(events))
+    await wait_for(db, tenant, {"archived": 200, "indexed": 200}, settings=settings)
+    old_pid = lap_up.state["stand_ins"]["opensearch"]["pid"]
+    os.kill(old_pid, signal.SIGKILL)
+    deadline = time.monotonic() + 120
+    while lap_up.state["stand_ins"]["opensearch"]["pid"] == old_pid or \
+            httpx.get(f"{settings.api_url}/healthz", timeout=30).status_code != 200:
+        assert time.monotonic() < deadline, "OpenSearch did not come back"
+        await asyncio.sleep(0.5)
+    search = open_opensearch(settings)
+    try:
+        assert (await search.count(index=index_name(settings, tenant)))["count"] == 200
+    finally:
+        await search.close()
+    assert await db.fetchval("SELECT count(*) FROM index_backfill") == 0  # no rebuild from the archive
+    more = make_events(50)
+    send(settings, token, envelopes(more))
+    totals = await wait_for(db, tenant, {"archived": 250, "indexed": 250}, settings=settings)
+    assert totals["indexed"] == 250  # counted once each
+
+
+def lose_opensearch_data(lap_up) -> None:
+    """Kill the OpenSearch node and take its data folder away, so that the supervisor starts it on an empty one.
+
+    The node is frozen first, so that it writes nothing while its folder moves; the empty folder it finds is its
+    user's, as `lap up` made the first one."""
+    pid = lap_up.state["stand_ins"]["opensearch"]["pid"]
+    data = lap_up.settings.data_dir / "opensearch" / "data"
+    owner = data.stat()
+    os.kill(pid, signal.SIGSTOP)
+    lost = data.with_name(f"data-lost-{uuid.uuid4().hex[:8]}")
+    data.rename(lost)
+    data.mkdir()
+    os.chown(data, owner.st_uid, owner.st_gid)
+    os.kill(pid, signal.SIGKILL)
+    shutil.rmtree(lost)
+    deadline = time.monotonic() + 90
+    while lap_up.state["stand_ins"]["opensearch"]["pid"] == pid:
+        assert time.monotonic() < deadline, "OpenSearch was not restarted"
+        time.sleep(0.5)
 
 
 async def test_documents_past_the_index_retention_are_removed(settings):

@@ -246,15 +246,6 @@ async def test_data_survives_restarts_of_kinesis_s3_and_postgres(lap_up):
         assert await _read_marks(settings, marks) == {"kinesis": True, "s3": True, "postgres": True}
 
 
-def test_opensearch_restart_is_reprovisioned(lap_up):
-    old_pid = lap_up.state["stand_ins"]["opensearch"]["pid"]
-    os.kill(old_pid, signal.SIGKILL)
-    wait_for(lambda: lap_up.state["stand_ins"]["opensearch"]["pid"] != old_pid, 60, "opensearch restarted")
-    # In memory: the template is gone until the supervisor provisions again; healthz checks it.
-    body = wait_for(lambda: (r := healthz(lap_up.settings)).status_code == 200 and r.json(), 60, "healthz 200")
-    assert body["components"]["opensearch"]["ok"]
-
-
 def test_serve_status_cli_sees_the_applications_running(lap_up):
     """What an operator types: `serve status` (Ray's token mode must be on in the client)."""
     import subprocess

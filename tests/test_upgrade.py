@@ -93,7 +93,7 @@ async def test_serve_deploy_of_a_changed_config_loses_nothing(lap_up, settings, 
 
         acknowledged = sensor.acknowledged
         stages = await wait_for(db, tenant, {"archived": len(acknowledged), "aggregated": len(acknowledged),
-                                             "indexed": len(acknowledged)}, timeout=180)
+                                             "indexed": len(acknowledged)}, timeout=180, settings=settings)
         # a 503 may come after some of an envelope's events were put: their retry is counted as duplicates
         assert stages["accepted"] - stages.get("duplicates", 0) == len(acknowledged)
         await assert_exact(settings, db, tenant, acknowledged)

@@ -37,7 +37,7 @@ from lap.audit.shards import consumers_reached
 from lap.buckets import hour_of, minute_of
 from lap.settings import Settings
 from lap.sinks.archive import keys_in_s3, read_object
-from lap.sinks.index import index_name
+from lap.sinks.index import document_id, index_name
 from lap.stream.kinesis import oldest_arrival
 
 ID_SCAN_PAGE = 5000
@@ -92,6 +92,10 @@ class Reconciliation:
     retention_lost: int = 0
     dead_lettered: int = 0  # in records a consumer could not process and kept aside: not missing, not complete
     index_expired: int = 0  # archived before index.retention_days: no longer expected in the index
+    # no event is missing from any stage so far; some may still be on their way (pending, index_pending)
+    nothing_missing: bool = False
+    # every accepted event is in every stage it is expected in: nothing missing, nothing on its way, nothing
+    # dead-lettered
     complete: bool = False
     # counts of whole hours take lost archive objects from the sweep's last check (None: per-event, checked now)
     archive_checked_at: datetime | None = None
@@ -107,8 +111,15 @@ class Reconciliation:
         expected = self.accepted - self.duplicates - self.pending - self.dead_lettered
         self.missing = {"archive": max(0, expected - self.archived), "aggregate": max(0, expected - self.aggregated),
                         "index": max(0, expected - self.indexed - self.index_pending - self.index_expired)}
-        self.complete = not any(self.missing.values()) and not self.dead_lettered
+        self.nothing_missing = not any(self.missing.values())
+        self.complete = (self.nothing_missing and not self.pending and not self.index_pending
+                         and not self.dead_lettered)
         return self
+
+    @property
+    def in_flight(self) -> bool:
+        """Nothing is missing, but events are still on their way to a stage: ask again later."""
+        return self.nothing_missing and not self.complete and not self.dead_lettered
 
 
 class ReconcileRefused(Exception):
@@ -329,7 +340,7 @@ class Reconciler:
         if with_ids:
             indexed_ids = await self._indexed_ids(window)
             ids = trail.ids()
-            in_index = np.fromiter((i in indexed_ids for i in ids), dtype=bool, count=len(ids))
+            in_index = np.fromiter((document_id(i) in indexed_ids for i in ids), dtype=bool, count=len(ids))
             result.indexed = int(in_index.sum()) if window.sensor else len(indexed_ids)
             result.index_pending = int((trail.index_pending & ~in_index).sum())
         else:
@@ -567,22 +578,35 @@ class Reconciler:
         return {"bool": {"filter": filters}}
 
     async def _indexed_count(self, window: Window) -> int:
+        """The window's documents, after a refresh (see `refresh`)."""
+        await self.refresh(window.tenant)
         reply = await self.search.count(index=index_name(self.settings, window.tenant),
                                         body={"query": self._index_query(window)}, ignore_unavailable=True)
         return int(reply.get("count", 0))
 
+    async def refresh(self, tenant: str) -> None:
+        """A search sees the index as of its last refresh (every `refresh_interval`): documents the index writer
+        has just committed, or documents just lost, would not show. The tenant's index is refreshed first, so
+        that reconcile reads it as of now (a refresh with nothing new costs next to nothing)."""
+        await self.search.indices.refresh(index=index_name(self.settings, tenant), ignore_unavailable=True)
+
     async def _indexed_ids(self, window: Window) -> set[str]:
+        """The document ids (lap.sinks.index.document_id) of the window's documents, after a refresh (see
+        _indexed_count). A scroll in index order: the cheapest way through every hit."""
+        await self.refresh(window.tenant)
         indexed: set[str] = set()
         body: dict[str, Any] = {"size": ID_SCAN_PAGE, "_source": False, "query": self._index_query(window),
-                                "sort": [{"event_id": "asc"}], "docvalue_fields": ["event_id"]}
-        while True:
-            reply = await self.search.search(index=index_name(self.settings, window.tenant), body=body,
-                                             ignore_unavailable=True)
-            hits = reply.get("hits", {}).get("hits", [])
-            indexed.update(h["_id"] for h in hits)
-            if len(hits) < ID_SCAN_PAGE:
-                return indexed
-            body["search_after"] = hits[-1]["sort"]
+                                "sort": ["_doc"]}
+        reply = await self.search.search(index=index_name(self.settings, window.tenant), body=body,
+                                         params={"scroll": "2m", "ignore_unavailable": "true"})
+        try:
+            while hits := reply.get("hits", {}).get("hits", []):
+                indexed.update(h["_id"] for h in hits)
+                reply = await self.search.scroll(body={"scroll_id": reply["_scroll_id"], "scroll": "2m"})
+        finally:
+            if reply.get("_scroll_id"):
+                await self.search.clear_scroll(body={"scroll_id": reply["_scroll_id"]}, ignore=[404])
+        return indexed
 
 
 def _batch_of_key(key: str) -> tuple[str, int, int]:

@@ -47,6 +47,7 @@ from lap.process.batch import (
 from lap.process.index_writer import bulk_index
 from lap.settings import Settings
 from lap.sinks.archive import hour_prefix, pack_lines, put_object, read_object
+from lap.sinks.index import document_id
 from lap.stream.record_format import NotLapRecord, StreamRecord
 
 log = logging.getLogger("lap.replay")
@@ -308,7 +309,8 @@ class Replayer:
         indexed = await reconciler._indexed_ids(window)
         # not those the index writer has still to reach: it indexes them itself, and counts them
         candidates = np.flatnonzero(trail.archived & ~trail.index_pending)
-        wanted = {i: int(k) for k, i in zip(candidates.tolist(), trail.ids(candidates).tolist()) if i not in indexed}
+        wanted = {i: int(k) for k, i in zip(candidates.tolist(), trail.ids(candidates).tolist())
+                  if document_id(i) not in indexed}
         if not wanted:
             return 0
         async with self.pool.acquire() as conn:
@@ -328,7 +330,8 @@ class Replayer:
         for key, batch_id in objects:
             lines = [line for line in await self.read_object(key) if line["meta"]["event_id"] in wanted]
             for start in range(0, len(lines), size):
-                ok, created, refused = await bulk_index(self.search, self.settings, lines[start:start + size], batch_id)
+                ok, created, refused = await bulk_index(self.search, self.settings, lines[start:start + size],
+                                                        batch_id, earlier_tries=False)
                 done += len(ok)
                 await self.count_indexed(created)
                 for line, status, reason in refused:

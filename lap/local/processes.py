@@ -50,7 +50,8 @@ def os_user_ids(name: str) -> tuple[int, int]:
     try:
         entry = pwd.getpwnam(name)
     except KeyError:
-        raise StandInError(f"system user {name!r} does not exist (setting local.postgres_os_user)") from None
+        raise StandInError(f"system user {name!r} does not exist (settings local.postgres_os_user and "
+                           "local.opensearch_os_user)") from None
     return entry.pw_uid, entry.pw_gid
 
 

@@ -1,22 +1,24 @@
 """The local stand-ins for Postgres, Kinesis, S3 and OpenSearch (docs/decisions.md, "Stand-ins for the local stack").
 
 Each binds to 127.0.0.1 only and keeps its data under `<data_dir>/<name>/`.
-OpenSearch (osmem-server) is in memory: its index is derived and is rebuilt
-from the archive.
+OpenSearch is the real engine, from the distribution `make` installs; its
+index survives a restart, and is rebuilt from the archive only when lost.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
 import signal
 import stat
 import subprocess
+import urllib.request
 from pathlib import Path
 
 from lap.local.processes import ManagedProcess, StandInError, os_user_ids, port_is_open
-from lap.settings import LOCAL_DB_PASSWORD, LOCAL_DB_USER, Settings
+from lap.settings import LOCAL_DB_PASSWORD, LOCAL_DB_USER, OPENSEARCH_VERSION, LocalSettings, Settings
 
 log = logging.getLogger("lap.local")
 
@@ -176,18 +178,41 @@ class LocalStack:
         )
 
     def _opensearch(self) -> ManagedProcess:
-        try:
-            from osmem_server import resolve_binary
-        except ImportError:
-            raise StandInError(LOCAL_EXTRA_MISSING.format(package="osmem-server")) from None
-
         local = self.settings.local
+        home = local.opensearch_home
+        launcher = home / "bin" / "opensearch"
+        if not launcher.exists():
+            raise StandInError(f"{launcher} is missing: OpenSearch {OPENSEARCH_VERSION} is not installed. Run "
+                               "`make install`, which fetches it from Maven Central (local.opensearch_home).")
+        root = self.settings.data_dir / "opensearch"
+        run_as = local.opensearch_os_user if os.geteuid() == 0 else None
+        folders = {name: root / name for name in ("config", "data", "logs", "tmp")}
+        for folder in folders.values():
+            folder.mkdir(parents=True, exist_ok=True)
+        _write_opensearch_config(folders, local)
+        if run_as:
+            _check_reachable(root, run_as, "OpenSearch")
+            uid, gid = os_user_ids(run_as)
+            for path in [root, *folders.values(), *folders["config"].iterdir()]:
+                os.chown(path, uid, gid)
+        health = f"http://{local.host}:{local.opensearch_port}/_cluster/health"
+
+        def ready() -> bool:
+            try:
+                with urllib.request.urlopen(health, timeout=5) as reply:
+                    return json.load(reply).get("status") in ("green", "yellow")
+            except (OSError, ValueError):
+                return False
+
         return ManagedProcess(
             name="opensearch",
-            argv=[resolve_binary(), "-addr", f"{local.host}:{local.opensearch_port}", "-no-stdin-watch"],
+            argv=[str(launcher)],
             port=local.opensearch_port,
             log_file=self._log("opensearch"),
-            ready=lambda: True,
+            ready=ready,
+            run_as=run_as,
+            env={"OPENSEARCH_JAVA_HOME": java_home(), "OPENSEARCH_PATH_CONF": str(folders["config"]),
+                 "OPENSEARCH_TMPDIR": str(folders["tmp"])},
             max_restarts=local.max_restarts,
             background=self.settings.process.background_cpu,  # the index writer, and searches
         )
@@ -234,8 +259,78 @@ class LocalStack:
         return {proc.name: proc.alive() and port_is_open("127.0.0.1", proc.port) for proc in self.processes}
 
 
-def _check_reachable(path: Path, user: str) -> None:
-    """Postgres runs as `user`: every parent folder must let it through."""
+# OpenSearch 2.19 runs on Java 11 to 21 (it ships 21 in its full distribution); Java 24 removed the security
+# manager it needs. LAP asks for 17 at least.
+JAVA_VERSIONS = range(17, 24)
+
+
+def java_home() -> str:
+    """The Java that OpenSearch runs on: JAVA_HOME's, else the `java` on PATH's (LAP's distribution has none)."""
+    if os.environ.get("JAVA_HOME"):
+        home, source = Path(os.environ["JAVA_HOME"]), "JAVA_HOME"
+    else:
+        java = shutil.which("java")
+        if java is None:
+            raise StandInError("OpenSearch needs Java 17 to 21, and `java` is not on PATH. Install it (for example "
+                               "`apt-get install openjdk-17-jre-headless`), or set JAVA_HOME, then start LAP again.")
+        home, source = Path(java).resolve().parent.parent, "the `java` on PATH"
+    version = java_version(home / "bin" / "java")
+    if version not in JAVA_VERSIONS:
+        raise StandInError(f"OpenSearch {OPENSEARCH_VERSION} needs Java 17 to 21, and {source} ({home}) is "
+                           f"{version or 'not a working Java'}. Point JAVA_HOME at a Java 17 or 21 "
+                           "(for example /usr/lib/jvm/java-17-openjdk-amd64), then start LAP again.")
+    return str(home)
+
+
+def java_version(java: Path) -> int | None:
+    """The feature version of a `java` binary (17 for 17.0.15), or None when it does not run."""
+    try:
+        out = subprocess.run([str(java), "-XshowSettings:properties", "-version"], capture_output=True, text=True,
+                             timeout=30).stderr
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    for line in out.splitlines():
+        name, _, value = line.strip().partition(" = ")
+        if name == "java.specification.version":
+            return int(value.split(".")[-1]) if value.startswith("1.") else int(value.split(".")[0])
+    return None
+
+
+def _write_opensearch_config(folders: dict[str, Path], local: LocalSettings) -> None:
+    """One node on loopback (development mode: no production bootstrap checks), its logs on stdout."""
+    (folders["config"] / "opensearch.yml").write_text(
+        "cluster.name: lap-local\n"
+        "node.name: lap-local\n"
+        f"network.host: {local.host}\n"
+        f"http.port: {local.opensearch_port}\n"
+        f"transport.port: {local.opensearch_transport_port}\n"
+        "discovery.type: single-node\n"
+        f"path.data: {folders['data']}\n"
+        f"path.logs: {folders['logs']}\n"
+        "action.auto_create_index: true\n")
+    heap = local.opensearch_heap_mb
+    (folders["config"] / "jvm.options").write_text(
+        f"-Xms{heap}m\n-Xmx{heap}m\n"
+        "-XX:+UseG1GC\n-XX:G1ReservePercent=25\n-XX:InitiatingHeapOccupancyPercent=30\n"
+        "-Djava.io.tmpdir=${OPENSEARCH_TMPDIR}\n"
+        "-Djava.net.preferIPv4Stack=true\n"  # 127.0.0.1 as an IPv4 socket, not an IPv6-mapped one
+        f"-XX:ErrorFile={folders['logs']}/hs_err_pid%p.log\n"
+        "-Xlog:disable\n-Xlog:all=warning:stderr\n"
+        "-Djava.security.manager=allow\n"
+        "-Djava.util.concurrent.ForkJoinPool.common.threadFactory="
+        "org.opensearch.secure_sm.SecuredForkJoinWorkerThreadFactory\n")
+    (folders["config"] / "log4j2.properties").write_text(
+        "status = error\n"
+        "appender.console.type = Console\n"
+        "appender.console.name = console\n"
+        "appender.console.layout.type = PatternLayout\n"
+        "appender.console.layout.pattern = [%d{ISO8601}][%-5p][%c{1.}] %m%n\n"
+        "rootLogger.level = info\n"
+        "rootLogger.appenderRef.console.ref = console\n")
+
+
+def _check_reachable(path: Path, user: str, service: str = "Postgres") -> None:
+    """The service runs as `user`: every parent folder must let it through."""
     uid, gid = os_user_ids(user)
     for parent in path.resolve().parents:
         mode = parent.stat()
@@ -243,6 +338,6 @@ def _check_reachable(path: Path, user: str) -> None:
             continue
         if not mode.st_mode & stat.S_IXOTH and not (mode.st_gid == gid and mode.st_mode & stat.S_IXGRP):
             raise StandInError(
-                f"Postgres runs as the system user {user!r} (it refuses root), and {parent} does not let that "
+                f"{service} runs as the system user {user!r} (it refuses root), and {parent} does not let that "
                 f"user through. Allow it (chmod o+x {parent}), or set LAP_DATA_DIR to a folder it can reach."
             )

@@ -149,7 +149,9 @@ class ReconcileReport(BaseModel):
     dead_lettered: int = Field(0, description="events in stream records a consumer could not process, kept aside "
                                               "(listed by /v1/audit/dead-letters) until a replay stores them: not "
                                               "missing, but the window is not complete")
-    complete: bool
+    nothing_missing: bool = Field(description="no event is missing from any stage so far (some may be pending)")
+    complete: bool = Field(description="every accepted event is in every stage it is expected in: nothing "
+                                       "missing, pending, waiting for the index or dead-lettered")
     archive_checked_at: datetime | None = None
     missing_ids: dict[str, list[str]] | None = None
     next_cursor: str | None = None
@@ -169,6 +171,7 @@ class HourAudit(BaseModel):
     missing: dict[str, int]
     retention_lost: int
     dead_lettered: int
+    nothing_missing: bool
     complete: bool
 
 
@@ -180,7 +183,7 @@ class HourAudits(BaseModel):
 
 HOUR_CSV_COLUMNS = ["hour", "accepted", "duplicates", "quarantined", "archived", "aggregated", "indexed", "pending",
                     "index_pending", "index_expired", "missing_archive", "missing_aggregate", "missing_index",
-                    "retention_lost", "dead_lettered", "complete"]
+                    "retention_lost", "dead_lettered", "nothing_missing", "complete"]
 
 
 class ShardAudit(BaseModel):
@@ -337,7 +340,7 @@ def hit(found: dict[str, Any], event: dict[str, Any] | None = None) -> EventHit:
     (docs/decisions.md, "Index")."""
     source = found.get("_source") or {}
     actor = source.get("actor") or source.get("actor_iri") or source.get("learner")
-    return EventHit(event_id=source.get("event_id") or found["_id"], type=source.get("type"),
+    return EventHit(event_id=source.get("event_iri") or source.get("event_id") or found["_id"], type=source.get("type"),
                     action=source.get("action"), actor=actor, object=source.get("object"), course=source.get("course"),
                     sensor=source.get("sensor"), event_time=source.get("event_time"),
                     received_at=source.get("received_at"), event=event)

@@ -32,7 +32,7 @@ from lap.caliper import iri_of
 from lap.process import run_in_background
 from lap.settings import Settings, load_settings
 from lap.sinks.archive import read_object
-from lap.sinks.index import expire_documents, index_name
+from lap.sinks.index import document_id, expire_documents, index_name
 from lap.stores import Stores
 
 log = logging.getLogger("lap.index")
@@ -62,6 +62,8 @@ def document(line: dict[str, Any], batch_id: int) -> dict[str, Any]:
     }
     if actor != learner:  # a grader, say: the source keeps it (`actor` itself is searchable, not stored)
         doc["actor_iri"] = actor
+    if document_id(doc["event_id"]) != doc["event_id"]:  # an id too long to be the document's own
+        doc["event_iri"] = doc["event_id"]
     return doc
 
 
@@ -264,15 +266,18 @@ class IndexWriter:
         return await bulk_index(self.search, self.settings, lines, batch_id)
 
 
-async def bulk_index(search, settings: Settings, lines: list[dict[str, Any]],
-                     batch_id: int) -> tuple[list[dict], list[dict], list[tuple[dict, int, str]]]:
-    """Index `lines` (archived by batch `batch_id`); returns (indexed, of those the ones this batch counts,
+async def bulk_index(search, settings: Settings, lines: list[dict[str, Any]], batch_id: int,
+                     earlier_tries: bool = True) -> tuple[list[dict], list[dict], list[tuple[dict, int, str]]]:
+    """Index `lines` (archived by batch `batch_id`); returns (indexed, of those the ones to count,
     [(line, status, reason) refused for good]).
 
-    Documents are created, never overwritten. One that exists already counts for this batch only when an
-    earlier try of this same batch made it (a writer that died between the bulk and its commit): so every
-    event is counted once, whoever indexed it first. Raises IndexOutage when OpenSearch cannot be reached or
-    keeps failing whole items.
+    Documents are created, never overwritten. With `earlier_tries` (the index
+    writer), one that exists already counts when an earlier try of this same
+    batch made it: a writer that died between the bulk and its commit counted
+    nothing. Without (a replay, which commits no cursor), only the documents
+    this call created count. So every event is counted once, whoever indexed
+    it first. Raises IndexOutage when OpenSearch cannot be reached or keeps
+    failing whole items.
     """
     pending = lines
     ok: list[dict] = []
@@ -285,7 +290,7 @@ async def bulk_index(search, settings: Settings, lines: list[dict[str, Any]],
         for line in pending:
             meta = line["meta"]
             body += orjson.dumps({"create": {"_index": index_name(settings, meta["tenant"]),
-                                             "_id": meta["event_id"]}})
+                                             "_id": document_id(meta["event_id"])}})
             body += b"\n" + orjson.dumps(document(line, batch_id)) + b"\n"
         reply = await search.bulk(body=bytes(body))
         retry: list[dict] = []
@@ -312,7 +317,7 @@ async def bulk_index(search, settings: Settings, lines: list[dict[str, Any]],
             delay = min(delay * 2, MAX_BACKOFF_S)
     else:
         raise IndexOutage(f"{len(pending)} documents still refused with 429/5xx after {ITEM_RETRIES} retries")
-    if existing:
+    if existing and earlier_tries:
         created.extend(await made_by_batch(search, settings, existing, batch_id))
     return ok, created, refused
 
@@ -324,7 +329,7 @@ async def made_by_batch(search, settings: Settings, lines: list[dict[str, Any]],
         by_index.setdefault(index_name(settings, line["meta"]["tenant"]), []).append(line)
     ours: list[dict] = []
     for name, group in by_index.items():
-        reply = await search.mget(index=name, body={"ids": [line["meta"]["event_id"] for line in group]},
+        reply = await search.mget(index=name, body={"ids": [document_id(line["meta"]["event_id"]) for line in group]},
                                   params={"_source_includes": "batch"})
         for line, doc in zip(group, reply["docs"]):
             if doc.get("found") and (doc.get("_source") or {}).get("batch") == batch_id:

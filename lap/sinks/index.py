@@ -16,16 +16,22 @@ from opensearchpy import AsyncOpenSearch
 
 from lap.settings import Settings
 
-TEMPLATE_VERSION = 2
+TEMPLATE_VERSION = 3
+# Lucene refuses a term over 32,766 bytes, and with it the whole document: a longer IRI (up to 4 bytes a
+# character) is kept in the document's source but not made searchable.
+KEYWORD = {"type": "keyword", "ignore_above": 8191}
+# One replica where there is a second node to hold it (Amazon OpenSearch Service), none on a single node (the
+# local one), which is then green rather than yellow.
+INDEX_SETTINGS = {"number_of_shards": 1, "auto_expand_replicas": "0-1", "refresh_interval": "5s"}
 
 
 def events_template(settings: Settings) -> dict[str, Any]:
-    keyword = {"type": "keyword"}
+    keyword = KEYWORD
     return {
         "index_patterns": [f"{settings.index.index_prefix}-*"],
         "version": TEMPLATE_VERSION,
         "template": {
-            "settings": {"number_of_shards": 1, "refresh_interval": "5s"},
+            "settings": INDEX_SETTINGS,
             "mappings": {
                 "dynamic": "strict",
                 # searchable, but not stored again in the source: the id is the document's `_id`, the tenant
@@ -45,6 +51,7 @@ def events_template(settings: Settings) -> dict[str, Any]:
                     "received_at": {"type": "date"},
                     "batch": {"type": "long", "index": False},
                     "actor_iri": {"type": "keyword", "index": False, "doc_values": False},
+                    "event_iri": {"type": "keyword", "index": False, "doc_values": False},
                     # version 1 documents only (the whole event, and the fields no query used)
                     "object_type": keyword,
                     "shard": keyword,
@@ -54,6 +61,18 @@ def events_template(settings: Settings) -> dict[str, Any]:
             },
         },
     }
+
+
+# OpenSearch refuses a longer document id. Event ids are UUID URNs; a described entity's id is any IRI.
+MAX_DOCUMENT_ID_BYTES = 512
+
+
+def document_id(event_id: str) -> str:
+    """The `_id` of an event's document: the event's id, or, for an id longer than OpenSearch takes, a digest of
+    it, which no IRI can equal (it holds a space); the document then keeps the id itself as `event_iri`."""
+    if len(event_id) <= MAX_DOCUMENT_ID_BYTES // 4 or len(event_id.encode()) <= MAX_DOCUMENT_ID_BYTES:
+        return event_id
+    return "sha256 " + hashlib.sha256(event_id.encode()).hexdigest()
 
 
 def index_name(settings: Settings, tenant: str) -> str:
@@ -90,10 +109,14 @@ async def ensure_templates(client: AsyncOpenSearch, settings: Settings) -> None:
         if versions and max(versions) >= TEMPLATE_VERSION:
             return
     await client.indices.put_index_template(name=name, body=events_template(settings))
-    if await has_event_indices(client, settings):  # indices made by the older template take the new field too
+    if await has_event_indices(client, settings):  # indices made by an older template get what changed since
+        template = events_template(settings)["template"]
+        fields = template["mappings"]["properties"]
         await client.indices.put_mapping(index=f"{name}-*", body={"properties": {
-            "batch": {"type": "long", "index": False},
-            "actor_iri": {"type": "keyword", "index": False, "doc_values": False}}})
+            field: fields[field] for field in fields
+            if fields[field] is KEYWORD or field in ("batch", "actor_iri", "event_iri")}})
+        await client.indices.put_settings(index=f"{name}-*", body={"index": {
+            key: value for key, value in template["settings"].items() if key != "number_of_shards"}})
 
 
 async def has_event_indices(client: AsyncOpenSearch, settings: Settings) -> bool:

@@ -31,10 +31,11 @@ def write_config(folder: Path, **extra) -> Path:
     folder.chmod(0o755)  # Postgres runs as an unprivileged user when we are root
     from lap.local.ports import free_ports
 
-    ports = free_ports(10)
+    ports = free_ports(11)
     config = {
         "data_dir": str(folder / "data"),
-        "local": dict(zip(("postgres_port", "kinesis_port", "s3_port", "opensearch_port"), ports)),
+        "local": dict(zip(("postgres_port", "kinesis_port", "s3_port", "opensearch_port", "opensearch_transport_port"),
+                          [*ports[:4], ports[10]])),
         "ray": {"http_port": ports[4], "dashboard_port": ports[5], "metrics_port": ports[6],
                 "haproxy_stats_port": ports[7], "haproxy_metrics_port": ports[8], "fallback_proxy_port": ports[9]},
     }

@@ -103,12 +103,19 @@ async def stage_totals(db, tenant: str) -> dict[str, int]:
     return {r["stage"]: r["n"] for r in rows}
 
 
-async def wait_for(db, tenant: str, want: dict[str, int], timeout: float = DRAIN_TIMEOUT_S) -> dict[str, int]:
+async def wait_for(db, tenant: str, want: dict[str, int], timeout: float = DRAIN_TIMEOUT_S,
+                   settings=None) -> dict[str, int]:
+    """Wait until the tenant's committed stage counts are `want`. With "indexed" in it, `settings` is needed: the
+    documents the index writer committed are searchable after the index's next refresh, made here at once."""
+    if "indexed" in want and settings is None:
+        raise TypeError("wait_for(..., settings=...) for indexed events: the index is refreshed once they are")
     deadline = time.monotonic() + timeout
     totals: dict[str, int] = {}
     while time.monotonic() < deadline:
         totals = await stage_totals(db, tenant)
         if all(totals.get(stage, 0) == n for stage, n in want.items()):
+            if "indexed" in want:  # committed by the index writer; searchable after the index's next refresh
+                await refresh_index(settings, tenant)
             return totals
         await asyncio.sleep(0.5)
     raise AssertionError(f"tenant {tenant}: stages {totals} did not reach {want} within {timeout:.0f} s")
@@ -188,6 +195,15 @@ async def open_shards(settings) -> list[dict]:
 
 
 # --- tests ---------------------------------------------------------------------------
+
+
+async def refresh_index(settings, tenant: str) -> None:
+    """Make what the tenant's index holds searchable now, rather than at its next periodic refresh."""
+    search = open_opensearch(settings)
+    try:
+        await search.indices.refresh(index=index_name(settings, tenant), ignore_unavailable=True)
+    finally:
+        await search.close()
 
 
 async def delete_documents(settings, tenant: str, event_ids: list[str]) -> None:

@@ -15,7 +15,7 @@ from lap.output.models import EventHit, EventPage, hit
 from lap.output.params import MAX_LIMIT, as_utc, decode_cursor, encode_cursor
 from lap.problems import HTTPProblem
 from lap.sinks.archive import read_object
-from lap.sinks.index import index_name
+from lap.sinks.index import document_id, index_name
 
 if TYPE_CHECKING:
     from lap.output.app import OutputAPI
@@ -31,7 +31,8 @@ async def event(event_id: str, api: "OutputAPI" = REPLICA, caller: Principal = R
     if not event_id.strip():
         raise HTTPProblem(400, "Bad Request", "give the event's id: GET /v1/events/{id}")
     try:
-        reply = await api.stores.search.get(index=index_name(api.settings, tenant), id=event_id, ignore=[404])
+        reply = await api.stores.search.get(index=index_name(api.settings, tenant), id=document_id(event_id),
+                                            ignore=[404])
     except Exception as exc:
         log.warning("event lookup failed: %s", exc)
         raise HTTPProblem(503, "Service Unavailable", "the search index is not reachable; retry later",
@@ -40,7 +41,7 @@ async def event(event_id: str, api: "OutputAPI" = REPLICA, caller: Principal = R
     # the tenant's own index: a document of another tenant cannot be there (its tenant is not in the source)
     if not reply.get("found") or reply.get("_index") != index_name(api.settings, tenant):
         raise HTTPProblem(404, "Not Found", "no such event (or it is not indexed yet)")
-    return hit(reply, source.get("event") or await archived_event(api, tenant, reply["_id"], source))
+    return hit(reply, source.get("event") or await archived_event(api, tenant, event_id, source))
 
 
 async def archived_event(api: "OutputAPI", tenant: str, event_id: str, source: dict[str, Any]) -> dict[str, Any]:

@@ -465,9 +465,12 @@ async function showHour(detail, hour, windowStart, windowEnd, replaceHour, curre
     said(),
     h("p", {}, report.complete ? "Complete: every accepted event is in every stage."
                                : lists.length ? "Incomplete: these events are missing."
-                               : "Not complete yet: events are still on their way (pending) or kept aside (dead letters)."));
+                               : report.dead_lettered ? "Not complete: events are kept aside (dead letters)."
+                               : `Not complete yet, nothing missing so far: ${number(report.pending)} events are `
+                                 + `still in the stream and ${number(report.index_pending)} waiting for the index.`));
   const needed = stages.filter(([stage]) => report.missing[stage] > 0).map(([stage]) => stage);
-  if (state.who.role === "admin" && !report.complete) {
+  const repairable = !report.nothing_missing || report.dead_lettered > 0;
+  if (state.who.role === "admin" && repairable) {
     const progress = h("p", { id: "replay-progress", role: "status" });
     const button = h("button", { class: "primary", type: "button", id: "replay-hour" }, "Replay this hour");
     button.addEventListener("click", async () => {
@@ -491,7 +494,7 @@ async function showHour(detail, hour, windowStart, windowEnd, replaceHour, curre
     });
     panel.append(h("p", {}, button, ` replays ${needed.length ? needed.join(", ") : "every stage"} from the `
       + `${needed.includes("archive") ? "stream" : "archive"}; events already stored are not counted twice.`), progress);
-  } else if (!report.complete) {
+  } else if (repairable) {
     panel.append(h("p", { class: "note" }, "An admin key can replay this hour from here."));
   }
   panel.append(...lists);
