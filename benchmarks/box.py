@@ -164,12 +164,9 @@ async def opensearch_ceiling(settings, seconds: float, opensearch: psutil.Proces
                 break
         elapsed = time.monotonic() - started
         cpu = _cpu(opensearch) - cpu_before
-        stats = await search.indices.stats(index=name, metric="store,docs")
-        stored = stats["_all"]["primaries"]
         return {"docs": docs, "errors": errors, "seconds": round(elapsed, 1), "docs_per_bulk": size,
                 "docs_per_s": round(docs / elapsed), "opensearch_cpu_us_per_doc": round(cpu / docs * 1e6, 1)
-                if docs and opensearch else None,
-                "bytes_per_doc_on_disk": round(stored["store"]["size_in_bytes"] / max(1, stored["docs"]["count"]))}
+                if docs and opensearch else None}
     finally:
         await search.indices.delete(index=name, ignore=[404])
         await search.close()
@@ -385,7 +382,9 @@ def take_sample(t: float, phase: str, supervisor: int, reading: dict | None, loa
         k["cpu_s"] += p["cpu_s"]
         k["rss"] += p["rss"]
         k["processes"] += 1
+    machine = psutil.cpu_times()
     return {"t": round(t, 1), "phase": phase, "stages": reading["stages"],
+            "machine_busy_s": round(sum(machine) - machine.idle - machine.iowait, 2),
             "consumer_lag_s": reading["consumer_lag_s"], "index_lag_s": reading["index_lag_s"],
             "load": {"sent": load.get("sent", 0), "statuses": load.get("statuses", {}),
                      "p50_ms": load.get("p50_ms"), "p99_ms": load.get("p99_ms")},
@@ -465,6 +464,10 @@ def build_report(args, settings, baselines: dict, result: dict, rec: dict) -> di
     events_in_window = (at_end.get("load", {}).get("statuses", {}).get(200, 0)
                         - first.get("load", {}).get("statuses", {}).get(200, 0)) * per if measured else 0
     whole = cpu_per_event(samples, samples[0], samples[-1], ok) if samples else {}
+    machine_us = None
+    if measured and events_in_window:  # every process of the machine: LAP, the load generator, this script
+        machine_us = round((at_end["machine_busy_s"] - first["machine_busy_s"]) / events_in_window * 1e6, 1)
+    window_s = at_end.get("t", 0) - first.get("t", 0) if measured else 0
     report = {
         "benchmark": "box", "profile": args.profile,
         "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -490,6 +493,9 @@ def build_report(args, settings, baselines: dict, result: dict, rec: dict) -> di
         "cpu_us_per_event_measured_window": cpu_per_event(samples, first, at_end, events_in_window)
         if measured else {},
         "cpu_us_per_event_whole_run": whole,
+        "machine_cpu_us_per_event": machine_us,
+        "machine_busy_pct": round((at_end["machine_busy_s"] - first["machine_busy_s"]) / window_s
+                                  / (psutil.cpu_count() or 1) * 100) if window_s > 0 else None,
         "memory": memory(samples, args.warmup, settings.local.opensearch_heap_mb),
         "reconcile": rec,
         "samples": samples,
@@ -529,7 +535,7 @@ def print_tables(r: dict) -> None:
     osb = b.get("opensearch", {})
     print(f"  OpenSearch, bulk of LAP's documents ({osb.get('docs_per_bulk')} a bulk, one in flight): "
           f"{osb.get('docs_per_s', 0):,} documents/s, {osb.get('opensearch_cpu_us_per_doc')} µs of its CPU per "
-          f"document, {osb.get('bytes_per_doc_on_disk')} B per document on disk")
+          "document")
     print(f"\n{r['profile']}: {r['offered_per_s']:,.0f} events/s offered for {r['config']['duration_s']:.0f} s")
     mem = r["memory"]
     rows = [
@@ -554,7 +560,9 @@ def print_tables(r: dict) -> None:
         growth = mem.get("rss_growth_pct", {}).get(kind)
         print(f"  {kind:<18} {cpu.get(kind, 0):>13,.1f} {mem['peak_rss_mb'].get(kind, 0):>12,} "
               f"{'-' if growth is None else f'{growth:+.1f}%':>11}")
-    print(f"  {'all':<18} {sum(cpu.values()):>13,.1f} {sum(mem['peak_rss_mb'].values()):>12,}")
+    print(f"  {'all of LAP':<18} {sum(cpu.values()):>13,.1f} {sum(mem['peak_rss_mb'].values()):>12,}")
+    print(f"  {'the machine':<18} {r['machine_cpu_us_per_event'] or 0:>13,.1f}   (busy {r['machine_busy_pct']}% "
+          "of its cores over the measured window)")
     print(f"  (the load generator: {r['load_generator_cpu_us_per_event']} µs per event, in its own process)")
     print()
     for check, passed in r["verdict"].items():

@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from lap.settings import ConfigError, Settings, load_settings
+from lap.settings import OPENSEARCH_VERSION, ConfigError, Settings, load_settings
 
 # The example values of cluster.yaml, deploy/*.json and deploy/lap-aws.yaml: a deployment that still holds one
 # would talk to someone else's account, or to nothing (tests/test_deploy_config.py uses the same list).
@@ -38,6 +38,9 @@ PLACEHOLDERS: dict[str, str] = {
 
 SECRET_KEYS = ("dsn", "index_password", "ray_token")  # what lap_secrets in cluster.yaml exports
 MIN_FREE_FRACTION = 0.2  # below this, a check of free storage fails: growth needs time to act
+# Major versions of OpenSearch whose APIs LAP's index uses (composable templates, create-only bulk, delete by
+# query, scroll) as tested: the local engine is OPENSEARCH_VERSION
+SUPPORTED_OPENSEARCH = ("2",)
 
 
 @dataclass
@@ -231,17 +234,16 @@ class Preflight:
         client = open_opensearch(self.settings)
         try:
             info = await client.info()
-            try:
-                stats = await client.nodes.stats(metric="fs")
-            except Exception:  # the stand-in keeps everything in memory and has no disk to report
-                if self._local():
-                    return "ok", f"OpenSearch {info['version']['number']}; free storage: the stand-in reports none"
-                raise
+            stats = await client.nodes.stats(metric="fs")
         finally:
             await client.close()
         disks = [n.get("fs", {}).get("total", {}) for n in stats.get("nodes", {}).values()]
         disks = [(d.get("available_in_bytes", 0), d["total_in_bytes"]) for d in disks if d.get("total_in_bytes")]
         version = info["version"]["number"]
+        engine = info["version"].get("distribution", "elasticsearch")
+        if engine != "opensearch" or version.split(".")[0] not in SUPPORTED_OPENSEARCH:
+            return "FAIL", (f"{engine} {version}: LAP's index needs OpenSearch {' or '.join(SUPPORTED_OPENSEARCH)}.x "
+                            f"(tested on {OPENSEARCH_VERSION}); choose that engine version for the domain")
         if not disks:
             return "FAIL", f"OpenSearch {version}: its nodes report no disk"
         free, total = min(disks, key=lambda d: d[0] / d[1])  # the fullest node blocks writes first

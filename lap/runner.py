@@ -312,6 +312,9 @@ def start_ray(settings: Settings) -> None:
     # Ray starts its workers at nice 15, below the stand-ins; the ingest replicas must not wait behind them.
     # The processing actors make themselves background work instead (process.background_cpu).
     os.environ.setdefault("RAY_worker_niceness", "0")
+    # Serve's controller wakes every 0.1 s by default: a fifth of Ray's idle CPU on one machine. Twice a second is
+    # often enough for its health checks and autoscaling here (docs/decisions.md, "The whole box").
+    os.environ.setdefault("RAY_SERVE_CONTROL_LOOP_INTERVAL_S", "0.5")
     for name, value in MALLOC_ENV.items():
         os.environ.setdefault(name, value)
     ray.init(

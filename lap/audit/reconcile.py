@@ -569,10 +569,7 @@ class Reconciler:
                   AND ($4::text IS NULL OR sensor = $4)""", window.tenant, window.start, window.end, window.sensor)
 
     def _index_query(self, window: Window) -> dict[str, Any]:
-        filters: list[dict] = [
-            {"term": {"tenant": window.tenant}},
-            {"range": {"received_at": {"gte": _iso(window.start), "lt": _iso(window.end)}}},
-        ]
+        filters: list[dict] = [{"range": {"received_at": {"gte": _iso(window.start), "lt": _iso(window.end)}}}]
         if window.sensor:
             filters.append({"term": {"sensor": window.sensor}})
         return {"bool": {"filter": filters}}

@@ -40,6 +40,7 @@ import orjson
 from lap import metrics
 from lap.audit.receipts import StageTally, encode_receipts, receipt_key
 from lap.buckets import hour_of, parse_time
+from lap.caliper import iri_of
 from lap.process.aggregate import Aggregates, aggregate_records
 from lap.process.dedup import DedupStore, fingerprints, to_bytes
 from lap.process.leases import Lease
@@ -121,7 +122,11 @@ def dead_letter_key(settings: Settings, tenant: str | None, moment: datetime, sh
 
 
 def archive_line(record: Decoded, shard_id: str) -> bytes:
-    meta = dict(record.meta, shard_id=shard_id, sequence_number=str(record.sequence), position=record.position)
+    """The event with its metadata, which also carries the IRIs the index needs of the item (so the index writer
+    reads the metadata alone: lap.sinks.archive.read_metas)."""
+    item = record.item
+    meta = dict(record.meta, shard_id=shard_id, sequence_number=str(record.sequence), position=record.position,
+                actor=iri_of(item.get("actor")), object=iri_of(item.get("object")))
     if record.raw_item is not None:  # the same bytes as orjson would make of the item, without making them
         return b'{"meta":' + orjson.dumps(meta) + b',"item":' + record.raw_item + b"}"
     return orjson.dumps({"meta": meta, "item": record.item})

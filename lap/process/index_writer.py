@@ -16,6 +16,7 @@ import logging
 import os
 import time
 from collections import Counter
+from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
@@ -31,7 +32,7 @@ from lap.buckets import parse_time
 from lap.caliper import iri_of
 from lap.process import run_in_background
 from lap.settings import Settings, load_settings
-from lap.sinks.archive import read_object
+from lap.sinks.archive import read_metas
 from lap.sinks.index import document_id, expire_documents, index_name
 from lap.stores import Stores
 
@@ -50,14 +51,21 @@ def document(line: dict[str, Any], batch_id: int) -> dict[str, Any]:
     """The searchable fields of an archived event and where the whole event is: its batch's archive object.
 
     The event itself stays in the archive (GET /v1/events/{id} reads it from
-    there): a document is a few hundred bytes, not the event twice over.
+    there): a document is a few hundred bytes, not the event twice over. The
+    actor's and object's IRIs come from the line's meta (lap.sinks.archive.read_metas),
+    or from its item in lines written before the meta carried them.
     """
-    meta, item = line["meta"], line["item"]
-    learner, actor = meta.get("learner"), iri_of(item.get("actor"))
-    doc = {
-        "event_id": meta["event_id"], "tenant": meta["tenant"], "sensor": meta.get("sensor"),
+    meta = line["meta"]
+    if "actor" in meta:
+        actor, target = meta["actor"], meta["object"]
+    else:
+        item = line["item"]
+        actor, target = iri_of(item.get("actor")), iri_of(item.get("object"))
+    learner = meta.get("learner")
+    doc = {  # no tenant: the index is the tenant's
+        "event_id": meta["event_id"], "sensor": meta.get("sensor"),
         "type": meta.get("type"), "action": meta.get("action"), "learner": learner,
-        "actor": actor, "object": iri_of(item.get("object")), "course": meta.get("course"),
+        "actor": actor, "object": target, "course": meta.get("course"),
         "event_time": meta.get("event_time"), "received_at": meta.get("received_at"), "batch": batch_id,
     }
     if actor != learner:  # a grader, say: the source keeps it (`actor` itself is searchable, not stored)
@@ -65,6 +73,20 @@ def document(line: dict[str, Any], batch_id: int) -> dict[str, Any]:
     if document_id(doc["event_id"]) != doc["event_id"]:  # an id too long to be the document's own
         doc["event_iri"] = doc["event_id"]
     return doc
+
+
+async def by_shard(batches: list, index_shard) -> list[int]:
+    """Each shard's batches in order, the shards side by side: while OpenSearch indexes one shard's bulk, the next
+    shard's batch is read and made into documents (a shard's cursor moves one batch at a time, in order).
+    Every shard's work is awaited before an error is raised."""
+    shards: dict[str, list] = {}
+    for batch in batches:
+        shards.setdefault(batch["shard_id"], []).append(batch)
+    results = await asyncio.gather(*(index_shard(group) for group in shards.values()), return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+    return results
 
 
 class IndexOutage(Exception):
@@ -153,17 +175,19 @@ class IndexWriter:
                     ORDER BY b.shard_id, b.first_seq""", stream, LIVE_BATCHES_PER_SHARD)
         per_shard = Counter(batch["shard_id"] for batch in batches)
         self.live_behind = bool(per_shard) and max(per_shard.values()) >= LIVE_BATCHES_PER_SHARD
-        cursors: dict[str, Decimal | None] = {}
-        for batch in batches:
-            shard = batch["shard_id"]
-            cursor = cursors.get(shard, batch["cursor"])
-            try:
+
+        async def one_shard(batches_of_shard: list) -> int:
+            cursor = batches_of_shard[0]["cursor"]
+            for batch in batches_of_shard:
                 await self.index_batch(batch, cursor)
-            except CursorMoved:
-                log.info("index cursor of shard %s was reset; indexing again from it", shard)
-                return 1
-            cursors[shard] = batch["last_seq"]
-        return len(batches)
+                cursor = batch["last_seq"]
+            return len(batches_of_shard)
+
+        try:
+            return sum(await by_shard(batches, one_shard))
+        except CursorMoved:
+            log.info("an index cursor was reset; indexing again from it")
+            return 1
 
     async def backfill_once(self) -> int:
         """Index the next batches of an index rebuild (oldest first, behind the live cursors); returns how many.
@@ -188,17 +212,17 @@ class IndexWriter:
                 await conn.execute("DELETE FROM index_backfill WHERE stream = $1 AND shard_id = ANY($2)",
                                    stream, finished)
                 log.info("index rebuild of shards %s done", ", ".join(finished))
-        cursors: dict[str, Decimal | None] = {}
-        done = 0
-        for batch in (r for r in rows if r["id"] is not None):
-            shard = batch["shard_id"]
-            try:
-                await self.index_batch(batch, cursors.get(shard, batch["cursor"]), backfill=True)
-            except CursorMoved:
-                return done + 1
-            cursors[shard] = batch["last_seq"]
-            done += 1
-        return done
+        async def one_shard(batches_of_shard: list) -> int:
+            cursor = batches_of_shard[0]["cursor"]
+            for batch in batches_of_shard:
+                await self.index_batch(batch, cursor, backfill=True)
+                cursor = batch["last_seq"]
+            return len(batches_of_shard)
+
+        try:
+            return sum(await by_shard([r for r in rows if r["id"] is not None], one_shard))
+        except CursorMoved:
+            return 1
 
 
     async def index_batch(self, batch, cursor: Decimal | None, backfill: bool = False) -> None:
@@ -209,7 +233,7 @@ class IndexWriter:
         lines: list[dict[str, Any]] = []
         for key in keys:
             try:
-                lines.extend(await read_object(self.s3, self.settings, key))
+                lines.extend(await read_metas(self.s3, self.settings, key))
             except ClientError as exc:
                 if exc.response.get("Error", {}).get("Code") not in ("NoSuchKey", "404"):
                     raise
@@ -224,10 +248,12 @@ class IndexWriter:
             failures.extend((line["meta"]["tenant"], line["meta"]["event_id"], batch["id"], status, reason)
                             for line, status, reason in failed)
         counts = StageTally()
+        times: dict[str, datetime] = {}  # a stream record's events share their receipt time
         for line in indexed:
             meta = line["meta"]
-            counts.count(meta["tenant"], meta.get("sensor"), batch["shard_id"], parse_time(meta["received_at"]),
-                         "indexed")
+            text = meta["received_at"]
+            received = times.get(text) or times.setdefault(text, parse_time(text))
+            counts.count(meta["tenant"], meta.get("sensor"), batch["shard_id"], received, "indexed")
         async with self.pool.acquire() as conn, conn.transaction():
             if failures:
                 await conn.executemany(
@@ -285,14 +311,20 @@ async def bulk_index(search, settings: Settings, lines: list[dict[str, Any]], ba
     existing: list[dict] = []
     refused: list[tuple[dict, int, str]] = []
     delay = settings.process.index_retry_s
+    actions: dict[str, bytes] = {}  # the start of a create action, per tenant
     for attempt in range(ITEM_RETRIES + 1):
         body = bytearray()
         for line in pending:
             meta = line["meta"]
-            body += orjson.dumps({"create": {"_index": index_name(settings, meta["tenant"]),
-                                             "_id": document_id(meta["event_id"])}})
-            body += b"\n" + orjson.dumps(document(line, batch_id)) + b"\n"
-        reply = await search.bulk(body=bytes(body))
+            tenant = meta["tenant"]
+            action = actions.get(tenant)
+            if action is None:
+                action = actions[tenant] = b'{"create":{"_index":' + orjson.dumps(index_name(settings, tenant)) \
+                    + b',"_id":'
+            body += action + orjson.dumps(document_id(meta["event_id"])) + b"}}\n"
+            body += orjson.dumps(document(line, batch_id)) + b"\n"
+        # each item's status and error only: OpenSearch writes less, and the client parses less
+        reply = await search.bulk(body=bytes(body), params={"filter_path": "items.*.status,items.*.error"})
         retry: list[dict] = []
         for line, result in zip(pending, reply["items"]):
             outcome = next(iter(result.values()))

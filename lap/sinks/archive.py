@@ -17,6 +17,7 @@ import orjson
 from botocore.exceptions import ClientError
 
 from lap.settings import Settings
+from lap.stream.record_format import line_meta
 
 # What LAP does under each prefix of the bucket (fields of ArchiveSettings), besides listing it (s3:ListBucket
 # on the bucket). deploy/iam-policy.json grants exactly this (tests/test_deploy_config.py checks both ways), and
@@ -57,10 +58,28 @@ async def put_object(s3: Any, settings: Settings, key: str, body: bytes) -> None
 
 async def read_object(s3: Any, settings: Settings, key: str) -> list[dict[str, Any]]:
     """An object's lines, parsed: {"meta": ..., "item": ...} each."""
+    return [orjson.loads(line) for line in await _read_lines(s3, settings, key)]
+
+
+async def read_metas(s3: Any, settings: Settings, key: str) -> list[dict[str, Any]]:
+    """An object's lines with their `meta` alone, for the index writer: a tenth of the parsing.
+
+    A line is `{"meta": {...}, "item": {...}}`, meta first (LAP writes it so),
+    and its meta carries the actor's and the object's IRIs (`actor`,
+    `object`). Lines written before it did are parsed whole, their item kept.
+    """
+    lines = []
+    for line in await _read_lines(s3, settings, key):
+        meta = line_meta(line)
+        lines.append({"meta": meta} if meta is not None and "actor" in meta else orjson.loads(line))
+    return lines
+
+
+async def _read_lines(s3: Any, settings: Settings, key: str) -> list[bytes]:
     reply = await s3.get_object(Bucket=settings.archive.bucket, Key=key)
     async with reply["Body"] as body:
         data = await body.read()
-    return [orjson.loads(line) for line in gzip.decompress(data).splitlines() if line]
+    return [line for line in gzip.decompress(data).splitlines() if line]
 
 
 async def ensure_bucket(s3: Any, settings: Settings) -> None:

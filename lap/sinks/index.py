@@ -20,6 +20,9 @@ TEMPLATE_VERSION = 3
 # Lucene refuses a term over 32,766 bytes, and with it the whole document: a longer IRI (up to 4 bytes a
 # character) is kept in the document's source but not made searchable.
 KEYWORD = {"type": "keyword", "ignore_above": 8191}
+# Fields only filtered on need no doc values (those serve sorts and aggregations): a quarter less of
+# OpenSearch's CPU per document (docs/decisions.md, "Index on a real OpenSearch").
+FILTERED = {**KEYWORD, "doc_values": False}
 # One replica where there is a second node to hold it (Amazon OpenSearch Service), none on a single node (the
 # local one), which is then green rather than yellow.
 INDEX_SETTINGS = {"number_of_shards": 1, "auto_expand_replicas": "0-1", "refresh_interval": "5s"}
@@ -34,25 +37,26 @@ def events_template(settings: Settings) -> dict[str, Any]:
             "settings": INDEX_SETTINGS,
             "mappings": {
                 "dynamic": "strict",
-                # searchable, but not stored again in the source: the id is the document's `_id`, the tenant
-                # its index's, and the actor is the learner unless `actor_iri` says otherwise
+                # searchable, but not stored again in the source: the id is the document's `_id`, and the
+                # actor is the learner unless `actor_iri` says otherwise
                 "_source": {"excludes": ["event_id", "tenant", "actor"]},
                 "properties": {
-                    "event_id": keyword,
-                    "tenant": keyword,
-                    "sensor": keyword,
-                    "type": keyword,
-                    "action": keyword,
-                    "learner": keyword,
-                    "actor": keyword,
-                    "object": keyword,
-                    "course": keyword,
+                    "event_id": {"type": "keyword", "index": False},  # sorts (a search's tie-break) only
+                    "sensor": FILTERED,
+                    "type": FILTERED,
+                    "action": FILTERED,
+                    "learner": keyword,  # counted distinct per course
+                    "actor": FILTERED,
+                    "object": FILTERED,
+                    "course": FILTERED,
                     "event_time": {"type": "date"},
                     "received_at": {"type": "date"},
                     "batch": {"type": "long", "index": False},
                     "actor_iri": {"type": "keyword", "index": False, "doc_values": False},
                     "event_iri": {"type": "keyword", "index": False, "doc_values": False},
-                    # version 1 documents only (the whole event, and the fields no query used)
+                    # older documents only: the tenant (each tenant has its own index), the whole event (version
+                    # 1), and fields no query used
+                    "tenant": keyword,
                     "object_type": keyword,
                     "shard": keyword,
                     "sequence": keyword,
@@ -109,12 +113,15 @@ async def ensure_templates(client: AsyncOpenSearch, settings: Settings) -> None:
         if versions and max(versions) >= TEMPLATE_VERSION:
             return
     await client.indices.put_index_template(name=name, body=events_template(settings))
-    if await has_event_indices(client, settings):  # indices made by an older template get what changed since
+    if await has_event_indices(client, settings):  # indices made by an older template get what may change
         template = events_template(settings)["template"]
         fields = template["mappings"]["properties"]
-        await client.indices.put_mapping(index=f"{name}-*", body={"properties": {
-            field: fields[field] for field in fields
-            if fields[field] is KEYWORD or field in ("batch", "actor_iri", "event_iri")}})
+        # a field's indexing and doc values stay as they were made by template 1 or 2 (a later version must not
+        # put these on indices of version 3); new fields and `ignore_above` are taken
+        older = {field: KEYWORD for field in ("event_id", "tenant", "sensor", "type", "action", "learner", "actor",
+                                             "object", "course", "object_type", "shard", "sequence")}
+        await client.indices.put_mapping(index=f"{name}-*", body={"properties": older | {
+            field: fields[field] for field in ("batch", "actor_iri", "event_iri")}})
         await client.indices.put_settings(index=f"{name}-*", body={"index": {
             key: value for key, value in template["settings"].items() if key != "number_of_shards"}})
 

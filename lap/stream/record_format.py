@@ -79,7 +79,14 @@ def decode(data: bytes) -> list[tuple[dict[str, Any], dict[str, Any]]]:
     return [(meta, item) for meta, item, _ in decode_lines(data)]
 
 
-_ITEM = b',"item":'
+_META, _ITEM = b'{"meta":', b',"item":'
+
+
+def line_meta(line: bytes) -> dict[str, Any] | None:
+    """The meta of a line `{"meta": {...}, "item": {...}}` LAP wrote, without parsing the item (None if the
+    layout is another's); see _raw_item for why the first `,"item":` is the end of the meta."""
+    at = line.find(_ITEM)
+    return orjson.loads(line[len(_META):at]) if at > 0 and line.startswith(_META) else None
 
 
 def _raw_item(line: bytes) -> bytes | None:

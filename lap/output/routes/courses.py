@@ -116,7 +116,7 @@ async def course_activity(
             start, end = next_midnight(start, local), next_midnight(end, local)
         interval = {"calendar_interval": "1d"} if granularity == "day" else {"fixed_interval": "1h"}
         body = {"size": 0, "query": {"bool": {"filter": [
-                    {"term": {"tenant": tenant}}, {"term": {"course": course}},
+                    {"term": {"course": course}},
                     {"range": {"event_time": {"gte": as_utc("start", start).isoformat(),
                                                "lt": as_utc("end", end).isoformat()}}}]}},
                 "aggs": {"buckets": {"date_histogram": {"field": "event_time", "time_zone": tz,
