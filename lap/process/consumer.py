@@ -21,6 +21,7 @@ import time
 from datetime import datetime, timezone
 from typing import Any
 
+import aiohttp
 import ray
 from botocore.exceptions import ClientError
 
@@ -80,6 +81,9 @@ class ShardReader:
         if self.iterator is None:
             self.iterator = await self._iterator()
         delay = self.settings.process.idle_poll_s
+        # transport errors are asked again for this long: with the lease renewed every third of its life before
+        # the read, it cannot lapse meanwhile
+        give_up_at = time.monotonic() + self.settings.process.lease_ttl_s / 2
         while True:
             try:
                 reply = await self.records.get_records(self.iterator, self.settings.process.get_records_limit)
@@ -91,8 +95,15 @@ class ShardReader:
                     continue
                 if code not in RETRIABLE_READ:
                     raise
-                await asyncio.sleep(delay * (0.5 + random.random()))
-                delay = min(delay * 2, self.settings.process.max_poll_s)
+            except (OSError, aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                # a connection the stream closed under the call, or the stream away for a moment: a read is
+                # asked again with the same iterator (it changes nothing), rather than the consumer restarted
+                if time.monotonic() > give_up_at:
+                    raise
+                log.warning("shard %s: GetRecords failed (%s: %s); asking again", self.shard_id,
+                            type(exc).__name__, exc)
+            await asyncio.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, self.settings.process.max_poll_s)
         records = [StreamRecord.from_get_records(r) for r in reply.get("Records", [])]
         self.lag_ms = reply.get("MillisBehindLatest")
         self.iterator = reply.get("NextShardIterator")

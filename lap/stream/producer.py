@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import aiohttp
 from botocore.exceptions import BotoCoreError, ClientError
 
 from lap import metrics
@@ -221,7 +222,8 @@ class Producer:
             if code in _PERMANENT:
                 raise StreamRejected(f"Kinesis refused PutRecords: {code}: {exc}") from exc
             return batch, f"{code or type(exc).__name__}"
-        except (BotoCoreError, OSError, asyncio.TimeoutError) as exc:
+        except (BotoCoreError, OSError, aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            # the stream away, or a connection it closed under the call (aiohttp's are not all OSErrors)
             return batch, f"{type(exc).__name__}: {exc}"
         failed: list[int] = []
         error = ""

@@ -17,6 +17,12 @@ const server = kinesalite({
   shardLimit: Number(shardLimit || 64),
 });
 
+// Node closes a connection idle for 5 s by default, and a client that sends on it at that moment (a
+// consumer or an ingest replica slowed by a busy machine) gets a reset: keep connections for longer than
+// clients keep them idle.
+server.keepAliveTimeout = 65000;
+server.headersTimeout = 66000;
+
 server.listen(Number(port), host, () => {
   console.log(`kinesalite listening on ${host}:${port}, data in ${dataDir}`);
 });
