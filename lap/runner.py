@@ -294,8 +294,8 @@ def protect_ray_token() -> None:
 
 # glibc's allocator settings for Ray's processes (they inherit them from the raylet). With glibc's defaults the
 # shard consumers' memory crept up by ~150 bytes per event processed for as long as a soak ran (numpy arrays of
-# growing sizes left in the heap, one arena per busy thread); with these it stays within the soak's 10% (README,
-# "Soak"; docs/decisions.md, "Memory"). cluster.yaml exports the same for `ray start`.
+# growing sizes left in the heap, one arena per busy thread); with these it stays within the 10% that
+# `benchmarks/box.py sustained` judges (docs/decisions.md, "Memory"). cluster.yaml exports the same for `ray start`.
 MALLOC_ENV = {"MALLOC_ARENA_MAX": "2", "MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
 
 

@@ -94,6 +94,34 @@ async def test_a_clean_window_is_complete(settings, audited):
     assert quarantine["entries"][0]["problems"]
 
 
+async def test_events_on_their_way_are_not_complete_yet(lap_up, settings, db, ray_driver):
+    """With the index writer frozen, archived events wait for the index: nothing is missing, but the window is not
+    complete, in the API and the command line (exit 3), until they are indexed; `--wait` waits for that."""
+    import signal
+
+    from lap.process.index_writer import INDEX_WRITER
+
+    started = datetime.now(timezone.utc)
+    tenant, sensor = new_tenant(lap_up)
+    reader = key(lap_up, tenant, "reader")
+    writer = ray_driver.get(ray_driver.get_actor(INDEX_WRITER).pid.remote(), timeout=30)
+    os.kill(writer, signal.SIGSTOP)
+    try:
+        send(settings, sensor, envelopes(make_events(200)))
+        await wait_for(db, tenant, {"accepted": 200, "archived": 200, "aggregated": 200})
+        report = await reconcile(settings, reader, started)
+        assert (report["index_pending"], report["indexed"], report["missing"]["index"]) == (200, 0, 0), report
+        assert report["nothing_missing"] is True and report["complete"] is False
+        span = ["--start", window(started)["start"], "--end", window(started)["end"]]
+        waiting = run_lap("reconcile", "--tenant", tenant, *span, config=lap_up.config, check=False)
+        assert waiting.returncode == 3 and "nothing missing so far" in waiting.stdout, waiting.stdout
+    finally:
+        os.kill(writer, signal.SIGCONT)
+    settled = run_lap("reconcile", "--tenant", tenant, *span, "--wait", "120", "--json", config=lap_up.config,
+                      timeout=200)
+    assert json.loads(settled.stdout)["complete"] is True
+
+
 async def test_reconcile_finds_each_loss_by_id(settings, audited, db, ray_driver):
     tenant, reader = audited["tenant"], audited["reader"]
     ids = sorted(e["id"] for e in audited["events"])
@@ -595,7 +623,7 @@ async def test_sigkill_of_an_ingest_replica_under_load_loses_no_acceptance(lap_u
     finally:
         sensor.stop.set()
     assert not sensor.is_alive() and len(sensor.acknowledged) == 3000
-    await wait_for(db, tenant, {"archived": 3000, "aggregated": 3000}, timeout=180)
+    await wait_for(db, tenant, {"archived": 3000, "aggregated": 3000, "indexed": 3000}, timeout=180, settings=settings)
     report = await reconcile(settings, key(lap_up, tenant, "reader"), started)
     assert report["accepted"] - report["duplicates"] == 3000, report
     assert report["complete"] is True and report["pending"] == 0, report

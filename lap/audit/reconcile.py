@@ -152,6 +152,10 @@ class Trail:
     hour_index: np.ndarray  # its copy's received hour, in hours since the epoch
     chosen_ids: np.ndarray  # the ids (str objects), in the order of `chosen`
     dead: np.ndarray  # not stored, and its copy is in a dead-lettered record not replayed yet
+    # not stored yet: its copy's record is past its shard's checkpoint, so the batch that read it has not
+    # committed (its receipts are written first) and the shard's consumer stores it, or reads it again
+    in_flight: np.ndarray
+    in_flight_copies: int  # copies read by such batches (the accepted counters do not hold them yet)
 
     def __len__(self) -> int:
         return len(self.chosen)
@@ -326,7 +330,11 @@ class Reconciler:
         async with self.pool.acquire() as conn:
             result.quarantined = await self._quarantined(conn, window)
             result.pending = await self._pending(conn, window)  # acknowledged, not read by the consumers yet
-        result.accepted = trail.copies + result.pending
+        # The counters' pending (acknowledged less what committed batches read) also holds the copies read by
+        # batches not committed yet, which the receipts hold too: those are in flight, the rest not read yet.
+        unread = max(0, result.pending - trail.in_flight_copies)
+        result.accepted = trail.copies + unread
+        result.pending = unread + int(trail.in_flight.sum())
         result.duplicates = trail.copies - len(trail)
         result.describes = int(trail.receipts.describe[trail.chosen].sum())
         result.aggregated = int(trail.stored.sum())
@@ -354,7 +362,8 @@ class Reconciler:
                 start = after.get(stage, "")
                 return heapq.nsmallest(limit, (i for i in ids[mask] if i > start))
 
-            alive = ~trail.dead  # dead-lettered events are listed by /v1/audit/dead-letters, not as missing
+            # dead-lettered events are listed by /v1/audit/dead-letters, not as missing; those in flight are pending
+            alive = ~trail.dead & ~trail.in_flight
             result.missing_ids = {
                 "archive": listed(~trail.archived & alive, "archive"),  # not stored, or its object is gone
                 "aggregate": listed(~trail.stored & alive, "aggregate"),
@@ -371,7 +380,7 @@ class Reconciler:
         if not n:
             empty = np.zeros(0, dtype=bool)
             return Trail(receipts, np.zeros(0, np.int64), 0, empty, empty, np.zeros(0, np.int64), empty,
-                         np.zeros(0, np.int64), np.empty(0, dtype=object), empty)
+                         np.zeros(0, np.int64), np.empty(0, dtype=object), empty, empty, 0)
         chosen, id_array = _first_copies(receipts)
         chosen_ids = id_array[chosen]
         batch_of = await self._covering_batches(receipts, chosen)
@@ -394,8 +403,29 @@ class Reconciler:
             for k in np.flatnonzero(~stored) if open_letters else ():
                 i = chosen[k]
                 dead[k] = (receipts.shard(i), receipts.seq(i)) in open_letters
+        read_ahead = await self._read_ahead(receipts)
+        in_flight = read_ahead[chosen] & ~stored & ~dead
         return Trail(receipts, chosen, n - int(receipts.relayed.sum()), stored, archived, batch_of, index_pending,
-                     hour_index, chosen_ids, dead)
+                     hour_index, chosen_ids, dead, in_flight, int((read_ahead & ~receipts.relayed).sum()))
+
+    async def _read_ahead(self, receipts: Receipts) -> np.ndarray:
+        """Which copies are past their shard's checkpoint: read by a batch that has not committed yet (a consumer
+        writes a batch's receipts before its commit)."""
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch(
+                "SELECT shard_id, sequence_number, finished FROM shard_checkpoints WHERE stream = $1",
+                self.settings.stream.name)
+        checkpoints = {r["shard_id"]: (None if r["finished"] else -1 if r["sequence_number"] is None
+                                       else int(r["sequence_number"])) for r in rows}
+        ahead = np.zeros(len(receipts), dtype=bool)
+        for o, obj in enumerate(receipts.objects):
+            checkpoint = checkpoints.get(obj.shard, -1)
+            if checkpoint is None or obj.last <= checkpoint:  # a finished shard, or a committed range
+                continue
+            rows_of = np.flatnonzero(receipts.obj == o)
+            past = np.asarray([seq > checkpoint for seq in obj.seqs], dtype=bool)
+            ahead[rows_of] = past[receipts.record[rows_of]]
+        return ahead
 
     async def dead_letter_records(self, window: Window) -> set[tuple[str, int]]:
         """(shard, sequence number) of the window's dead-lettered records that no replay has stored yet."""

@@ -134,7 +134,7 @@ class Replayer:
     async def restore(self, replay_id: str, window: Window, trail: Trail, source: str) -> int:
         """Store the ids no batch stored: the dead-lettered ones from their dead-letter objects, the rest from
         `source`; then close the dead letters whose events are all stored now."""
-        missing = [int(k) for k in np.flatnonzero(~trail.stored)]
+        missing = [int(k) for k in np.flatnonzero(~trail.stored & ~trail.in_flight)]  # the live consumer stores those
         if not missing:
             return 0
         events = await self.from_dead_letters(window, {trail.id(k) for k in missing if trail.dead[k]})
