@@ -76,6 +76,10 @@ async def create_key(
             raise KeyRequestError(f"invalid sensor IRI {sensor!r}: give an absolute IRI such as https://lms.example.edu/sensor")
     if rate_per_s is not None and not rate_per_s > 0:
         raise KeyRequestError(f"invalid rate {rate_per_s!r}: give a number of requests per second above 0")
+    deleted = await conn.fetchval("SELECT deleted_at FROM tenants WHERE name = $1", tenant)
+    if deleted is not None:
+        raise KeyRequestError(f"tenant {tenant!r} was deleted on {deleted:%Y-%m-%d %H:%M} UTC, and its name is not "
+                              "given out again; choose another")
     key_id, token = new_token()
     async with conn.transaction():
         await conn.execute("INSERT INTO tenants (name) VALUES ($1) ON CONFLICT DO NOTHING", tenant)

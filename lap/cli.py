@@ -324,6 +324,41 @@ def keys_revoke(config_file: Path | None, key_id: str) -> None:
     click.echo(f"revoked key {key_id}", err=True)
 
 
+@main.group()
+def tenant() -> None:
+    """Tenants: delete one, with everything it holds."""
+
+
+@tenant.command("delete")
+@config_option
+@click.argument("name")
+@click.option("--yes", is_flag=True, help="do not ask for a confirmation")
+def tenant_delete(config_file: Path | None, name: str, yes: bool) -> None:
+    """Delete a tenant: revoke its keys, erase its events, figures, index and audit trail from every store, and
+    keep a tombstone of its counts. Its name is not given out again."""
+    from lap.audit.erasure import ErasureBusy, ErasureRefused, request_tenant_deletion, run_unless_elsewhere
+
+    settings = _settings(config_file)
+    if not yes:
+        click.confirm(f"Delete tenant {name} and everything it holds? This cannot be undone", abort=True)
+    progress = _progress_bars() or (lambda step, done, total: None)
+
+    async def work(stores):
+        row, created = await request_tenant_deletion(stores.pool, name, "cli")
+        return await run_unless_elsewhere(settings, stores.pool, stores.s3, stores.search, row, created, progress)
+
+    try:
+        row, job = _run_store_work(settings, work)
+    except (ErasureRefused, ErasureBusy) as exc:
+        raise click.ClickException(str(exc)) from None
+    if job is None:
+        click.echo(f"tenant {name} already deleted ({row['job_id']}, {row['status']})")
+        return
+    if job["status"] != "done":
+        raise click.ClickException(f"deletion {row['job_id']} stopped: {job['error']} (run it again to finish)")
+    click.echo(f"deleted tenant {name} ({row['job_id']}): " + ", ".join(f"{k} {v:,}" for k, v in job["counts"].items()))
+
+
 # --- reconcile / replay ------------------------------------------------------------
 
 
@@ -401,6 +436,8 @@ def _print_reconciliation(result) -> None:
     click.echo(f"archived {result.archived:,}  aggregated {result.aggregated:,}  indexed {result.indexed:,}")
     click.echo("missing  " + "  ".join(f"{stage} {n:,}" for stage, n in result.missing.items())
                + f"  retention_lost {result.retention_lost:,}  pending {result.pending:,}")
+    if result.erased:
+        click.echo(f"erased {result.erased:,}: events of erased learners, taken out of every stage (`lap erasures`)")
     if result.dead_lettered:
         click.echo(f"dead-lettered {result.dead_lettered:,}: in records a consumer could not process, kept aside "
                    "(GET /v1/audit/dead-letters says why); `lap replay` stores them once the cause is fixed")
@@ -508,6 +545,107 @@ def replay(config_file: Path | None, tenant: str, start: datetime, end: datetime
                   else "; NOT complete"))
     in_flight = after["nothing_missing"] and not after["dead_lettered"]
     sys.exit(EXIT_COMPLETE if after["complete"] else EXIT_IN_FLIGHT if in_flight else EXIT_MISSING)
+
+
+@main.command()
+@config_option
+@click.option("--tenant", required=True)
+@click.option("--learner", required=True, help="the learner's IRI, as the events name them")
+@click.option("--yes", is_flag=True, help="do not ask for a confirmation")
+def erase(config_file: Path | None, tenant: str, learner: str, yes: bool) -> None:
+    """Erase a learner: their events from the archive, the index, the aggregates and the receipts, for good.
+
+    A tombstone (the learner's hashed IRI, when, the counts) is kept, and their
+    events that arrive later are dropped. Running it again says it is done."""
+    from lap.audit.erasure import ErasureBusy, ErasureRefused, request_erasure, run_unless_elsewhere
+
+    settings = _settings(config_file)
+    if not yes:
+        click.confirm(f"Erase every event of {learner} in tenant {tenant}? This cannot be undone", abort=True)
+    progress = _progress_bars() or (lambda step, done, total: None)
+
+    async def work(stores):
+        row, created = await request_erasure(stores.pool, tenant, learner, "cli")
+        return await run_unless_elsewhere(settings, stores.pool, stores.s3, stores.search, row, created, progress)
+
+    try:
+        row, job = _run_store_work(settings, work)
+    except (ErasureRefused, ErasureBusy) as exc:
+        raise click.ClickException(str(exc)) from None
+    if job is None:
+        if row["status"] == "done":
+            click.echo(f"already erased by {row['job_id']} on {row['finished_at']:%Y-%m-%d %H:%M} UTC: nothing to do")
+        else:
+            click.echo(f"already being erased by {row['job_id']} (GET /v1/erasures/{row['job_id']} shows how far)")
+        return
+    if job["status"] != "done":
+        raise click.ClickException(f"erasure {row['job_id']} stopped: {job['error']} (it is resumed by the API, "
+                                   "or run `lap erase` again)")
+    counts = job["counts"]
+    click.echo(f"erased {counts.get('events', 0):,} events of the learner ({row['job_id']}): "
+               + ", ".join(f"{k} {v:,}" for k, v in counts.items() if k != "events"))
+
+
+@main.command()
+@config_option
+@click.option("--tenant", required=True)
+@click.option("--learner", required=True, help="the learner's IRI, as the events name them")
+@click.option("--out", "out_path", type=click.Path(dir_okay=False, writable=True, path_type=Path), default=None,
+              help="the file to write (default: standard output)")
+def export(config_file: Path | None, tenant: str, learner: str, out_path: Path | None) -> None:
+    """Write a learner's data as JSON lines: their archived events, then their aggregate rows, then a summary
+    (a subject-access request)."""
+    from lap.output.export import export_learner
+
+    settings = _settings(config_file)
+    progress = _progress_bars()
+    target = out_path.with_name(out_path.name + ".part") if out_path else None
+
+    async def work(stores):
+        out = target.open("wb") if target else sys.stdout.buffer
+        try:
+            return await export_learner(settings, stores.pool, stores.s3, tenant, learner, out, progress)
+        finally:
+            if target:
+                out.close()
+            else:
+                out.flush()
+
+    counts = _run_store_work(settings, work)
+    if not any(counts.values()):
+        if target:
+            target.unlink(missing_ok=True)
+        raise click.ClickException(f"LAP holds no data of {learner} in tenant {tenant}")
+    if target:
+        target.replace(out_path)  # whole, or not there
+        click.echo(f"wrote {counts['events']:,} events, {counts['learner_days']:,} learner-days and "
+                   f"{counts['learner_day_actions']:,} action rows to {out_path}", err=True)
+
+
+@main.command()
+@config_option
+@click.option("--tenant", required=True)
+@click.option("--json", "as_json", is_flag=True)
+def erasures(config_file: Path | None, tenant: str, as_json: bool) -> None:
+    """The tenant's erasures (tombstones): when, by which key, and what each store gave up."""
+    settings = _settings(config_file)
+
+    async def work(stores):
+        async with stores.pool.acquire() as conn:
+            return await conn.fetch("SELECT job_id, learner_hash, status, requested_at, requested_by, finished_at, "
+                                    "counts FROM erasures WHERE tenant = $1 ORDER BY id", tenant)
+
+    rows = _run_store_work(settings, work)
+    if as_json:
+        click.echo(json.dumps([dict(r, counts=json.loads(r["counts"])) for r in rows], indent=2, default=str))
+        return
+    if not rows:
+        click.echo(f"no erasures in tenant {tenant}")
+    for r in rows:
+        what = f"learner {r['learner_hash'][:16]}…" if r["learner_hash"] else "the whole tenant"
+        counts = json.loads(r["counts"])
+        click.echo(f"{r['job_id']}  {r['status']:<7}  {r['requested_at']:%Y-%m-%d %H:%M}  by {r['requested_by']}  "
+                   f"{what}  events {counts.get('events', 0):,}")
 
 
 @main.command()

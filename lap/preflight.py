@@ -79,6 +79,7 @@ class Preflight:
             ("iam", self.check_iam),
             ("kinesis", self.check_kinesis),
             ("s3", self.check_s3),
+            ("retention", self.check_retention),
             ("postgres", self.check_postgres),
             ("opensearch", self.check_opensearch),
             ("load balancer", self.check_target_group),
@@ -211,6 +212,55 @@ class Preflight:
             return "FAIL", f"bucket {bucket}: an object read back differs from what was written"
         return "ok", f"bucket {bucket}: an object written, read back and deleted"
 
+    async def check_retention(self) -> tuple[str, str]:
+        """The stream's retention and the bucket's lifecycle rules against the `retention` settings: S3 must not
+        delete sooner than LAP expects, nor the stream forget sooner than replays may need it."""
+        from lap.aws import open_client
+
+        r, a = self.settings.retention, self.settings.archive
+        problems, notes = [], []
+        async with AsyncExitStack() as stack:
+            kinesis = await open_client(stack, self.settings, "kinesis")
+            summary = (await kinesis.describe_stream_summary(StreamName=self.settings.stream.name))[
+                "StreamDescriptionSummary"]
+            hours = summary.get("RetentionPeriodHours", 24)
+            if hours != r.stream_hours:
+                problems.append(f"the stream keeps records {hours} h, retention.stream_hours says {r.stream_hours}")
+            s3 = await open_client(stack, self.settings, "s3")
+            try:
+                rules = (await s3.get_bucket_lifecycle_configuration(Bucket=a.bucket)).get("Rules", [])
+            except Exception as exc:
+                code = getattr(exc, "response", {}).get("Error", {}).get("Code", "")
+                if code != "NoSuchLifecycleConfiguration" and self.settings.mode == "aws":
+                    raise
+                rules = []
+                if code != "NoSuchLifecycleConfiguration":
+                    notes.append("lifecycle rules not checked (the local stand-in has none)")
+        expiring = {}
+        for rule in rules:
+            days = (rule.get("Expiration") or {}).get("Days")
+            if rule.get("Status") != "Enabled" or days is None:
+                continue
+            where = rule.get("Filter", {})
+            prefix = where.get("Prefix", where.get("And", {}).get("Prefix", rule.get("Prefix", "")))
+            for name, ours in (("archive", a.prefix), ("receipts", a.receipts_prefix),
+                               ("dedup", a.dedup_prefix), ("dead letters", a.dead_letter_prefix),
+                               ("quarantine", a.quarantine_prefix)):
+                if ours.startswith(prefix.rstrip("/")) or prefix.startswith(ours):
+                    expiring[name] = min(days, expiring.get(name, days))
+        wanted = {"archive": r.archive_days, "quarantine": r.quarantine_days}
+        for name, days in expiring.items():
+            if name not in wanted or wanted[name] is None:
+                problems.append(f"a lifecycle rule expires {name} objects after {days} days; LAP keeps them "
+                                f"{'for good' if name in wanted else 'itself'} (docs/retention.md)")
+            elif days < wanted[name]:
+                problems.append(f"a lifecycle rule expires {name} objects after {days} days, before "
+                                f"retention.{name}_days ({wanted[name]:g})")
+        if problems:
+            return "FAIL", "; ".join(problems)
+        return "ok", "; ".join([f"stream keeps {hours} h", *(f"S3 expires {k} after {v} days"
+                                                               for k, v in expiring.items()), *notes])
+
     async def check_postgres(self) -> tuple[str, str]:
         from lap.sinks.store import connect, load_migrations, schema_version
 
@@ -283,6 +333,7 @@ class Preflight:
             "iam": [self.secret_id, self.target_group, self.node_role, s.stream.name, s.archive.bucket],
             "kinesis": [s.stream.name, s.stream.endpoint_url],
             "s3": [s.archive.bucket, s.archive.endpoint_url],
+            "retention": [s.stream.name, s.stream.endpoint_url, s.archive.bucket, s.archive.endpoint_url],
             "postgres": [_without_password(s.db.dsn.get_secret_value()) if s.db.dsn else None],
             "opensearch": [s.index.url],
             "load balancer": [self.target_group],

@@ -14,6 +14,7 @@ OpenSearch URL must be set.
 from __future__ import annotations
 
 import os
+import warnings
 from datetime import datetime, timedelta, timezone
 from contextvars import ContextVar
 from pathlib import Path
@@ -81,10 +82,30 @@ class IndexSettings(Section):
     password: SecretStr | None = None
     index_prefix: str = "lap-events"
     verify_certs: bool = True
-    # Documents of events received longer ago are removed from the index, and a rebuild skips them (the archive
-    # keeps every event; a replay indexes any window again). Unset: 7 days in local mode, where the index shares
-    # one machine's disk, and no limit with AWS. 0: no limit.
-    retention_days: float | None = Field(None, ge=0)
+    # Moved to retention.index_days; still read from here (lap.settings moves it, and says so).
+    retention_days: float | None = Field(None, ge=0, exclude=True)
+
+
+class RetentionSettings(Section):
+    """How long each store keeps what, in one place; docs/retention.md has the table and the reasons. The sweeper
+    enforces what LAP deletes itself; `lap preflight` checks that the stream and the bucket's lifecycle rules agree.
+    Receipts are kept for process.dedup_window_s: reconcile looks at single events only within it."""
+
+    # Kinesis keeps records this long (24 h to 365 days): how long a lost batch can be replayed from the stream.
+    # Set when LAP creates the stream.
+    stream_hours: int = Field(24, ge=24, le=8760)
+    # The archive, the record of every event: unset keeps it for good.
+    archive_days: float | None = Field(None, gt=0)
+    # Documents of events received longer ago leave the index, and a rebuild skips them (a replay indexes any
+    # archived window again). Unset: 7 days in local mode, where the index shares one machine's disk; no limit
+    # with AWS. 0: no limit.
+    index_days: float | None = Field(None, ge=0)
+    # Refused requests kept for people to read (rows and payloads).
+    quarantine_days: float = Field(90, gt=0)
+    # Dead letters a replay has stored; open ones are kept until one does (their events are stored nowhere else).
+    dead_letter_days: float = Field(90, gt=0)
+    # The per-learner figures, by the day of the events: unset keeps them for good.
+    aggregates_days: float | None = Field(None, gt=0)
 
 
 class DbSettings(Section):
@@ -221,6 +242,7 @@ class Settings(BaseSettings):
     limits: LimitsSettings = LimitsSettings()
     caliper: CaliperSettings = CaliperSettings()
     process: ProcessSettings = ProcessSettings()
+    retention: RetentionSettings = RetentionSettings()
     ray: RaySettings = RaySettings()
     local: LocalSettings = LocalSettings()
 
@@ -241,6 +263,17 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _fill_endpoints(self) -> "Settings":
+        if self.index.retention_days is not None:  # the setting's old place
+            if self.retention.index_days is None:
+                self.retention.index_days = self.index.retention_days
+            self.index.retention_days = None
+            warnings.warn("index.retention_days is now retention.index_days; move it in your settings",
+                          FutureWarning, stacklevel=2)
+        archive_days = self.retention.archive_days
+        if archive_days and archive_days * 86400 <= self.process.dedup_window_s:
+            raise ValueError(f"retention.archive_days ({archive_days:g}) must be longer than process.dedup_window_s "
+                             f"({self.process.dedup_window_s / 86400:g} days): reconcile and replay read the archive "
+                             "within it")
         self.data_dir = self.data_dir.expanduser().resolve()
         if self.mode == "aws":
             missing = [name for name, value in (("LAP_DB__DSN", self.db.dsn), ("LAP_INDEX__URL", self.index.url)) if not value]
@@ -248,8 +281,8 @@ class Settings(BaseSettings):
                 raise ValueError(f"mode 'aws' needs {' and '.join(missing)} (or the same keys in the --config file)")
             return self
         local = self.local
-        if self.index.retention_days is None:
-            self.index.retention_days = LOCAL_INDEX_RETENTION_DAYS
+        if self.retention.index_days is None:
+            self.retention.index_days = LOCAL_INDEX_RETENTION_DAYS
         self.stream.endpoint_url = self.stream.endpoint_url or local_url(local.kinesis_port)
         self.archive.endpoint_url = self.archive.endpoint_url or local_url(local.s3_port)
         self.index.url = self.index.url or local_url(local.opensearch_port)
@@ -263,7 +296,7 @@ class Settings(BaseSettings):
 
     def index_cutoff(self, now: datetime | None = None) -> datetime | None:
         """Events received before this are past the index's retention (None: the index keeps everything)."""
-        days = self.index.retention_days
+        days = self.retention.index_days
         if not days:
             return None
         return (now or datetime.now(timezone.utc)) - timedelta(days=days)

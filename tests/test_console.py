@@ -7,6 +7,7 @@ key. Screenshots of each view go to $LAP_CONSOLE_SCREENSHOTS (`make screenshots`
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import os
 import shutil
@@ -298,3 +299,39 @@ async def test_a_lost_archive_object_is_flagged_then_replayed_from_the_page(brow
     shot(browser, "proof-replayed")
     report = get(settings, console_data["reader"], "/audit/reconcile", start=start, end=end).json()
     assert report["complete"] is True and report["archived"] == EVENTS, report
+
+
+async def test_an_erasure_shows_in_its_hours_and_in_the_tombstones(browser, settings, console_data, db):
+    """A learner erased: the Erasures view lists the tombstone with the API's counts, and each hour that held the
+    learner's events says how many were erased, and is still complete."""
+    reader, admin = console_data["reader"], console_data["admin"]
+    learner = get(settings, reader, "/learners", limit=1).json()["learners"][0]["learner"]
+    reply = httpx.delete(f"{settings.api_url}/v1/learners/{quote(learner, safe='')}", timeout=60,
+                         headers={"Authorization": f"Bearer {admin}"})
+    assert reply.status_code == 202, reply.text
+    job = reply.json()["id"]
+    for _ in range(240):
+        erasure = get(settings, reader, f"/erasures/{job}").json()
+        if erasure["status"] != "running":
+            break
+        await asyncio.sleep(0.5)
+    assert erasure["status"] == "done" and erasure["counts"]["events"] > 0, erasure
+
+    signed_in(browser, settings, reader)
+    open_view(browser, settings, "erasures", "#erasures tbody tr")
+    rows = table_rows(browser, "erasures")
+    assert [(r["Erasure"], r["Status"], number(r["Events"])) for r in rows] == [(job, "done", erasure["counts"]["events"])]
+    assert learner not in browser.find_element(By.ID, "view").text
+    shot(browser, "erasures")
+
+    start, end = proof_window(console_data)
+    open_view(browser, settings, f"proof/{start}/{end}", "#hours tbody tr")
+    hours = get(settings, reader, "/audit/hours", start=start, end=end, tz=browser_zone(browser)).json()["hours"]
+    shown = table_rows(browser, "hours")
+    assert [number(r["Erased"]) for r in shown] == [h["erased"] for h in hours]
+    assert sum(h["erased"] for h in hours) == erasure["counts"]["events"]
+    assert all(h["complete"] for h in hours if h["accepted"]), hours
+    row = browser.find_element(By.CSS_SELECTOR, f"#hours tr[data-hour='{next(h['hour'] for h in hours if h['erased'])}']")
+    row.find_element(By.TAG_NAME, "button").click()
+    said = wait(browser, lambda d: d.find_element(By.ID, "hour-erased").text)
+    assert "erased" in said and "not missing" in said

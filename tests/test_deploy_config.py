@@ -151,13 +151,15 @@ S3_ACTIONS = {
     "UploadPart": ["s3:PutObject"],
     "CompleteMultipartUpload": ["s3:PutObject"],
     "ListObjectVersions": ["s3:ListBucketVersions"],
+    "GetBucketLifecycleConfiguration": ["s3:GetLifecycleConfiguration"],  # lap preflight
 }
+BUCKET_ACTIONS = {"s3:ListBucket", "s3:GetLifecycleConfiguration"}  # on the bucket, not its objects
 S3_SAME_NAME = {"GetObject", "PutObject", "DeleteObject", "CreateBucket", "GetBucketLocation",
                 "AbortMultipartUpload"}
 
 # Called by lap.provision only when the resource is missing. The operator creates both
 # (docs/operations.md) with the chosen shard count and settings; the nodes may not.
-OPERATOR_ONLY = {"kinesis:CreateStream", "s3:CreateBucket"}
+OPERATOR_ONLY = {"kinesis:CreateStream", "kinesis:IncreaseStreamRetentionPeriod", "s3:CreateBucket"}
 
 
 def iam_actions(service: str, operation: str) -> list[str]:
@@ -192,7 +194,7 @@ def expected_resource(action: str, object_prefix: str | None = None) -> str:
     service = action.split(":")[0]
     if service == "kinesis":
         return f"arn:aws:kinesis:{region()}:{account_id()}:stream/{NODE_SETTINGS['stream']['name']}"
-    if action == "s3:ListBucket":
+    if action in BUCKET_ACTIONS:
         return f"arn:aws:s3:::{bucket}"
     if service == "s3":
         prefix = object_prefix or ArchiveSettings().prefix
@@ -447,7 +449,13 @@ def test_node_settings_load_and_hold_no_secret(monkeypatch):
     # the index keeps what docs/capacity.md sizes the domain for, and no more
     capacity = (REPO / "docs" / "capacity.md").read_text()
     days = int(re.search(r"the index keeps (\d+) days", capacity)[1])
-    assert settings.index.retention_days == days and settings.index_cutoff() is not None
+    assert settings.retention.index_days == days and settings.index_cutoff() is not None
+    # the stream and the bucket as the guide and the lifecycle file make them (lap preflight checks the real ones)
+    guide = (REPO / "docs" / "operations.md").read_text()
+    assert settings.retention.stream_hours == int(re.search(r"--retention-period-hours (\d+)", guide)[1])
+    lifecycle = json.loads((DEPLOY / "s3-lifecycle.json").read_text())["Rules"]
+    expiry = {rule["Filter"].get("Prefix"): rule["Expiration"]["Days"] for rule in lifecycle if "Expiration" in rule}
+    assert expiry == {f"{settings.archive.quarantine_prefix}/": settings.retention.quarantine_days}
     # a domain's VPC endpoint (the guide's lookup gives "None" before the domain is ready)
     assert re.fullmatch(rf"https://vpc-[a-z0-9-]+\.{re.escape(region())}\.es\.amazonaws\.com", settings.index.url), \
         settings.index.url
@@ -570,7 +578,7 @@ def test_node_policy_allows_every_kinesis_and_s3_call_lap_makes():
             needed.update(iam_actions(service, operation))
     assert {"kinesis:PutRecords", "kinesis:GetRecords", "s3:PutObject"} <= needed, "the scan found too little"
     declared = {action for actions in OBJECT_ACTIONS.values() for action in actions}
-    object_actions = {a for a in needed - OPERATOR_ONLY if a.startswith("s3:") and a != "s3:ListBucket"}
+    object_actions = {a for a in needed - OPERATOR_ONLY if a.startswith("s3:") and a not in BUCKET_ACTIONS}
     assert object_actions == declared, f"called {sorted(object_actions)}, declared {sorted(declared)}"
     missing = []
     for action in sorted(needed - OPERATOR_ONLY - declared):

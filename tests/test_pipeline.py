@@ -594,8 +594,8 @@ async def test_documents_past_the_index_retention_are_removed(settings):
     from lap.sinks.index import expire_documents
 
     prefix = f"lap-expiry-{uuid.uuid4().hex[:8]}"
-    kept = settings.model_copy(update={"index": settings.index.model_copy(
-        update={"index_prefix": prefix, "retention_days": 2.0})})
+    kept = settings.model_copy(update={"index": settings.index.model_copy(update={"index_prefix": prefix}),
+                                       "retention": settings.retention.model_copy(update={"index_days": 2.0})})
     search = open_opensearch(settings)
     try:
         now = datetime.now(timezone.utc)
@@ -606,7 +606,7 @@ async def test_documents_past_the_index_retention_are_removed(settings):
         await search.indices.refresh(index=f"{prefix}-t")
         left = (await search.search(index=f"{prefix}-t", body={"query": {"match_all": {}}}))["hits"]["hits"]
         assert sorted(h["_id"] for h in left) == ["1", "2"]
-        no_limit = kept.model_copy(update={"index": kept.index.model_copy(update={"retention_days": 0})})
+        no_limit = kept.model_copy(update={"retention": kept.retention.model_copy(update={"index_days": 0})})
         assert await expire_documents(search, no_limit) == 0
     finally:
         await search.indices.delete(index=f"{prefix}-*", params={"ignore_unavailable": "true"})

@@ -13,7 +13,7 @@ from tests.support.stack import LAP, run_lap
 from lap.local.ports import free_ports
 
 REPO = Path(__file__).resolve().parent.parent
-CHECKS = ["settings", "placeholders", "secret", "iam", "kinesis", "s3", "postgres", "opensearch", "load balancer"]
+CHECKS = ["settings", "placeholders", "secret", "iam", "kinesis", "s3", "retention", "postgres", "opensearch", "load balancer"]
 
 
 def lines_of(output: str) -> dict[str, tuple[str, str]]:

@@ -32,6 +32,7 @@ import asyncpg
 import numpy as np
 import orjson
 
+from lap.audit.tombstones import erased_id
 from lap.buckets import minute_of
 
 log = logging.getLogger("lap.receipts")
@@ -132,19 +133,22 @@ _MICROSECOND = datetime(1970, 1, 1, 0, 0, 0, 1, tzinfo=timezone.utc) - _EPOCH
 
 
 def encode_receipts(tenant: str, shard_id: str, first: int, last: int, copies: list[Any],
-                    duplicate: list[bool], forwarded: list[bool] | None = None) -> bytes:
+                    duplicate: list[bool], forwarded: list[bool] | None = None,
+                    erased: list[bool] | None = None) -> bytes:
     """One receipt object: `copies` are decoded events (lap.process.batch.Decoded) of one tenant and hour.
 
     `forwarded`: copies this shard put back into the stream for the shard that owns their learner (that shard
     decides whether they are stored); copies that are such a forward (`relayed`) are no new acceptance.
+    `erased`: copies of an erased learner's events, named by their fingerprint, not their id.
     """
+    erased = erased or [False] * len(copies)
     seqs: dict[int, int] = {}
     requests: dict[str, int] = {}
     sensors: dict[str, int] = {}
     event_id, record, position, received, request, sensor, describe, relayed = [], [], [], [], [], [], [], []
-    for copy in copies:
+    for copy, gone in zip(copies, erased):
         meta = copy.meta
-        event_id.append(meta["event_id"])
+        event_id.append(erased_id(tenant, meta["event_id"]) if gone else meta["event_id"])
         record.append(seqs.setdefault(copy.sequence, len(seqs)))
         position.append(copy.position)
         received.append(micros(copy.received_at))
@@ -250,3 +254,28 @@ def decode_receipts(blobs: list[bytes]) -> Receipts:
     return Receipts(objects, ids, cat("obj", np.int64), cat("record", np.int64), cat("position", np.int64),
                     cat("received_us", np.int64), cat("sensor", object), cat("describe", bool),
                     cat("duplicate", bool), cat("forwarded", bool), cat("relayed", bool))
+
+
+async def rewrite_receipts(s3: Any, settings: Any, tenant: str, hour: datetime, shard_id: str, first: int, last: int,
+                           event_ids: set[str]) -> int:
+    """Name these events by their fingerprint instead of their id in the receipt objects of one batch, tenant and
+    hour (an erasure); returns how many copies were renamed. A receipt past the dedup window is gone already."""
+    bucket = settings.archive.bucket
+    prefix = f"{hour_prefix(settings.archive.receipts_prefix, tenant, hour)}shard={shard_id}/{first}-{last}."
+    renamed = 0
+    paginator = s3.get_paginator("list_objects_v2")
+    async for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
+        for entry in page.get("Contents", []):
+            reply = await s3.get_object(Bucket=bucket, Key=entry["Key"])
+            async with reply["Body"] as body:
+                doc = orjson.loads(gzip.decompress(await body.read()))
+            ids = doc["event_id"]
+            here = [i for i, event_id in enumerate(ids) if event_id in event_ids]
+            for i in here:
+                ids[i] = erased_id(tenant, ids[i])
+            if here:
+                await s3.put_object(Bucket=bucket, Key=entry["Key"],
+                                    Body=gzip.compress(orjson.dumps(doc), compresslevel=3, mtime=0),
+                                    ContentType="application/json", ContentEncoding="gzip")
+            renamed += len(here)
+    return renamed

@@ -34,7 +34,9 @@ import numpy as np
 
 from lap.audit.receipts import ReceiptObject, Receipts, decode_receipts, hour_prefix, micros
 from lap.audit.shards import consumers_reached
+from lap.audit.tombstones import ERASED_PREFIX, signed64
 from lap.buckets import hour_of, minute_of
+from lap.process.dedup import fingerprint
 from lap.settings import Settings
 from lap.sinks.archive import keys_in_s3, read_object
 from lap.sinks.index import document_id, index_name
@@ -91,7 +93,8 @@ class Reconciliation:
     missing: dict[str, int] = field(default_factory=dict)
     retention_lost: int = 0
     dead_lettered: int = 0  # in records a consumer could not process and kept aside: not missing, not complete
-    index_expired: int = 0  # archived before index.retention_days: no longer expected in the index
+    erased: int = 0  # events of erased learners: taken out of every stage, on purpose (lap.audit.erasure)
+    index_expired: int = 0  # archived before retention.index_days: no longer expected in the index
     # no event is missing from any stage so far; some may still be on their way (pending, index_pending)
     nothing_missing: bool = False
     # every accepted event is in every stage it is expected in: nothing missing, nothing on its way, nothing
@@ -108,7 +111,7 @@ class Reconciliation:
         return out
 
     def finish(self) -> "Reconciliation":
-        expected = self.accepted - self.duplicates - self.pending - self.dead_lettered
+        expected = self.accepted - self.duplicates - self.pending - self.dead_lettered - self.erased
         self.missing = {"archive": max(0, expected - self.archived), "aggregate": max(0, expected - self.aggregated),
                         "index": max(0, expected - self.indexed - self.index_pending - self.index_expired)}
         self.nothing_missing = not any(self.missing.values())
@@ -156,6 +159,7 @@ class Trail:
     # committed (its receipts are written first) and the shard's consumer stores it, or reads it again
     in_flight: np.ndarray
     in_flight_copies: int  # copies read by such batches (the accepted counters do not hold them yet)
+    erased: np.ndarray  # of an erased learner: expected in no stage
 
     def __len__(self) -> int:
         return len(self.chosen)
@@ -241,7 +245,8 @@ class Reconciler:
                           coalesce(sum(events) FILTER (WHERE stage = 'duplicates'), 0)::bigint AS duplicates,
                           coalesce(sum(events) FILTER (WHERE stage = 'describes'), 0)::bigint AS describes,
                           coalesce(sum(events) FILTER (WHERE stage = 'archived'), 0)::bigint AS archived,
-                          coalesce(sum(events) FILTER (WHERE stage = 'aggregated'), 0)::bigint AS aggregated
+                          coalesce(sum(events) FILTER (WHERE stage = 'aggregated'), 0)::bigint AS aggregated,
+                          coalesce(sum(events) FILTER (WHERE stage = 'erased'), 0)::bigint AS erased
                      FROM stage_counts
                     WHERE tenant = $1 AND received_minute >= $2 AND received_minute < $3
                     GROUP BY sensor, shard_id, received_minute""", window.tenant, first, last)
@@ -266,6 +271,7 @@ class Reconciler:
             result.describes += r["describes"]
             result.archived += r["archived"]
             result.aggregated += r["aggregated"]
+            result.erased += r["erased"]
             gap = r["acknowledged"] - r["accepted"]
             if gap > 0:
                 if self.is_pending(r["shard_id"], r["received_minute"], reached):
@@ -281,7 +287,7 @@ class Reconciler:
             if edge.start < edge.end:
                 part = await self.exact(edge, False, 0, {})
                 for name in ("accepted", "duplicates", "describes", "archived", "aggregated", "pending",
-                             "index_expired"):  # not
+                             "index_expired", "erased"):  # not
                     # index_pending: counted above for the whole hours the edges fall in
                     setattr(result, name, getattr(result, name) + getattr(part, name))
         result.indexed = await self._indexed_count(window)
@@ -340,6 +346,7 @@ class Reconciler:
         result.aggregated = int(trail.stored.sum())
         result.archived = int(trail.archived.sum())
         result.dead_lettered = int(trail.dead.sum())
+        result.erased = int(trail.erased.sum())
         cutoff = self.settings.index_cutoff()
         expired = np.zeros(len(trail), dtype=bool) if cutoff is None else \
             trail.archived & (trail.receipts.received_us[trail.chosen] < micros(cutoff))
@@ -363,7 +370,7 @@ class Reconciler:
                 return heapq.nsmallest(limit, (i for i in ids[mask] if i > start))
 
             # dead-lettered events are listed by /v1/audit/dead-letters, not as missing; those in flight are pending
-            alive = ~trail.dead & ~trail.in_flight
+            alive = ~trail.dead & ~trail.in_flight & ~trail.erased
             result.missing_ids = {
                 "archive": listed(~trail.archived & alive, "archive"),  # not stored, or its object is gone
                 "aggregate": listed(~trail.stored & alive, "aggregate"),
@@ -380,7 +387,7 @@ class Reconciler:
         if not n:
             empty = np.zeros(0, dtype=bool)
             return Trail(receipts, np.zeros(0, np.int64), 0, empty, empty, np.zeros(0, np.int64), empty,
-                         np.zeros(0, np.int64), np.empty(0, dtype=object), empty, empty, 0)
+                         np.zeros(0, np.int64), np.empty(0, dtype=object), empty, empty, 0, empty)
         chosen, id_array = _first_copies(receipts)
         chosen_ids = id_array[chosen]
         batch_of = await self._covering_batches(receipts, chosen)
@@ -405,8 +412,26 @@ class Reconciler:
                 dead[k] = (receipts.shard(i), receipts.seq(i)) in open_letters
         read_ahead = await self._read_ahead(receipts)
         in_flight = read_ahead[chosen] & ~stored & ~dead
+        erased = await self._erased(window, chosen_ids)
+        if erased.any():
+            for mask in (stored, archived, index_pending, dead, in_flight):
+                mask &= ~erased
         return Trail(receipts, chosen, n - int(receipts.relayed.sum()), stored, archived, batch_of, index_pending,
-                     hour_index, chosen_ids, dead, in_flight, int((read_ahead & ~receipts.relayed).sum()))
+                     hour_index, chosen_ids, dead, in_flight, int((read_ahead & ~receipts.relayed).sum()), erased)
+
+    async def _erased(self, window: Window, ids: np.ndarray) -> np.ndarray:
+        """Which of these ids are erased events: named by fingerprint in their receipts, or recorded by the
+        erasure (a copy the erasure did not rename: a resend, or one a replay met)."""
+        erased = np.fromiter((i.startswith(ERASED_PREFIX) for i in ids), dtype=bool, count=len(ids))
+        since = window.start - timedelta(seconds=self.settings.process.dedup_window_s)
+        async with self.pool.acquire() as conn:
+            recorded = {r["fingerprint"] for r in await conn.fetch(
+                """SELECT fingerprint FROM erased_events WHERE tenant = $1 AND received_at >= $2
+                      AND received_at < $3""", window.tenant, since, window.end)}
+        if recorded:
+            for k in np.flatnonzero(~erased):
+                erased[k] = signed64(fingerprint(window.tenant, ids[k])) in recorded
+        return erased
 
     async def _read_ahead(self, receipts: Receipts) -> np.ndarray:
         """Which copies are past their shard's checkpoint: read by a batch that has not committed yet (a consumer

@@ -34,7 +34,8 @@ from typing import Any
 import numpy as np
 import orjson
 
-from lap.audit.receipts import StageTally
+from lap.audit.receipts import StageTally, rewrite_receipts
+from lap.audit.tombstones import Tombstones
 from lap.audit.reconcile import Reconciler, Trail, Window
 from lap.buckets import hour_of, parse_time
 from lap.process.batch import (
@@ -73,6 +74,12 @@ def check_replay_window(settings: Settings, start: datetime) -> None:
                           "window (process.dedup_window_s), so LAP can no longer tell which are stored")
 
 
+def tenant_jobs_lock(tenant: str) -> int:
+    """The advisory lock a replay or an erasure of a tenant holds while it runs: one at a time, so that a replay
+    never restores what an erasure is taking out."""
+    return int.from_bytes(hashlib.blake2b(f"replay:{tenant}".encode(), digest_size=8).digest(), "big", signed=True)
+
+
 def new_replay_id() -> str:
     return uuid.uuid4().hex[:12]
 
@@ -109,11 +116,11 @@ class Replayer:
     async def run(self, replay_id: str, window: Window, stages: list[str], source: str) -> dict[str, Any]:
         check_replay_window(self.settings, window.start)
         reconciler = Reconciler(self.settings, self.pool, self.s3, self.search)
-        lock = int.from_bytes(hashlib.blake2b(f"replay:{window.tenant}".encode(), digest_size=8).digest(), "big",
-                              signed=True)
+        lock = tenant_jobs_lock(window.tenant)
         async with self.pool.acquire() as conn:
             if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", lock):
-                raise ReplayBusy(f"another replay of tenant {window.tenant!r} is running; ask again when it is done")
+                raise ReplayBusy(f"another replay or an erasure of tenant {window.tenant!r} is running; ask again "
+                                 "when it is done")
             try:
                 before = await reconciler.run(window)
                 trail = await reconciler.trail(window)
@@ -149,17 +156,32 @@ class Replayer:
             by_shard[shard].append(event)
         restored = 0
         total = len(events)
+        tombstones = Tombstones()
         for shard, shard_events in sorted(by_shard.items()):
             shard_events.sort(key=lambda e: (e.sequence, e.position))
-            writer = BatchWriter(self.settings, self.pool, self.s3, shard, None, replay=replay_id)
+            writer = BatchWriter(self.settings, self.pool, self.s3, shard, None, replay=replay_id,
+                                 tombstones=tombstones)
             restored += await self.store(writer, shard_events)
             self.progress("aggregate", restored, total)
+        if tombstones:  # events of erased learners were counted erased, not stored: their receipts name them so
+            erased = {e.meta["event_id"] for _, e in events if tombstones.erasure_of(e.meta) is not None}
+            await self.rename_in_receipts(window.tenant, trail, [k for k in missing if trail.id(k) in erased])
         if len(missing) > len(events):
             log.warning("replay %s: %d of %d ids were not found in the %s", replay_id, len(missing) - len(events),
                         len(missing), source)
         if trail.dead.any():
             await self.close_dead_letters(replay_id, window)
         return restored
+
+    async def rename_in_receipts(self, tenant: str, trail: Trail, erased: list[int]) -> None:
+        """Name these events by fingerprint in the receipt objects of the copies that counted for them."""
+        by_object: dict[tuple, set[str]] = defaultdict(set)
+        for k in erased:
+            i = trail.chosen[k]
+            obj = trail.receipts.objects[trail.receipts.obj[i]]
+            by_object[(obj.shard, obj.first, obj.last, trail.hour(k))].add(trail.id(k))
+        for (shard, first, last, hour), ids in by_object.items():
+            await rewrite_receipts(self.s3, self.settings, tenant, hour, shard, first, last, ids)
 
     async def store(self, writer: BatchWriter, events: list[Decoded]) -> int:
         """Commit the events, record by record if they are poison; those that still fail stay where they are."""

@@ -25,11 +25,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ray import serve
 
 from lap import __version__
+from lap.audit.erasure import ErasureJobs
 from lap.audit.jobs import REPLAY_WATCH_S, ReplayJobs
 from lap.auth import KeyCache, Principal, bearer_token, declare_bearer_auth
 from lap.output.deps import PROBLEMS, READER
 from lap.output.models import Caller
-from lap.output.routes import audit, courses, events, learners
+from lap.output.routes import audit, courses, erasures, events, learners
 from lap.problems import HTTPProblem
 from lap.health import HEALTH_RESPONSES, CachedHealth, HealthReport, health_reply
 from lap.settings import load_settings
@@ -117,6 +118,7 @@ async def _on_bad_parameters(request: Request, exc: RequestValidationError) -> R
 
 
 app.include_router(learners.router)
+app.include_router(erasures.router)
 app.include_router(courses.router)
 app.include_router(audit.router)
 app.include_router(events.router)
@@ -133,6 +135,7 @@ class OutputAPI:
         self.stores = Stores(self.settings, pool=True, s3=True, kinesis=True, search=True)
         self.keys: KeyCache | None = None
         self.jobs: ReplayJobs | None = None
+        self.erasures: ErasureJobs | None = None
         self._lock = asyncio.Lock()
         self._watcher: asyncio.Task | None = None
 
@@ -143,6 +146,8 @@ class OutputAPI:
             self._watcher.cancel()
         if self.jobs is not None:
             self.jobs.cancel()
+        if self.erasures is not None:
+            self.erasures.cancel()
         await self.health.checker.close()
         await self.stores.close()
 
@@ -153,7 +158,7 @@ class OutputAPI:
 
     async def _watch_replays(self) -> None:
         await self._open_when_possible()
-        await self.jobs.watch()
+        await asyncio.gather(self.jobs.watch(), self.erasures.watch())
 
     async def _open_when_possible(self) -> None:
         while True:
@@ -171,6 +176,7 @@ class OutputAPI:
                 stores = await self.stores.open()
                 self.keys = KeyCache(stores.pool, self.settings.auth.key_cache_ttl_s)
                 self.jobs = ReplayJobs(self.settings, stores.pool, stores.s3, stores.search, stores.kinesis)
+                self.erasures = ErasureJobs(self.settings, stores.pool, stores.s3, stores.search)
 
     async def caller(self, request: Request) -> Principal:
         """The reader or admin key's principal; its tenant scopes every query."""

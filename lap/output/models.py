@@ -142,13 +142,15 @@ class ReconcileReport(BaseModel):
                                         "on their way, not missing")
     index_pending: int = Field(0, description="archived events the index writer has still to reach (new, or "
                                               "behind an index rebuild): not missing")
-    index_expired: int = Field(0, description="archived events received before index.retention_days: no longer "
+    index_expired: int = Field(0, description="archived events received before retention.index_days: no longer "
                                               "expected in the index")
     missing: dict[str, int]
     retention_lost: int
     dead_lettered: int = Field(0, description="events in stream records a consumer could not process, kept aside "
                                               "(listed by /v1/audit/dead-letters) until a replay stores them: not "
                                               "missing, but the window is not complete")
+    erased: int = Field(0, description="events of erased learners (DELETE /v1/learners/{iri}): taken out of every "
+                                       "stage on purpose, expected in none")
     nothing_missing: bool = Field(description="no event is missing from any stage so far (some may be pending)")
     complete: bool = Field(description="every accepted event is in every stage it is expected in: nothing "
                                        "missing, pending, waiting for the index or dead-lettered")
@@ -171,6 +173,7 @@ class HourAudit(BaseModel):
     missing: dict[str, int]
     retention_lost: int
     dead_lettered: int
+    erased: int
     nothing_missing: bool
     complete: bool
 
@@ -183,7 +186,7 @@ class HourAudits(BaseModel):
 
 HOUR_CSV_COLUMNS = ["hour", "accepted", "duplicates", "quarantined", "archived", "aggregated", "indexed", "pending",
                     "index_pending", "index_expired", "missing_archive", "missing_aggregate", "missing_index",
-                    "retention_lost", "dead_lettered", "nothing_missing", "complete"]
+                    "retention_lost", "dead_lettered", "erased", "nothing_missing", "complete"]
 
 
 class ShardAudit(BaseModel):
@@ -253,6 +256,26 @@ class ReplayStatus(BaseModel):
     progress: dict[str, Any]
     result: dict[str, Any] | None
     error: str | None
+
+
+class Erasure(BaseModel):
+    id: str = Field(description="the erasure's job id")
+    learner_hash: str | None = Field(description="sha256 of the tenant and the learner's IRI, which LAP no longer "
+                                                 "keeps once the erasure is done; null for a tenant's deletion")
+    status: Literal["running", "done", "failed"]
+    requested_at: datetime
+    requested_by: str = Field(description="the id of the key that asked for it")
+    finished_at: datetime | None
+    counts: dict[str, int] = Field(description="events taken out of each store (archived, aggregated, indexed, "
+                                               "receipts), and the objects and rows it rewrote or deleted")
+    progress: dict[str, Any]
+    error: str | None
+    already: bool = Field(False, description="true when this learner was erased (or was being erased) already: "
+                                             "nothing new was started")
+
+
+class ErasurePage(BaseModel):
+    erasures: list[Erasure]
 
 
 class Caller(BaseModel):

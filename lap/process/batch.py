@@ -39,13 +39,14 @@ import orjson
 
 from lap import metrics
 from lap.audit.receipts import StageTally, encode_receipts, receipt_key
+from lap.audit.tombstones import Tombstones, TombstonesMoved, signed64
 from lap.buckets import hour_of, parse_time
 from lap.caliper import iri_of
 from lap.process.aggregate import Aggregates, aggregate_records
 from lap.process.dedup import DedupStore, fingerprints, to_bytes
 from lap.process.leases import Lease
 from lap.settings import Settings
-from lap.sinks.archive import archive_key, pack_lines, put_object
+from lap.sinks.archive import archive_key, learner_hash32, pack_lines, put_object
 from lap.stream import record_format
 from lap.stream.record_format import StreamRecord
 from lap.stream.producer import partition_key_for
@@ -148,7 +149,8 @@ class BatchWriter:
     def __init__(self, settings: Settings, pool: asyncpg.Pool, s3: Any, shard_id: str, lease: Lease | None,
                  replay: str | None = None, dedup: DedupStore | None = None,
                  hash_range: tuple[int, int] | None = None,
-                 forward: Callable[[list[Decoded]], Awaitable[None]] | None = None):
+                 forward: Callable[[list[Decoded]], Awaitable[None]] | None = None,
+                 tombstones: Tombstones | None = None):
         if (lease is None) != (replay is not None):  # a live writer is fenced by its lease; a replay holds none
             raise ValueError("a BatchWriter takes a lease, or a replay id, not both and not neither")
         self.settings = settings
@@ -163,23 +165,60 @@ class BatchWriter:
         # (`foreign`). Set for live consumers.
         self.hash_range = hash_range
         self.forward = forward
+        self.tombstones = tombstones if tombstones is not None else Tombstones()
+        self.written: set[str] = set()  # the keys the current attempt at a batch has put
 
     async def process_events(self, first: int, last: int, records: int, decoded: list[Decoded]) -> BatchResult:
         """Archive, aggregate and commit the events of the records `first`..`last` (`records` of them)."""
+        if self.tombstones.version < 0:
+            await self.refresh_tombstones()
+        earlier: set[str] = set()  # objects an attempt wrote before it met a new tombstone
+        for _ in range(10):
+            self.written = set()
+            try:
+                result = await self._process_events(first, last, records, decoded)
+            except TombstonesMoved:  # rolled back as a whole: filter the same events again
+                log.info("shard %s: an erasure began while batch %s was written; writing it again", self.shard_id,
+                         first)
+                earlier |= self.written
+                await self.refresh_tombstones()
+                continue
+            for key in sorted(earlier - self.written):  # held erased events, and this attempt wrote none there
+                await self.s3.delete_object(Bucket=self.settings.archive.bucket, Key=key)
+            return result
+        raise RuntimeError(f"shard {self.shard_id}: batch {first} kept meeting new erasures")
+
+    async def refresh_tombstones(self) -> None:
+        async with self.pool.acquire() as conn:
+            await self.tombstones.refresh(conn)
+
+    async def _process_events(self, first: int, last: int, records: int, decoded: list[Decoded]) -> BatchResult:
+        if self.tombstones.tenants:  # a deleted tenant's events: nothing of them is kept, not even a count
+            decoded = [d for d in decoded if d.meta["tenant"] not in self.tombstones.tenants]
         foreign = self.foreign(decoded)
         kept, duplicate = self.dedup(decoded, foreign)
         duplicates = [d for d, dup in zip(decoded, duplicate) if dup]
-        if self.replay is not None and not kept:
+        # events of an erased learner: read and counted (accepted, then erased), stored nowhere
+        erased_flags = [False] * len(decoded)
+        erased: list[Decoded] = []
+        if self.tombstones:
+            erased_flags = [not elsewhere and self.tombstones.erasure_of(r.meta) is not None
+                            for r, elsewhere in zip(decoded, foreign)]
+            if any(erased_flags):
+                gone = {id(r) for r, flag in zip(decoded, erased_flags) if flag}
+                erased = [r for r in kept if id(r) in gone]
+                kept = [r for r in kept if id(r) not in gone]
+        if self.replay is not None and not kept and not erased:
             return BatchResult(last, 0, len(duplicates))
         if any(foreign):  # before the commit moves the checkpoint past them: never lost, at worst sent twice
             await self.forward([d for d, f in zip(decoded, foreign) if f])
-        stored = fingerprints([r.key for r in kept])
-        keys = await self.archive(kept, decoded, duplicate, foreign, first, last)
+        stored = fingerprints([r.key for r in kept + erased])  # a resend of an erased event is a duplicate
+        keys = await self.archive(kept, decoded, duplicate, foreign, first, last, erased_flags)
         aggregates = aggregate_records([{"meta": r.meta, "item": r.item} for r in kept])
         for attempt in range(5):
             started = time.monotonic()
             try:
-                await self.commit(first, last, records, decoded, kept, duplicates, keys, aggregates, stored)
+                await self.commit(first, last, records, decoded, kept, duplicates, keys, aggregates, stored, erased)
                 metrics.batch_commit_seconds().observe(time.monotonic() - started, tags={"shard": self.shard_id})
                 break
             except asyncpg.exceptions.DeadlockDetectedError:  # rolled back as a whole: simply commit again
@@ -188,7 +227,7 @@ class BatchWriter:
         else:
             raise RuntimeError(f"shard {self.shard_id}: batch {first} kept deadlocking")
         if self.dedup_store is not None:
-            self.dedup_store.add(stored, [r.received_at for r in kept])
+            self.dedup_store.add(stored, [r.received_at for r in kept + erased])
         return BatchResult(last, len(kept), len(duplicates))
 
     def foreign(self, decoded: list[Decoded]) -> list[bool]:
@@ -237,42 +276,48 @@ class BatchWriter:
         return kept, duplicate
 
     async def archive(self, kept: list[Decoded], decoded: list[Decoded], duplicate: list[bool], foreign: list[bool],
-                      first: int, last: int) -> dict[str, tuple[str, datetime, int, int]]:
+                      first: int, last: int, erased: list[bool]) -> dict[str, tuple[str, datetime, int, int, list[int]]]:
         """Put one archive object and one receipt object per tenant and hour; returns the archive keys ->
-        (tenant, hour, records, bytes)."""
-        groups: dict[tuple[str, datetime], list[bytes]] = {}
+        (tenant, hour, records, bytes, the hashes of its learners)."""
+        groups: dict[tuple[str, datetime], tuple[list[bytes], set[int]]] = {}
+        hashes: dict[str, int] = {}
         for record in kept:
-            groups.setdefault((record.meta["tenant"], hour_of(record.received_at)), []).append(
-                archive_line(record, self.shard_id))
-        objects: dict[str, tuple[str, datetime, int, int]] = {}
+            lines, learners = groups.setdefault((record.meta["tenant"], hour_of(record.received_at)), ([], set()))
+            lines.append(archive_line(record, self.shard_id))
+            learner = record.meta.get("learner") or record.meta["event_id"]
+            learners.add(hashes.get(learner) or hashes.setdefault(learner, learner_hash32(learner)))
+        objects: dict[str, tuple[str, datetime, int, int, list[int]]] = {}
         puts = []
-        for (tenant, hour), lines in groups.items():
+        for (tenant, hour), (lines, learners) in groups.items():
             key = archive_key(self.settings, tenant, hour, self.shard_id, first, last, self.replay)
             body = pack_lines(lines)
-            objects[key] = (tenant, hour, len(lines), len(body))
+            objects[key] = (tenant, hour, len(lines), len(body), sorted(learners))
+            self.written.add(key)
             puts.append(put_object(self.s3, self.settings, key, body))
         if self.replay is None:  # what was read from the stream, duplicates included
-            puts.extend(self.receipt_puts(decoded, duplicate, foreign, first, last))
+            puts.extend(self.receipt_puts(decoded, duplicate, foreign, first, last, erased))
         await asyncio.gather(*puts)
         return objects
 
     def receipt_puts(self, decoded: list[Decoded], duplicate: list[bool], foreign: list[bool], first: int,
-                     last: int) -> list[Awaitable]:
+                     last: int, erased: list[bool] | None = None) -> list[Awaitable]:
         """The puts of the receipt objects of records `first`..`last`: one per tenant and hour."""
-        copies: dict[tuple[str, datetime], tuple[list[Decoded], list[bool], list[bool]]] = {}
-        for record, dup, elsewhere in zip(decoded, duplicate, foreign):
-            group = copies.setdefault((record.meta["tenant"], hour_of(record.received_at)), ([], [], []))
+        copies: dict[tuple[str, datetime], tuple[list[Decoded], list[bool], list[bool], list[bool]]] = {}
+        for record, dup, elsewhere, gone in zip(decoded, duplicate, foreign, erased or [False] * len(decoded)):
+            group = copies.setdefault((record.meta["tenant"], hour_of(record.received_at)), ([], [], [], []))
             group[0].append(record)
             group[1].append(dup)
             group[2].append(elsewhere)
+            group[3].append(gone)
         puts = []
-        for (tenant, hour), (records, dups, forwarded) in copies.items():
+        for (tenant, hour), (records, dups, forwarded, gone) in copies.items():
             minutes = [r.received_at.astimezone(timezone.utc).minute for r in records]
             key = receipt_key(self.settings.archive.receipts_prefix, tenant, hour, self.shard_id, first, last,
                               (min(minutes), max(minutes)))
+            self.written.add(key)
             puts.append(self.s3.put_object(Bucket=self.settings.archive.bucket, Key=key,
                                            Body=encode_receipts(tenant, self.shard_id, first, last, records, dups,
-                                                                forwarded),
+                                                                forwarded, gone),
                                            ContentType="application/json", ContentEncoding="gzip"))
         return puts
 
@@ -314,13 +359,14 @@ class BatchWriter:
         return BatchResult(sequence, 0, 0)
 
     async def commit(self, first: int, last: int, count: int, decoded: list[Decoded], kept: list[Decoded],
-                     duplicates: list[Decoded], keys: dict[str, tuple[str, datetime, int, int]], aggregates: Aggregates,
-                     stored: np.ndarray) -> None:
+                     duplicates: list[Decoded], keys: dict[str, tuple[str, datetime, int, int, list[int]]],
+                     aggregates: Aggregates, stored: np.ndarray, erased: list[Decoded]) -> None:
         describes = sum(1 for r in kept if r.meta.get("kind") == "entity")
         newest = max((r.received_at for r in decoded), default=None)
         async with self.pool.acquire() as conn, conn.transaction():
             if self.lease is not None:
                 await self.lease.fence(conn)
+            await self.tombstones.confirm(conn)
             batch_id = await conn.fetchval(
                 """INSERT INTO batches (stream, shard_id, first_seq, last_seq, records, events, describes, duplicates,
                                         fingerprints, max_received_at)
@@ -330,25 +376,33 @@ class BatchWriter:
                 max((r.received_at for r in kept), default=newest))
             if keys:
                 await conn.executemany(
-                    """INSERT INTO archive_objects (key, batch_id, tenant, received_hour, records, bytes)
-                       VALUES ($1, $2, $3, $4, $5, $6)""",
+                    """INSERT INTO archive_objects (key, batch_id, tenant, received_hour, records, bytes, learners)
+                       VALUES ($1, $2, $3, $4, $5, $6, $7)""",
                     [(key, batch_id, *info) for key, info in keys.items()])
             await write_aggregates(conn, aggregates)
             # every copy read is accepted, but for copies another shard's consumer forwarded: counted there already
             read = [] if self.replay is not None else [r for r in decoded if "forwarded_from" not in r.meta]
-            await stage_tally(self.shard_id, kept, duplicates if read else [], read).write(conn)
+            await stage_tally(self.shard_id, kept, duplicates if read else [], read, erased).write(conn)
+            if erased and self.replay is not None:  # their receipts name them: reconcile knows them as erased by this
+                await conn.executemany(
+                    """INSERT INTO erased_events (tenant, fingerprint, erasure_id, received_at, sensor, shard_id)
+                       VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (tenant, fingerprint) DO NOTHING""",
+                    [(r.meta["tenant"], signed64(int(fp)), self.tombstones.erasure_of(r.meta), r.received_at,
+                      r.meta.get("sensor") or "", self.shard_id)
+                     for r, fp in zip(erased, fingerprints([r.key for r in erased]))])
             if self.lease is not None:
                 await self.lease.advance(conn, last, newest)
 
 
-def stage_tally(shard_id: str, kept: list[Decoded], duplicates: list[Decoded], read: list[Decoded]) -> StageTally:
+def stage_tally(shard_id: str, kept: list[Decoded], duplicates: list[Decoded], read: list[Decoded],
+                erased: list[Decoded] = ()) -> StageTally:
     """Audit counters of a batch: every copy read from the stream is accepted; every kept record is archived and
     aggregated (a describe too: the stage holds it, though it adds to no figure); describes and duplicates are
-    also counted apart."""
+    also counted apart; events of erased learners are counted erased, and stored nowhere."""
     tally = StageTally()
     for records, stage in ((read, "accepted"), (kept, "archived"), (kept, "aggregated"),
                            ([r for r in kept if r.meta.get("kind") == "entity"], "describes"),
-                           (duplicates, "duplicates")):
+                           (duplicates, "duplicates"), (erased, "erased")):
         for record in records:
             tally.count(record.meta["tenant"], record.meta.get("sensor"), shard_id, record.received_at, stage)
     return tally
@@ -411,3 +465,17 @@ async def write_aggregates(conn: asyncpg.Connection, agg: Aggregates) -> None:
                 ORDER BY 1, 2, 3
                ON CONFLICT (tenant, course, hour) DO UPDATE SET events = t.events + excluded.events""",
             *agg.course_hours.values())
+
+
+def negated(agg: Aggregates) -> Aggregates:
+    """Figures that, written with write_aggregates, take `agg` back out of the tables: the sums negated. The
+    extremes (score_max, first_active, last_active) cannot be taken back: only an erasure, which then deletes the
+    learner's rows altogether, uses this."""
+    days = dict(agg.learner_days)
+    for name in ("events", "submissions", "score_count", "score_sum", "max_score_sum", "time_on_task_s"):
+        days[name] = [-v for v in days[name]]
+    days["score_max"] = [float("nan")] * len(days["score_max"])
+    actions = dict(agg.learner_day_actions, count=[-v for v in agg.learner_day_actions["count"]])
+    course_days = dict(agg.course_days, events=[-v for v in agg.course_days["events"]])
+    course_hours = dict(agg.course_hours, events=[-v for v in agg.course_hours["events"]])
+    return Aggregates(days, actions, course_days, course_hours)

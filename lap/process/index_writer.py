@@ -28,12 +28,13 @@ from lap import metrics
 from lap.audit.actor import AUDIT_ACTOR, NAMESPACE
 from lap.audit.receipts import StageTally
 from lap.audit.shards import shard_view
+from lap.audit.tombstones import INDEX_LOCK, Tombstones
 from lap.buckets import parse_time
 from lap.caliper import iri_of
 from lap.process import run_in_background
 from lap.settings import Settings, load_settings
 from lap.sinks.archive import read_metas
-from lap.sinks.index import document_id, expire_documents, index_name
+from lap.sinks.index import document_id, index_name
 from lap.stores import Stores
 
 log = logging.getLogger("lap.index")
@@ -43,7 +44,6 @@ MAX_BACKOFF_S = 30.0
 BACKLOG_EVERY_S = 5.0
 LIVE_BATCHES_PER_SHARD = 8  # a pass that finds this many new batches of a shard leaves the rebuild for later
 BACKFILL_BATCHES_PER_PASS = 4  # per shard
-EXPIRE_EVERY_S = 600.0  # how often documents past index.retention_days are removed
 INDEX_WRITER = "lap-index-writer"
 
 
@@ -79,9 +79,9 @@ async def by_shard(batches: list, index_shard) -> list[int]:
     """Each shard's batches in order, the shards side by side: while OpenSearch indexes one shard's bulk, the next
     shard's batch is read and made into documents (a shard's cursor moves one batch at a time, in order).
     Every shard's work is awaited before an error is raised."""
-    shards: dict[str, list] = {}
-    for batch in batches:
-        shards.setdefault(batch["shard_id"], []).append(batch)
+    shards: dict[tuple, list] = {}
+    for batch in batches:  # a rebuild also goes through each replay's batches of a shard, with a cursor of its own
+        shards.setdefault((batch.get("stream"), batch["shard_id"]), []).append(batch)
     results = await asyncio.gather(*(index_shard(group) for group in shards.values()), return_exceptions=True)
     for result in results:
         if isinstance(result, BaseException):
@@ -105,6 +105,7 @@ class IndexWriter:
             run_in_background()
         self._task: asyncio.Task | None = None
         self.live_behind = False  # the last pass found a full page of new batches for some shard
+        self.tombstones = Tombstones()
 
     def pid(self) -> int:
         """Its worker process, for operators (and the fault tests) to find it."""
@@ -121,7 +122,6 @@ class IndexWriter:
             self.pool, self.s3, self.search = stores.pool, stores.s3, stores.search
             delay = s.process.index_retry_s
             backlog_at = 0.0
-            expired_at = time.monotonic() - EXPIRE_EVERY_S + 60.0  # first a minute after the start
             while True:
                 if time.monotonic() - backlog_at >= BACKLOG_EVERY_S:  # also while OpenSearch is away
                     backlog_at = time.monotonic()
@@ -130,11 +130,6 @@ class IndexWriter:
                     done = await self.pass_once()
                     if not self.live_behind:  # new events first: a rebuild takes the time that is left
                         done += await self.backfill_once()
-                    if time.monotonic() - expired_at >= EXPIRE_EVERY_S:
-                        expired_at = time.monotonic()
-                        expired = await expire_documents(self.search, s)
-                        if expired:
-                            log.info("%d documents past index.retention_days removed from the index", expired)
                     delay = s.process.index_retry_s
                 except Exception as exc:  # OpenSearch (or Postgres) away: wait, then pick up where the cursor is
                     log.warning("indexing paused for %.0f s: %s", delay, exc)
@@ -197,7 +192,7 @@ class IndexWriter:
         stream = self.settings.stream.name
         async with self.pool.acquire() as conn:
             rows = await conn.fetch(
-                """SELECT f.shard_id, f.after_seq AS cursor, b.id, b.first_seq, b.last_seq
+                """SELECT f.stream, f.shard_id, f.after_seq AS cursor, b.id, b.first_seq, b.last_seq
                      FROM index_backfill f
                      LEFT JOIN LATERAL (
                          SELECT id, first_seq, last_seq FROM batches b
@@ -205,13 +200,14 @@ class IndexWriter:
                             AND (f.after_seq IS NULL OR b.first_seq > f.after_seq)
                             AND (f.since IS NULL OR b.max_received_at >= f.since)
                           ORDER BY b.first_seq LIMIT $2) b ON true
-                    WHERE f.stream = $1
-                    ORDER BY f.shard_id, b.first_seq""", stream, BACKFILL_BATCHES_PER_PASS)
-            finished = sorted({r["shard_id"] for r in rows if r["id"] is None})
+                    WHERE f.stream = $1 OR f.stream LIKE 'replay:%'
+                    ORDER BY f.stream, f.shard_id, b.first_seq""", stream, BACKFILL_BATCHES_PER_PASS)
+            finished = sorted({(r["stream"], r["shard_id"]) for r in rows if r["id"] is None})
+            for done_stream, shard in finished:
+                await conn.execute("DELETE FROM index_backfill WHERE stream = $1 AND shard_id = $2", done_stream,
+                                   shard)
             if finished:
-                await conn.execute("DELETE FROM index_backfill WHERE stream = $1 AND shard_id = ANY($2)",
-                                   stream, finished)
-                log.info("index rebuild of shards %s done", ", ".join(finished))
+                log.info("index rebuild of %s done", ", ".join(f"{st} {sh}" for st, sh in finished))
         async def one_shard(batches_of_shard: list) -> int:
             cursor = batches_of_shard[0]["cursor"]
             for batch in batches_of_shard:
@@ -226,10 +222,25 @@ class IndexWriter:
 
 
     async def index_batch(self, batch, cursor: Decimal | None, backfill: bool = False) -> None:
-        """Index one committed batch and move its cursor (the live one, or the rebuild's with `backfill`)."""
-        async with self.pool.acquire() as conn:
-            keys = [r["key"] for r in await conn.fetch(
-                "SELECT key FROM archive_objects WHERE batch_id = $1 ORDER BY key", batch["id"])]
+        """Index one committed batch and move its cursor (the live one, or the rebuild's with `backfill`).
+
+        The whole batch holds INDEX_LOCK shared: an erasure that begins waits for it, and one that began before
+        it is in the tombstones it filters by (lap.audit.tombstones)."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock_shared($1)", INDEX_LOCK)
+            await self.tombstones.refresh(conn)
+            indexed = await self._index_batch(conn, batch, cursor, backfill)
+        if backfill:
+            return  # the audit actor follows the live cursor
+        try:
+            audit = ray.get_actor(AUDIT_ACTOR, namespace=NAMESPACE)
+            audit.index_report.remote(batch["shard_id"], str(batch["last_seq"]), indexed)
+        except ValueError:
+            pass
+
+    async def _index_batch(self, conn, batch, cursor: Decimal | None, backfill: bool) -> int:
+        keys = [r["key"] for r in await conn.fetch(
+            "SELECT key FROM archive_objects WHERE batch_id = $1 ORDER BY key", batch["id"])]
         lines: list[dict[str, Any]] = []
         for key in keys:
             try:
@@ -239,6 +250,8 @@ class IndexWriter:
                     raise
                 # reconcile reports these events as missing from the archive and the index; replay repairs both
                 log.error("archive object %s of batch %s is gone; its events are not indexed", key, batch["id"])
+        if self.tombstones:  # an erasure that began after the batch was committed takes its events out itself
+            lines = [line for line in lines if self.tombstones.erasure_of(line["meta"]) is None]
         failures: list[tuple] = []
         indexed: list[dict[str, Any]] = []  # new documents only: an event indexed again is not counted again
         size = self.settings.process.index_batch_docs
@@ -254,39 +267,32 @@ class IndexWriter:
             text = meta["received_at"]
             received = times.get(text) or times.setdefault(text, parse_time(text))
             counts.count(meta["tenant"], meta.get("sensor"), batch["shard_id"], received, "indexed")
-        async with self.pool.acquire() as conn, conn.transaction():
-            if failures:
-                await conn.executemany(
-                    """INSERT INTO index_failures (tenant, event_id, batch_id, status, reason) VALUES ($1, $2, $3, $4, $5)
-                       ON CONFLICT (tenant, event_id) DO UPDATE
-                          SET batch_id = excluded.batch_id, status = excluded.status, reason = excluded.reason,
-                              failed_at = now()""", failures)
-            await counts.write(conn)
-            # compare-and-set: if the cursor was reset meanwhile, this batch's counts must not stand
-            if backfill:
-                moved = await conn.execute(
-                    """UPDATE index_backfill SET after_seq = $3, batches_done = batches_done + 1
-                        WHERE stream = $1 AND shard_id = $2 AND after_seq IS NOT DISTINCT FROM $4""",
-                    self.settings.stream.name, batch["shard_id"], batch["last_seq"], cursor) != "UPDATE 1"
-            elif cursor is None:
-                moved = await conn.execute(
-                    """INSERT INTO index_cursors (stream, shard_id, last_seq) VALUES ($1, $2, $3)
-                       ON CONFLICT (stream, shard_id) DO NOTHING""",
-                    self.settings.stream.name, batch["shard_id"], batch["last_seq"]) != "INSERT 0 1"
-            else:
-                moved = await conn.execute(
-                    """UPDATE index_cursors SET last_seq = $3, updated_at = now()
-                        WHERE stream = $1 AND shard_id = $2 AND last_seq = $4""",
-                    self.settings.stream.name, batch["shard_id"], batch["last_seq"], cursor) != "UPDATE 1"
-            if moved:
-                raise CursorMoved()
+        if failures:
+            await conn.executemany(
+                """INSERT INTO index_failures (tenant, event_id, batch_id, status, reason) VALUES ($1, $2, $3, $4, $5)
+                   ON CONFLICT (tenant, event_id) DO UPDATE
+                      SET batch_id = excluded.batch_id, status = excluded.status, reason = excluded.reason,
+                          failed_at = now()""", failures)
+        await counts.write(conn)
+        # compare-and-set: if the cursor was reset meanwhile, this batch's counts must not stand
         if backfill:
-            return  # the audit actor follows the live cursor
-        try:
-            audit = ray.get_actor(AUDIT_ACTOR, namespace=NAMESPACE)
-            audit.index_report.remote(batch["shard_id"], str(batch["last_seq"]), len(indexed))
-        except ValueError:
-            pass
+            moved = await conn.execute(
+                """UPDATE index_backfill SET after_seq = $3, batches_done = batches_done + 1
+                    WHERE stream = $1 AND shard_id = $2 AND after_seq IS NOT DISTINCT FROM $4""",
+                batch["stream"], batch["shard_id"], batch["last_seq"], cursor) != "UPDATE 1"
+        elif cursor is None:
+            moved = await conn.execute(
+                """INSERT INTO index_cursors (stream, shard_id, last_seq) VALUES ($1, $2, $3)
+                   ON CONFLICT (stream, shard_id) DO NOTHING""",
+                self.settings.stream.name, batch["shard_id"], batch["last_seq"]) != "INSERT 0 1"
+        else:
+            moved = await conn.execute(
+                """UPDATE index_cursors SET last_seq = $3, updated_at = now()
+                    WHERE stream = $1 AND shard_id = $2 AND last_seq = $4""",
+                self.settings.stream.name, batch["shard_id"], batch["last_seq"], cursor) != "UPDATE 1"
+        if moved:
+            raise CursorMoved()
+        return len(indexed)
 
     async def bulk(self, lines: list[dict[str, Any]], batch_id: int):
         return await bulk_index(self.search, self.settings, lines, batch_id)

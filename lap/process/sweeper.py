@@ -2,8 +2,9 @@
 
 It removes orphaned archive objects, prunes dedup rows and receipts past the
 dedup window, folds the per-minute audit counters past it into hours, records
-archive objects that S3 lost, and reconciles each tenant's last settled hour
-into the `lap_reconcile_*` metrics.
+archive objects that S3 lost, deletes what is past its retention (the
+`retention` settings: docs/retention.md), and reconciles each tenant's last
+settled hour into the `lap_reconcile_*` metrics.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from lap.audit.receipts import StageTally
 from lap.buckets import hour_of
 from lap.settings import Settings
 from lap.sinks.archive import check_archive
+from lap.sinks.index import expire_documents
 
 log = logging.getLogger("lap.process")
 
@@ -118,6 +120,57 @@ async def roll_up_counters(pool, window_s: float) -> int:
     return len(folded)
 
 
+async def delete_keys(settings: Settings, s3, keys: list[str]) -> None:
+    for start in range(0, len(keys), 1000):
+        objects = [{"Key": key} for key in keys[start:start + 1000]]
+        await s3.delete_objects(Bucket=settings.archive.bucket, Delete={"Objects": objects, "Quiet": True})
+
+
+async def enforce_retention(settings: Settings, pool, s3, search, now: datetime | None = None) -> dict[str, int]:
+    """Delete what is past its retention, store by store; returns how much of each went. Rows go before their
+    objects: an object left by a stop in between is an orphan, which the next sweep removes."""
+    r = settings.retention
+    now = now or datetime.now(timezone.utc)
+    gone: dict[str, int] = {}
+    if r.archive_days:
+        cutoff = hour_of(now - timedelta(days=r.archive_days))
+        while True:
+            async with pool.acquire() as conn:
+                keys = [row["key"] for row in await conn.fetch(
+                    """DELETE FROM archive_objects WHERE key IN (
+                           SELECT key FROM archive_objects WHERE received_hour < $1 LIMIT 1000) RETURNING key""",
+                    cutoff)]
+            if not keys:
+                break
+            await delete_keys(settings, s3, keys)
+            gone["archive_objects"] = gone.get("archive_objects", 0) + len(keys)
+    cutoff = now - timedelta(days=r.quarantine_days)
+    async with pool.acquire() as conn:
+        keys = [row["object_key"] for row in await conn.fetch(
+            "DELETE FROM quarantined WHERE received_at < $1 RETURNING object_key", cutoff)]
+        await conn.execute("DELETE FROM quarantine_counts WHERE day < $1", cutoff.date())
+    await delete_keys(settings, s3, keys)
+    gone["quarantined"] = len(keys)
+    cutoff = now - timedelta(days=r.dead_letter_days)
+    async with pool.acquire() as conn:  # only those a replay stored: an open one's events are nowhere else
+        keys = [row["key"] for row in await conn.fetch(
+            "DELETE FROM dead_letters WHERE replayed_at < $1 RETURNING key", cutoff)]
+    await delete_keys(settings, s3, keys)
+    gone["dead_letters"] = len(keys)
+    if r.aggregates_days:
+        cutoff = now - timedelta(days=r.aggregates_days)
+        async with pool.acquire() as conn, conn.transaction():
+            for table in ("learner_days", "learner_day_actions", "course_days"):
+                gone[table] = int((await conn.execute(f"DELETE FROM {table} WHERE day < $1",
+                                                      cutoff.date())).split()[-1])
+            gone["course_hours"] = int((await conn.execute("DELETE FROM course_hours WHERE hour < $1",
+                                                           hour_of(cutoff))).split()[-1])
+    gone["index_documents"] = await expire_documents(search, settings)
+    if any(gone.values()):
+        log.info("past their retention: %s", ", ".join(f"{k} {v:,}" for k, v in gone.items() if v))
+    return gone
+
+
 class Sweeper:
     def __init__(self, settings: Settings, pool, s3, search):
         self.settings, self.pool, self.s3, self.search = settings, pool, s3, search
@@ -139,6 +192,10 @@ class Sweeper:
         lost = await check_archive(self.settings, self.pool, self.s3, since.replace(minute=0, second=0, microsecond=0))
         if lost:
             log.error("%d archive objects named by the manifest are gone from S3; reconcile and replay them", lost)
+        try:  # OpenSearch away must not hold up the rest of the sweep
+            await enforce_retention(self.settings, self.pool, self.s3, self.search)
+        except Exception as exc:
+            log.warning("retention not enforced in this sweep: %s", exc)
         try:  # the figures of a dashboard must not hold up the sweep, nor the consumers' restarts
             await asyncio.wait_for(self.report_reconcile(), RECONCILE_REPORT_TIMEOUT_S)
         except Exception as exc:

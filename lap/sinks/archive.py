@@ -9,6 +9,7 @@ and the Output API go through it.
 from __future__ import annotations
 
 import gzip
+import hashlib
 from datetime import datetime
 from typing import Any
 from urllib.parse import quote
@@ -26,8 +27,9 @@ OBJECT_ACTIONS: dict[str, tuple[str, ...]] = {
     "prefix": ("s3:GetObject", "s3:PutObject", "s3:DeleteObject"),  # archived batches; the sweep deletes leftovers
     "receipts_prefix": ("s3:GetObject", "s3:PutObject", "s3:DeleteObject"),  # receipts; the sweep, as above
     "dedup_prefix": ("s3:GetObject", "s3:PutObject"),  # closed dedup buckets
-    "dead_letter_prefix": ("s3:GetObject", "s3:PutObject"),  # records kept as read; replay reads them
-    "quarantine_prefix": ("s3:PutObject",),  # refused input, for people to read
+    # records kept as read; replay reads them; a tenant's deletion deletes them
+    "dead_letter_prefix": ("s3:GetObject", "s3:PutObject", "s3:DeleteObject"),
+    "quarantine_prefix": ("s3:PutObject", "s3:DeleteObject"),  # refused input, for people to read; as above
 }
 
 
@@ -46,6 +48,18 @@ def archive_key(settings: Settings, tenant: str, hour: datetime, shard_id: str, 
     return f"{hour_prefix(settings, tenant, hour)}shard={shard_id}/{first}-{last}{suffix}.jsonl.gz"
 
 
+def learner_hash32(key: str) -> int:
+    """A learner's 32-bit hash in an object's `learners` (the partition key: the learner's IRI, or the event's id
+    for an event without a learner). Two learners may share one: the object is then read for nothing."""
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=4).digest(), "big", signed=True)
+
+
+def erased_key(key: str, erasure_id: int) -> str:
+    """Where an object goes once an erasure has taken events out of it: beside it, named by the erasure."""
+    folder, name = key.removesuffix(".jsonl.gz").rsplit("/", 1)
+    return f"{folder}/{name.split('-e', 1)[0]}-e{erasure_id}.jsonl.gz"  # one erasure's mark, the latest
+
+
 def pack_lines(lines: list[bytes]) -> bytes:
     """An object's body: the lines, gzipped the same way every time (mtime 0), so a rewrite is byte-identical."""
     return gzip.compress(b"\n".join(lines) + b"\n", compresslevel=GZIP_LEVEL, mtime=0)
@@ -58,7 +72,7 @@ async def put_object(s3: Any, settings: Settings, key: str, body: bytes) -> None
 
 async def read_object(s3: Any, settings: Settings, key: str) -> list[dict[str, Any]]:
     """An object's lines, parsed: {"meta": ..., "item": ...} each."""
-    return [orjson.loads(line) for line in await _read_lines(s3, settings, key)]
+    return [orjson.loads(line) for line in await read_lines(s3, settings, key)]
 
 
 async def read_metas(s3: Any, settings: Settings, key: str) -> list[dict[str, Any]]:
@@ -69,13 +83,13 @@ async def read_metas(s3: Any, settings: Settings, key: str) -> list[dict[str, An
     `object`). Lines written before it did are parsed whole, their item kept.
     """
     lines = []
-    for line in await _read_lines(s3, settings, key):
+    for line in await read_lines(s3, settings, key):
         meta = line_meta(line)
         lines.append({"meta": meta} if meta is not None and "actor" in meta else orjson.loads(line))
     return lines
 
 
-async def _read_lines(s3: Any, settings: Settings, key: str) -> list[bytes]:
+async def read_lines(s3: Any, settings: Settings, key: str) -> list[bytes]:
     reply = await s3.get_object(Bucket=settings.archive.bucket, Key=key)
     async with reply["Body"] as body:
         data = await body.read()

@@ -139,14 +139,16 @@ async def reset_index_progress(conn, settings: Settings) -> int:
     Its cursors, counts and failures described documents that are gone. New
     batches are indexed at once (each shard's cursor moves to its last committed
     batch) and the batches up to there are backfilled behind them, from the
-    archive, within the index's retention (`index_backfill`).
+    archive, within the index's retention (`index_backfill`), and so are the
+    batches replays stored (which the live cursors never index: a replay indexes
+    its own).
     """
     stream = settings.stream.name
     since = settings.index_cutoff()
     async with conn.transaction():
         await conn.execute("DELETE FROM index_failures")
         await conn.execute("DELETE FROM stage_counts WHERE stage = 'indexed'")
-        await conn.execute("DELETE FROM index_backfill WHERE stream = $1", stream)
+        await conn.execute("DELETE FROM index_backfill WHERE stream = $1 OR stream LIKE 'replay:%'", stream)
         await conn.execute("DELETE FROM index_cursors WHERE stream = $1", stream)
         await conn.execute(
             """INSERT INTO index_cursors (stream, shard_id, last_seq)
@@ -157,7 +159,7 @@ async def reset_index_progress(conn, settings: Settings) -> int:
                  INSERT INTO index_backfill (stream, shard_id, until_seq, since, batches_total)
                  SELECT stream, shard_id, max(last_seq), $2::timestamptz,
                         count(*) FILTER (WHERE $2::timestamptz IS NULL OR max_received_at >= $2)
-                   FROM batches WHERE stream = $1 GROUP BY stream, shard_id
+                   FROM batches WHERE stream = $1 OR stream LIKE 'replay:%' GROUP BY stream, shard_id
                  RETURNING batches_total)
                SELECT coalesce(sum(batches_total), 0)::bigint FROM added""", stream, since)
 
@@ -166,7 +168,8 @@ async def rebuild_progress(conn, settings: Settings) -> tuple[int, int] | None:
     """(batches indexed again, batches to index again) while an index rebuild is under way, else None."""
     row = await conn.fetchrow(
         """SELECT count(*) AS shards, coalesce(sum(batches_done), 0)::bigint AS done,
-                  coalesce(sum(batches_total), 0)::bigint AS total FROM index_backfill WHERE stream = $1""",
+                  coalesce(sum(batches_total), 0)::bigint AS total FROM index_backfill
+            WHERE stream = $1 OR stream LIKE 'replay:%'""",
         settings.stream.name)
     return (row["done"], row["total"]) if row["shards"] else None
 

@@ -14,19 +14,27 @@ class StreamError(RuntimeError):
 
 
 async def ensure_stream(kinesis: Any, settings: Settings, timeout: float = 60.0) -> None:
-    """Create the stream with `stream.shards` shards if it is missing, and wait until it is ACTIVE."""
+    """Create the stream with `stream.shards` shards and `retention.stream_hours` if it is missing, and wait until
+    it is ACTIVE. An existing stream is left as it is (`lap preflight` says if its retention differs)."""
     name = settings.stream.name
+    created = False
     try:
         await describe_stream(kinesis, settings)  # exists: its shard count is left as it is
     except kinesis.exceptions.ResourceNotFoundException:
         try:
             await kinesis.create_stream(StreamName=name, ShardCount=settings.stream.shards)
+            created = True
         except kinesis.exceptions.ResourceInUseException:
             pass  # created meanwhile by another start
     deadline = time.monotonic() + timeout
     while True:
         summary = await describe_stream(kinesis, settings)
         if summary["StreamStatus"] == "ACTIVE":
+            hours = settings.retention.stream_hours
+            if created and summary.get("RetentionPeriodHours", 24) < hours:
+                await kinesis.increase_stream_retention_period(StreamName=name, RetentionPeriodHours=hours)
+                created = False
+                continue  # UPDATING for a moment
             return
         if time.monotonic() > deadline:
             raise StreamError(f"stream {name} is still {summary['StreamStatus']} after {timeout:.0f} s")

@@ -143,7 +143,7 @@ async function signIn(event) {
 }
 
 const VIEWS = { pipeline: showPipeline, proof: showProof, quarantine: showQuarantine, courses: showCourses,
-                course: showCourse, learner: showLearner };
+                course: showCourse, learner: showLearner, erasures: showErasures };
 
 function route() {
   state.timers.forEach(clearInterval);
@@ -365,6 +365,7 @@ const HOUR_COLUMNS = [
   { head: "Indexed", field: "indexed", num: true },
   { head: "Duplicates", field: "duplicates", num: true },
   { head: "Quarantined", field: "quarantined", num: true },
+  { head: "Erased", field: "erased", num: true },
   { head: "Missing", field: "missing", num: true, cell: (r) => number(missingTotal(r)) },
   { head: "Pending", field: "pending", num: true, cell: (r) => number(r.pending + r.index_pending) },
   { head: "State", field: "state", cell: (r) => h("span", { class: `state-${hourState(r)}` }, hourState(r).replace("-", " ")) },
@@ -463,6 +464,9 @@ async function showHour(detail, hour, windowStart, windowEnd, replaceHour, curre
   const panel = h("div", { class: "panel" },
     h("h3", {}, `Hour from ${localTime(start)} to ${localTime(end, false)}`),
     said(),
+    report.erased ? h("p", { id: "hour-erased" }, `${number(report.erased)} events of this hour were erased `
+      + "(a learner's erasure): taken out of every stage on purpose, not missing. ",
+      h("a", { href: "#erasures" }, "Erasures")) : null,
     h("p", {}, report.complete ? "Complete: every accepted event is in every stage."
                                : lists.length ? "Incomplete: these events are missing."
                                : report.dead_lettered ? "Not complete: events are kept aside (dead letters)."
@@ -510,6 +514,40 @@ async function followReplay(id, progress) {
     if (job.status === "done") return job;
     await new Promise((resolve) => setTimeout(resolve, 1000));
   }
+}
+
+// --- Erasures -------------------------------------------------------------------------------
+
+async function showErasures() {
+  const { view, current } = page("Erasures", "Learners erased from every store, newest first. LAP keeps this "
+    + "tombstone of each: the learner's IRI hashed (never the IRI), when, by which key, and what each store gave up.");
+  const holder = h("div", {}, h("p", {}, "Loading…"));
+  view.append(holder);
+  let found;
+  try {
+    found = await api("/erasures");
+  } catch (err) {
+    if (current()) holder.replaceChildren(failure(err));
+    return;
+  }
+  if (!current()) return;
+  if (!found.erasures.length) {
+    holder.replaceChildren(h("p", { id: "no-erasures" }, "No learner of this tenant has been erased."));
+    return;
+  }
+  const counts = (e) => Object.entries(e.counts).filter(([, n]) => n).map(([k, n]) => `${k.replaceAll("_", " ")} ${number(n)}`).join(", ");
+  const columns = [
+    { head: "Erasure", field: "id" },
+    { head: "Learner (sha256)", field: "learner_hash", cell: (e) => h("code", { title: e.learner_hash || "" }, (e.learner_hash || "the whole tenant").slice(0, 16)) },
+    { head: "Status", field: "status" },
+    { head: "Asked", field: "requested_at", cell: (e) => localTime(e.requested_at) },
+    { head: "By key", field: "requested_by" },
+    { head: "Done", field: "finished_at", cell: (e) => (e.finished_at ? localTime(e.finished_at) : "") },
+    { head: "Events", field: "events", num: true, cell: (e) => number(e.counts.events || 0) },
+    { head: "What each store gave up", field: "counts", cell: counts },
+  ];
+  holder.replaceChildren(table(columns, found.erasures.map((e) => h("tr", { "data-erasure": e.id }, cells(columns, e))),
+                               { id: "erasures" }));
 }
 
 // --- Quarantine -------------------------------------------------------------------------------
