@@ -335,3 +335,48 @@ async def test_a_deleted_tenant_leaves_nothing_but_its_tombstone(lap_up, setting
     report = await reconcile(settings, key(lap_up, staying, "reader"), started)
     assert report["complete"] is True and report["archived"] == 500, report
     assert "already deleted" in run_lap("tenant", "delete", leaving, "--yes", config=lap_up.config).stdout
+
+
+async def test_an_erased_learners_dead_letters_are_emptied_and_closed(lap_up, settings, db):
+    """A record the database refused for the learner, kept as a dead letter: the erasure writes it again without
+    the learner's events, renames their receipts and closes it; the window is complete, none dead-lettered."""
+    import base64
+
+    from lap.stream.record_format import decode_lines
+
+    started = datetime.now(timezone.utc)
+    tenant, sensor = new_tenant(lap_up)
+    admin, reader = key(lap_up, tenant, "admin"), key(lap_up, tenant, "reader")
+    learner = f"https://example.edu/users/refused-{tenant}"
+    plain = [e for e in make_events(120) if e["type"] != "GradeEvent"]
+    stored, refused = plain[:20], plain[20:30]
+    for event in stored[:10] + refused:  # one learner: one partition key, so one stream record per request
+        event["actor"] = {"id": learner, "type": "Person"}
+    send(settings, sensor, envelopes(stored))
+    await wait_for(db, tenant, {"archived": 20, "aggregated": 20})
+    constraint = f"refuse_{tenant}"
+    await db.execute(f"ALTER TABLE learner_days ADD CONSTRAINT {constraint} CHECK (learner <> '{learner}') NOT VALID")
+    try:
+        send(settings, sensor, envelopes(refused, per=10))
+        for _ in range(240):
+            letter = await db.fetchrow("SELECT * FROM dead_letters WHERE tenant = $1", tenant)
+            if letter is not None:
+                break
+            await asyncio.sleep(0.5)
+        assert letter is not None and letter["events"] == 10, letter
+        reply = erase(settings, admin, learner)
+        assert reply.status_code == 202, reply.text
+        status = await erased(settings, admin, reply.json()["id"])
+    finally:
+        await db.execute(f"ALTER TABLE learner_days DROP CONSTRAINT IF EXISTS {constraint}")
+    assert status["status"] == "done" and status["counts"]["dead_lettered"] == 10, status
+    letter = await db.fetchrow("SELECT * FROM dead_letters WHERE tenant = $1", tenant)
+    assert letter["events"] == 0 and letter["replayed_at"] is not None and letter["replay_id"] == status["id"]
+    async with AsyncExitStack() as stack:
+        s3 = await open_client(stack, settings, "s3")
+        body = await (await s3.get_object(Bucket=settings.archive.bucket, Key=letter["key"]))["Body"].read()
+    assert decode_lines(base64.b64decode(orjson.loads(body)["data_base64"])) == []
+    theirs = {e["id"] for e in stored[:10] + refused}
+    assert not theirs & set((await receipts_of(settings, tenant, started)).event_id)
+    report = await reconcile(settings, reader, started)
+    assert report["complete"] is True and (report["erased"], report["dead_lettered"]) == (20, 0), report

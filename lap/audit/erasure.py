@@ -26,6 +26,7 @@ dropped by the writers that meet them, and counted erased.
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import uuid
 from urllib.parse import quote
@@ -48,6 +49,7 @@ from lap.process.dedup import fingerprint
 from lap.settings import Settings
 from lap.sinks.archive import read_lines, erased_key, hour_prefix, learner_hash32, pack_lines, put_object
 from lap.sinks.index import document_id, index_name
+from lap.stream import record_format
 from lap.stream.record_format import line_meta
 
 log = logging.getLogger("lap.erasure")
@@ -169,6 +171,7 @@ class Eraser:
                 counts = Counter(orjson.loads(job["counts"]))
                 await self.erase_archive(job, counts)
                 counts["orphans_deleted"] += await self.erase_orphans(job)
+                counts["dead_lettered"] += await self.erase_dead_letters(job)
                 await self.erase_index(job, counts)
                 await self.erase_aggregate_rows(job, counts)
                 counts["index_leftovers"] += await self.erase_index_leftovers(tenant, learner)
@@ -360,6 +363,58 @@ class Eraser:
                     deleted += 1
             hour += timedelta(hours=1)
         return deleted
+
+    async def erase_dead_letters(self, job) -> int:
+        """Take the learner's events out of the tenant's open dead letters (records a consumer could not process,
+        kept as read): the record is written again without them, their receipts renamed, their counters moved
+        to erased; a dead letter left empty is closed. Returns how many events went."""
+        tenant = job["tenant"]
+        async with self.pool.acquire() as conn:
+            letters = await conn.fetch(
+                """SELECT stream, shard_id, sequence_number, key, received_at FROM dead_letters
+                    WHERE tenant = $1 AND replayed_at IS NULL""", tenant)
+        erased = 0
+        for letter in letters:
+            reply = await self.s3.get_object(Bucket=self.settings.archive.bucket, Key=letter["key"])
+            async with reply["Body"] as body:
+                kept = orjson.loads(await body.read())
+            data = base64.b64decode(kept["data_base64"])
+            try:
+                events = record_format.decode_lines(data)
+            except record_format.NotLapRecord:
+                continue
+            gone = [meta for meta, _, _ in events if self.is_learners(job, meta)]
+            if not gone:
+                continue
+            left = [(meta, item) for meta, item, _ in events if not self.is_learners(job, meta)]
+            shared = {k: v for k, v in gone[0].items() if k in record_format.SHARED_FIELDS}
+            lines = [record_format.event_line({k: v for k, v in meta.items() if k not in shared}, item)
+                     for meta, item in left]
+            kept["data_base64"] = base64.b64encode(record_format.encode(shared, lines)).decode()
+            kept["erased_events"] = kept.get("erased_events", 0) + len(gone)
+            await self.s3.put_object(Bucket=self.settings.archive.bucket, Key=letter["key"],
+                                     Body=orjson.dumps(kept), ContentType="application/json")
+            sequence = int(letter["sequence_number"])
+            await rewrite_receipts(self.s3, self.settings, tenant, hour_of(letter["received_at"]),
+                                   letter["shard_id"], sequence, sequence, {m["event_id"] for m in gone})
+            tally = StageTally()
+            for meta in gone:
+                tally.count(tenant, meta.get("sensor"), letter["shard_id"], parse_time(meta["received_at"]), "erased")
+            async with self.pool.acquire() as conn, conn.transaction():
+                await tally.write(conn)
+                await conn.executemany(
+                    """INSERT INTO erased_events (tenant, fingerprint, erasure_id, received_at, sensor, shard_id)
+                       VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (tenant, fingerprint) DO NOTHING""",
+                    [(tenant, signed64(fingerprint(tenant, m["event_id"])), job["id"], parse_time(m["received_at"]),
+                      m.get("sensor") or "", letter["shard_id"]) for m in gone])
+                await conn.execute(
+                    """UPDATE dead_letters SET events = events - $4,
+                              replayed_at = CASE WHEN events - $4 <= 0 THEN now() END,
+                              replay_id = CASE WHEN events - $4 <= 0 THEN $5 END
+                        WHERE stream = $1 AND shard_id = $2 AND sequence_number = $3""",
+                    letter["stream"], letter["shard_id"], letter["sequence_number"], len(gone), job["job_id"])
+            erased += len(gone)
+        return erased
 
     # --- 2. the index, and the old objects ------------------------------------------------------
 
