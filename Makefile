@@ -17,7 +17,7 @@ OPENSEARCH_DIR := lap/local/opensearch
 OPENSEARCH_STAMP := $(OPENSEARCH_DIR)/engine/$(OPENSEARCH_VERSION)/.lap-installed
 JAVA_PACKAGES := openjdk-17-jre-headless maven
 
-.PHONY: install run test wheel constraints check-tools check-java browser screenshots clean
+.PHONY: install run test wheel constraints check-tools check-java browser screenshots clean openapi
 
 install: check-tools $(PY_STAMP) $(NODE_STAMP) $(WEB_STAMP) $(OPENSEARCH_STAMP)
 
@@ -106,7 +106,13 @@ run: install
 test: install browser
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
-# docs/console/*.png, the README's pictures: the browser tests, saving their screenshots there
+# docs/openapi/*.json: the OpenAPI documents LAP serves, fetched from a LAP running on the default port
+openapi:
+	mkdir -p docs/openapi
+	curl -sf http://127.0.0.1:8000/openapi.json | $(VENV)/bin/python -m json.tool --indent 1 > docs/openapi/ingest.json
+	curl -sf http://127.0.0.1:8000/v1/openapi.json | $(VENV)/bin/python -m json.tool --indent 1 > docs/openapi/output.json
+
+# docs/console/*.png, the pictures of docs/analysts.md: the browser tests, saving their screenshots there
 screenshots: install browser
 	LAP_CONSOLE_SCREENSHOTS=docs/console $(VENV)/bin/python -m pytest tests/test_console.py
 

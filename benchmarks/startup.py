@@ -25,8 +25,9 @@ from common import lap, machine, write_config  # noqa: E402
 
 
 def healthz_ok(port: int) -> bool:
+    """/healthz answers 200 (it asks every dependency, which on a busy 2-core box takes seconds)."""
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as reply:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=10) as reply:
             return reply.status == 200
     except OSError:
         return False
@@ -51,7 +52,8 @@ def main() -> int:
             up = lap("up", "--detach", config=config, timeout=args.timeout)
             up_s = time.monotonic() - start
             if up.returncode != 0 or not healthz_ok(http_port):
-                print(up.stdout, up.stderr, file=sys.stderr)
+                print(up.stdout, up.stderr, f"exit {up.returncode}; /healthz 200 afterwards: "
+                      f"{healthz_ok(http_port)}", file=sys.stderr)
                 return 1
             start = time.monotonic()
             down = lap("down", config=config, timeout=args.timeout)

@@ -315,6 +315,9 @@ def start_ray(settings: Settings) -> None:
     # Serve's controller wakes every 0.1 s by default: a fifth of Ray's idle CPU on one machine. Twice a second is
     # often enough for its health checks and autoscaling here (docs/decisions.md, "The whole box").
     os.environ.setdefault("RAY_SERVE_CONTROL_LOOP_INTERVAL_S", "0.5")
+    # A replica behind HAProxy drains 30 s before it stops, by default, so that HAProxies on other nodes stop
+    # sending to it first: `lap down` waited those 30 s. One machine's HAProxy is told within a control loop.
+    os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "5")
     for name, value in MALLOC_ENV.items():
         os.environ.setdefault(name, value)
     ray.init(

@@ -187,7 +187,7 @@ class RaySettings(Section):
     # Serve's high-throughput mode: HAProxy in front of the replicas, each replica its own HTTP server
     # (docs/decisions.md, "Ingest"). `lap up` applies it; a cluster sets it in cluster.yaml.
     throughput_mode: bool = True
-    # Ports throughput mode opens besides http_port (README, "Ports"). Ray binds HAProxy's stats and metrics
+    # Ports throughput mode opens besides http_port (docs/operators.md, "Ports"). Ray binds HAProxy's stats and metrics
     # ports on every interface, whatever http_host says: keep them closed to the outside (firewall, security group).
     haproxy_stats_port: int = Field(8404, ge=1, le=65535)
     haproxy_metrics_port: int = Field(9101, ge=1, le=65535)

@@ -550,7 +550,7 @@ async def test_counts_take_a_lost_objects_events_inside_a_window_that_cuts_its_h
     assert (whole.accepted, whole.archived, whole.missing["archive"]) == (4, 0, 4)
 
 
-async def test_one_event_records_of_lap_0_1_and_new_records_in_one_stream(lap_up, settings, db):
+async def test_format_0_records_and_format_1_records_in_one_stream(lap_up, settings, db):
     """Records of format 0 (one event each, from before this release) and format 1 in one stream: exact
     aggregates, a complete reconcile, and a replay from the stream that reads both."""
     from lap.stream.producer import Producer, Record, partition_key_for
@@ -562,7 +562,7 @@ async def test_one_event_records_of_lap_0_1_and_new_records_in_one_stream(lap_up
     events = make_events(400)
     old, new = events[:200], events[200:]
 
-    # format 0, written the way LAP 0.1's ingest wrote it: one record per event
+    # format 0, written the way the first ingest wrote it: one record per event
     received_at = datetime.now(timezone.utc)
     records = []
     for line in expected_records(tenant, old):

@@ -183,7 +183,7 @@ def test_a_long_query_string_gets_the_same_414_problem_from_lap_or_from_its_prox
     by_proxy = _long_query(settings, token, 100_000)
     assert by_lap[:2] == by_proxy[:2] == (414, "application/problem+json"), (by_lap, by_proxy[:2])
     assert json.loads(by_lap[2])["detail"] == json.loads(by_proxy[2])["detail"]
-    # past HAProxy's 128 KiB buffer it answers with its own HTML 400: still a 4xx (README, "Reading")
+    # past HAProxy's 128 KiB buffer it answers with its own HTML 400: still a 4xx (docs/analysts.md)
     status, _, _ = _long_query(settings, token, 200_000)
     assert status == 400
 

@@ -332,7 +332,7 @@ async def test_opensearch_outage_pauses_only_indexing(lap_up, settings, db):
         source = doc["_source"]
         assert doc["_id"] == events[0]["id"]
         assert source["learner"] == expected_records(tenant, events[:1])[0]["meta"]["learner"]
-        # the event itself stays in the archive: the document points at its batch (README, "The audit trail")
+        # the event itself stays in the archive: the document points at its batch (docs/operators.md, "The audit trail")
         assert "event" not in source and "event_id" not in source and isinstance(source["batch"], int)
         assert await db.fetchval("SELECT count(*) FROM archive_objects WHERE batch_id = $1 AND tenant = $2",
                                  source["batch"], tenant) >= 1

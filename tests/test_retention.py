@@ -31,7 +31,9 @@ async def test_the_sweeper_deletes_what_is_past_its_retention_and_nothing_younge
 
     tenant = f"ret{uuid.uuid4().hex[:8]}"
     now = datetime.now(timezone.utc)
-    old, young = now - timedelta(days=400), now - timedelta(days=1)  # the session's events start in 2026-09
+    # older than any event of the session's other tests (the Caliper fixtures' are from 2016 on)
+    old, young = datetime(2001, 1, 1, tzinfo=timezone.utc), now - timedelta(days=1)
+    days = (now - datetime(2005, 1, 1, tzinfo=timezone.utc)).days
     a = settings.archive
     keys = {name: f"{prefix}/tenant={tenant}/{name}.json" for name, prefix in (
         ("old-quarantine", a.quarantine_prefix), ("young-quarantine", a.quarantine_prefix),
@@ -62,7 +64,7 @@ async def test_the_sweeper_deletes_what_is_past_its_retention_and_nothing_younge
                VALUES ($1, 'l', 'c', $2, 1, 0, 0, 0, 0, 0, now(), now())""", tenant, day)
         await db.execute("INSERT INTO course_days (tenant, course, day, events) VALUES ($1, 'c', $2, 1)", tenant, day)
 
-    retention = settings.retention.model_copy(update={"archive_days": 300.0, "aggregates_days": 300.0})
+    retention = settings.retention.model_copy(update={"archive_days": float(days), "aggregates_days": float(days)})
     others = await db.fetchval("SELECT count(*) FROM learner_days WHERE tenant <> $1", tenant)
     kept = settings.model_copy(update={"retention": retention})
     pool = await create_pool(settings)

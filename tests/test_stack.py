@@ -110,7 +110,7 @@ def test_rays_token_file_is_private(lap_up):
 
 def test_ports_of_throughput_mode_are_the_configured_ones(lap_up):
     """HAProxy answers on the API port (loopback); its stats, metrics and Serve's fallback proxy use the ports
-    the settings give, so that two LAPs on one machine never collide (README, "Ports")."""
+    the settings give, so that two LAPs on one machine never collide (docs/operators.md, "Ports")."""
     ray_settings = lap_up.settings.ray
     listening = {c.laddr.port: c for c in psutil.net_connections("inet") if c.status == psutil.CONN_LISTEN}
     for port in (ray_settings.http_port, ray_settings.haproxy_stats_port, ray_settings.haproxy_metrics_port,

@@ -88,7 +88,7 @@ class ManagedProcess:
         if port_is_open("127.0.0.1", self.port):
             raise StandInError(
                 f"{self.name}: port {self.port} on 127.0.0.1 is already in use. "
-                f"Stop whatever listens there, or choose another port (see README, 'Settings')."
+                f"Stop whatever listens there, or choose another port (docs/operators.md, 'Settings')."
             )
         ids: dict = {}
         if self.run_as and os.geteuid() == 0:

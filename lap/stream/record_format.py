@@ -10,7 +10,7 @@ elsewhere can read it; in short:
 The header holds what every event of the request shares (tenant, sensor,
 received time, request id...). Each event line is `{"meta": {...}, "item": {...}}`
 with the event's own metadata; an event's position is its index among the
-event lines. Records written by LAP 0.1 (format 0, one event per record) are
+event lines. The first records (format 0, one event per record) are
 a bare `{"meta", "item"}` JSON object, and are still read (position 0).
 """
 
