@@ -67,7 +67,8 @@ class NotLapRecord(ValueError):
 def encode(shared: dict[str, Any], lines: list[bytes]) -> bytes:
     """One record of format 1 from the shared metadata and already serialised event lines."""
     header = orjson.dumps({"format": FORMAT_VERSION, "events": len(lines), **shared})
-    return PREFIX + zlib.compress(header + b"\n" + b"\n".join(lines), ZLIB_LEVEL)
+    body = header + b"\n" + b"\n".join(lines) if lines else header  # none: an erasure emptied a kept record
+    return PREFIX + zlib.compress(body, ZLIB_LEVEL)
 
 
 def event_line(meta: dict[str, Any], item: dict[str, Any]) -> bytes:
