@@ -324,6 +324,24 @@ def keys_revoke(config_file: Path | None, key_id: str) -> None:
     click.echo(f"revoked key {key_id}", err=True)
 
 
+def _erasure(config_file: Path | None, request):
+    """Ask for an erasure (`request(pool)`: its tombstone and whether it is new) and run it here, with progress
+    bars, unless it is done or running elsewhere: (its row, how it ended or None)."""
+    from lap.audit.erasure import ErasureBusy, ErasureRefused, run_unless_elsewhere
+
+    settings = _settings(config_file)
+    progress = _progress_bars() or (lambda step, done, total: None)
+
+    async def work(stores):
+        row, created = await request(stores.pool)
+        return await run_unless_elsewhere(settings, stores.pool, stores.s3, stores.search, row, created, progress)
+
+    try:
+        return _run_store_work(settings, work)
+    except (ErasureRefused, ErasureBusy) as exc:
+        raise click.ClickException(str(exc)) from None
+
+
 @main.group()
 def tenant() -> None:
     """Tenants: delete one, with everything it holds."""
@@ -336,21 +354,11 @@ def tenant() -> None:
 def tenant_delete(config_file: Path | None, name: str, yes: bool) -> None:
     """Delete a tenant: revoke its keys, erase its events, figures, index and audit trail from every store, and
     keep a tombstone of its counts. Its name is not given out again."""
-    from lap.audit.erasure import ErasureBusy, ErasureRefused, request_tenant_deletion, run_unless_elsewhere
+    from lap.audit.erasure import request_tenant_deletion
 
-    settings = _settings(config_file)
     if not yes:
         click.confirm(f"Delete tenant {name} and everything it holds? This cannot be undone", abort=True)
-    progress = _progress_bars() or (lambda step, done, total: None)
-
-    async def work(stores):
-        row, created = await request_tenant_deletion(stores.pool, name, "cli")
-        return await run_unless_elsewhere(settings, stores.pool, stores.s3, stores.search, row, created, progress)
-
-    try:
-        row, job = _run_store_work(settings, work)
-    except (ErasureRefused, ErasureBusy) as exc:
-        raise click.ClickException(str(exc)) from None
+    row, job = _erasure(config_file, lambda pool: request_tenant_deletion(pool, name, "cli"))
     if job is None:
         click.echo(f"tenant {name} already deleted ({row['job_id']}, {row['status']})")
         return
@@ -557,21 +565,11 @@ def erase(config_file: Path | None, tenant: str, learner: str, yes: bool) -> Non
 
     A tombstone (the learner's hashed IRI, when, the counts) is kept, and their
     events that arrive later are dropped. Running it again says it is done."""
-    from lap.audit.erasure import ErasureBusy, ErasureRefused, request_erasure, run_unless_elsewhere
+    from lap.audit.erasure import request_erasure
 
-    settings = _settings(config_file)
     if not yes:
         click.confirm(f"Erase every event of {learner} in tenant {tenant}? This cannot be undone", abort=True)
-    progress = _progress_bars() or (lambda step, done, total: None)
-
-    async def work(stores):
-        row, created = await request_erasure(stores.pool, tenant, learner, "cli")
-        return await run_unless_elsewhere(settings, stores.pool, stores.s3, stores.search, row, created, progress)
-
-    try:
-        row, job = _run_store_work(settings, work)
-    except (ErasureRefused, ErasureBusy) as exc:
-        raise click.ClickException(str(exc)) from None
+    row, job = _erasure(config_file, lambda pool: request_erasure(pool, tenant, learner, "cli"))
     if job is None:
         if row["status"] == "done":
             click.echo(f"already erased by {row['job_id']} on {row['finished_at']:%Y-%m-%d %H:%M} UTC: nothing to do")
