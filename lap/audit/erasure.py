@@ -109,7 +109,8 @@ async def request_erasure(pool, tenant: str, learner: str, requested_by: str) ->
         known = await conn.fetchval(
             "SELECT EXISTS (SELECT 1 FROM learner_days WHERE tenant = $1 AND learner = $2)", tenant, learner)
         if not known:
-            raise ErasureRefused("LAP holds no events of this learner (their figures are empty); nothing to erase")
+            raise ErasureRefused("LAP holds no processed events of this learner (their figures are empty); nothing "
+                                 "to erase. Events sent in the last minutes count once processed: ask again then")
         row = await write_tombstone(conn, tenant, digest, learner, requested_by)
         if row is None:  # asked for twice at once: the other request won
             return dict(await conn.fetchrow("SELECT * FROM erasures WHERE tenant = $1 AND learner_hash = $2",
@@ -172,7 +173,7 @@ class Eraser:
                 await self.erase_archive(job, counts)
                 counts["orphans_deleted"] += await self.erase_orphans(job)
                 counts["dead_lettered"] += await self.erase_dead_letters(job)
-                await self.erase_index(job, counts)
+                await self.erase_index(job)
                 await self.erase_aggregate_rows(job, counts)
                 counts["index_leftovers"] += await self.erase_index_leftovers(tenant, learner)
                 done = await conn.fetchrow(  # counted from what each step recorded, whichever run did it
@@ -418,7 +419,7 @@ class Eraser:
 
     # --- 2. the index, and the old objects ------------------------------------------------------
 
-    async def erase_index(self, job, counts: Counter) -> None:
+    async def erase_index(self, job) -> None:
         """Take the erased events' documents out of the index, and their `indexed` counters back, once each."""
         name = index_name(self.settings, job["tenant"])
         async with self.pool.acquire() as conn:

@@ -18,8 +18,10 @@ class Sensor(threading.Thread):
     With `retry_any`, it also retries other failures (a replica lost with its node), as sensors do.
     """
 
-    def __init__(self, settings, token: str, events: list[dict], per: int = 10, retry_any: bool = False):
+    def __init__(self, settings, token: str, events: list[dict], per: int = 10, retry_any: bool = False,
+                 pause: float = 0.05):
         super().__init__(daemon=True)
+        self.pause = pause
         self.retry_any = retry_any
         self.url = f"{settings.api_url}/caliper"
         self.headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
@@ -50,4 +52,4 @@ class Sensor(threading.Thread):
                     if reply.status_code not in (429, 503) and not self.retry_any:
                         return  # a reply a sensor cannot retry: the test fails on it
                     time.sleep(min(float(reply.headers.get("retry-after", "1")), 1.0))
-                time.sleep(0.05)
+                time.sleep(self.pause)
