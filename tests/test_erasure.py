@@ -273,6 +273,8 @@ async def test_an_erasure_killed_midway_is_resumed_and_a_replay_cannot_bring_eve
         assert "erasure" in racing["error"], racing
     status = await erased(settings, admin, row["job_id"], timeout=180)  # resumed by the API's watcher
     assert status["status"] == "done", status
+    # each event's one receipt renamed, counted once whichever run renamed it
+    assert status["counts"]["receipts"] == status["counts"]["archived"] == len(theirs), status
 
     others = [e for e in events if e["id"] not in theirs]
     await assert_gone(settings, db, tenant, learner, theirs, started)

@@ -39,6 +39,7 @@ import asyncpg
 import orjson
 from botocore.exceptions import ClientError
 
+from lap.audit.jobs import JobTasks, progress_recorder, save_progress
 from lap.audit.receipts import StageTally, rewrite_receipts
 from lap.audit.replay import tenant_jobs_lock
 from lap.audit.tombstones import INDEX_LOCK, STORE_LOCK, learner_hash, signed64
@@ -56,7 +57,6 @@ log = logging.getLogger("lap.erasure")
 
 READ_CONCURRENCY = 8
 MGET_CHUNK = 1000
-PROGRESS_SAVE_S = 2.0
 ERASURE_STALE_S = 30.0  # a running erasure whose heartbeat is older than this lost its process
 ERASURE_WATCH_S = 10.0
 ERASURE_MAX_RUNS = 5
@@ -513,24 +513,15 @@ class Eraser:
         return len(ids)
 
 
-class ErasureJobs:
+class ErasureJobs(JobTasks):
     """The erasure jobs this process runs, and the watcher that resumes those whose process stopped."""
 
     def __init__(self, settings: Settings, pool, s3, search):
+        super().__init__()
         self.settings, self.pool, self.s3, self.search = settings, pool, s3, search
-        self.live: dict[str, dict[str, Any]] = {}  # job id -> progress
-        self._tasks: set[asyncio.Task] = set()
 
     def start(self, erasure_id: int, job_id: str) -> None:
-        progress: dict[str, Any] = {}
-        self.live[job_id] = progress
-        task = asyncio.get_running_loop().create_task(self.run(erasure_id, job_id, progress))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    def cancel(self) -> None:
-        for task in self._tasks:
-            task.cancel()
+        self.spawn(job_id, lambda progress: self.run(erasure_id, job_id, progress))
 
     async def watch(self) -> None:
         while True:
@@ -552,26 +543,12 @@ class ErasureJobs:
                   report=None) -> dict[str, Any]:
         """Run the erasure to its end, saving progress and a heartbeat; {"status", "counts", "error"}."""
         progress = {} if progress is None else progress
-
-        def on_progress(step: str, done: int, total: int) -> None:
-            progress[step] = {"done": done, "total": total}
-            if report is not None:
-                report(step, done, total)
-
-        async def heartbeat() -> None:
-            while True:
-                await asyncio.sleep(PROGRESS_SAVE_S)
-                try:
-                    async with self.pool.acquire() as conn:
-                        await conn.execute(
-                            """UPDATE erasures SET progress = $2::jsonb, heartbeat_at = now()
-                                WHERE id = $1 AND status = 'running'""", erasure_id, orjson.dumps(progress).decode())
-                except Exception as exc:
-                    log.warning("erasure %s: progress not saved: %s", job_id, exc)
-
-        beat = asyncio.get_running_loop().create_task(heartbeat())
+        beat = asyncio.get_running_loop().create_task(save_progress(
+            self.pool, """UPDATE erasures SET progress = $2::jsonb, heartbeat_at = now()
+                           WHERE id = $1 AND status = 'running'""", erasure_id, progress, f"erasure {job_id}"))
         try:
-            counts = await Eraser(self.settings, self.pool, self.s3, self.search, on_progress).run(erasure_id)
+            counts = await Eraser(self.settings, self.pool, self.s3, self.search,
+                                  progress_recorder(progress, report)).run(erasure_id)
             return {"status": "done", "counts": counts, "error": None}
         except asyncio.CancelledError:
             raise

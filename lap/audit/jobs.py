@@ -1,5 +1,6 @@
 """Replay jobs: a replay asked for over the API (or the command line) is a row in `replays`, run in the
-background by one Output API replica, its progress saved every few seconds with a heartbeat.
+background by one Output API replica, its progress saved every few seconds with a heartbeat. Erasure jobs
+(lap/audit/erasure.py) run the same way, on JobTasks and save_progress.
 
 A replica that stops leaves its job `running` with a stale heartbeat; every
 replica's watcher takes such jobs over (one wins each row), up to
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -22,7 +24,7 @@ from lap.settings import Settings
 
 log = logging.getLogger("lap.audit")
 
-PROGRESS_SAVE_S = 2.0  # how often a running replay's progress (and heartbeat) is written for the other replicas
+PROGRESS_SAVE_S = 2.0  # how often a running job's progress (and heartbeat) is written for the other replicas
 REPLAY_STALE_S = 30.0  # a running replay whose heartbeat is older than this lost its replica
 REPLAY_WATCH_S = 10.0  # how often each replica looks for such replays
 REPLAY_MAX_RUNS = 3  # a replay whose replica stopped this many times is marked failed, not run again
@@ -37,18 +39,18 @@ async def record_job(pool, replay_id: str, window: Window, stages: list[str], so
             replay_id, window.tenant, window.start, window.end, stages, source)
 
 
-class ReplayJobs:
-    """The replay jobs this process runs, and the watcher that resumes those whose process stopped."""
+class JobTasks:
+    """The jobs (replays, erasures) this process runs in the background, and their progress for the API."""
 
-    def __init__(self, settings: Settings, pool, s3, search, kinesis):
-        self.settings, self.pool, self.s3, self.search, self.kinesis = settings, pool, s3, search, kinesis
-        self.live: dict[str, dict[str, Any]] = {}  # replay id -> progress, for the jobs running here
+    def __init__(self) -> None:
+        self.live: dict[str, dict[str, Any]] = {}  # job id -> progress, for the jobs running here
         self._tasks: set[asyncio.Task] = set()
 
-    def start(self, replay_id: str, window: Window, stages: list[str], source: str, resumed: bool = False) -> None:
+    def spawn(self, job_id: str, run: Callable[[dict[str, Any]], Awaitable[Any]]) -> None:
+        """Run `run(progress)` as a task; its progress is shown under `job_id` while it runs."""
         progress: dict[str, Any] = {}
-        self.live[replay_id] = progress
-        task = asyncio.get_running_loop().create_task(self.run(replay_id, window, stages, source, progress, resumed))
+        self.live[job_id] = progress
+        task = asyncio.get_running_loop().create_task(run(progress))
         self._tasks.add(task)  # asyncio keeps only a weak reference to a task
         task.add_done_callback(self._tasks.discard)
 
@@ -56,6 +58,39 @@ class ReplayJobs:
         """Stop every job here (a replica shutting down): their heartbeat goes stale, another replica resumes them."""
         for task in self._tasks:
             task.cancel()
+
+
+def progress_recorder(progress: dict[str, Any], report=None) -> Callable[[str, int, int], None]:
+    """A job's progress callback: it fills `progress` (saved for the other replicas) and tells `report` too (the
+    command line's bars)."""
+    def on_progress(step: str, done: int, total: int) -> None:
+        progress[step] = {"done": done, "total": total}
+        if report is not None:
+            report(step, done, total)
+    return on_progress
+
+
+async def save_progress(pool, update_sql: str, key: Any, progress: dict[str, Any], what: str) -> None:
+    """Every PROGRESS_SAVE_S, `update_sql` ($1 the job's key, $2 its progress) writes the progress and a heartbeat,
+    so that every replica can tell the job runs and how far it is. Runs until cancelled."""
+    while True:
+        await asyncio.sleep(PROGRESS_SAVE_S)
+        try:
+            async with pool.acquire() as conn:
+                await conn.execute(update_sql, key, orjson.dumps(progress).decode())
+        except Exception as exc:  # only the progress is late; the result is saved at the end
+            log.warning("%s: progress not saved: %s", what, exc)
+
+
+class ReplayJobs(JobTasks):
+    """The replay jobs this process runs, and the watcher that resumes those whose process stopped."""
+
+    def __init__(self, settings: Settings, pool, s3, search, kinesis):
+        super().__init__()
+        self.settings, self.pool, self.s3, self.search, self.kinesis = settings, pool, s3, search, kinesis
+
+    def start(self, replay_id: str, window: Window, stages: list[str], source: str, resumed: bool = False) -> None:
+        self.spawn(replay_id, lambda progress: self.run(replay_id, window, stages, source, progress, resumed))
 
     async def watch(self) -> None:
         """Resume the replays whose replica stopped (their heartbeat is stale), so none stays `running` for good."""
@@ -90,27 +125,13 @@ class ReplayJobs:
         """Run the replay and record how it ended in its row: {"status", "result", "error"}.
         `report(step, done, total)` also sees the progress (the command line's bars)."""
         progress = {} if progress is None else progress
-
-        def on_progress(step: str, done: int, total: int) -> None:
-            progress[step] = {"done": done, "total": total}
-            if report is not None:
-                report(step, done, total)
-
-        async def save_progress() -> None:  # so that every replica can tell a running replay's progress
-            while True:
-                await asyncio.sleep(PROGRESS_SAVE_S)
-                try:
-                    async with self.pool.acquire() as conn:
-                        await conn.execute(
-                            """UPDATE replays SET progress = $2::jsonb, heartbeat_at = now()
-                                WHERE id = $1 AND status = 'running'""", replay_id, orjson.dumps(progress).decode())
-                except Exception as exc:  # only the progress is late; the result is saved at the end
-                    log.warning("replay %s: progress not saved: %s", replay_id, exc)
-
-        saver = asyncio.get_running_loop().create_task(save_progress())
+        saver = asyncio.get_running_loop().create_task(save_progress(
+            self.pool, """UPDATE replays SET progress = $2::jsonb, heartbeat_at = now()
+                           WHERE id = $1 AND status = 'running'""", replay_id, progress, f"replay {replay_id}"))
         status, result, error = "done", None, None
         try:
-            replayer = Replayer(self.settings, self.pool, self.s3, self.search, self.kinesis, on_progress)
+            replayer = Replayer(self.settings, self.pool, self.s3, self.search, self.kinesis,
+                                progress_recorder(progress, report))
             result = await replayer.run(replay_id, window, stages, source)
         except ReplayBusy as exc:
             if resumed:  # its first replica is alive after all (a heartbeat late behind long work): it goes on

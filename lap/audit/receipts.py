@@ -259,8 +259,10 @@ def decode_receipts(blobs: list[bytes]) -> Receipts:
 async def rewrite_receipts(s3: Any, settings: Any, tenant: str, hour: datetime, shard_id: str, first: int, last: int,
                            event_ids: set[str]) -> int:
     """Name these events by their fingerprint instead of their id in the receipt objects of one batch, tenant and
-    hour (an erasure); returns how many copies were renamed. A receipt past the dedup window is gone already."""
+    hour (an erasure); returns how many copies are renamed, counting those an interrupted earlier run renamed. A
+    receipt past the dedup window is gone already."""
     bucket = settings.archive.bucket
+    erased_names = {erased_id(tenant, event_id) for event_id in event_ids}
     prefix = f"{hour_prefix(settings.archive.receipts_prefix, tenant, hour)}shard={shard_id}/{first}-{last}."
     renamed = 0
     paginator = s3.get_paginator("list_objects_v2")
@@ -277,5 +279,5 @@ async def rewrite_receipts(s3: Any, settings: Any, tenant: str, hour: datetime, 
                 await s3.put_object(Bucket=bucket, Key=entry["Key"],
                                     Body=gzip.compress(orjson.dumps(doc), compresslevel=3, mtime=0),
                                     ContentType="application/json", ContentEncoding="gzip")
-            renamed += len(here)
+            renamed += sum(1 for event_id in ids if event_id in erased_names)  # after the renaming above
     return renamed
