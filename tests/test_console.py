@@ -11,6 +11,7 @@ import asyncio
 import gzip
 import os
 import shutil
+import uuid
 from contextlib import AsyncExitStack
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -28,7 +29,7 @@ from selenium.webdriver.support.ui import WebDriverWait
 
 from lap.aws import open_client
 from lap.process.coordinator import COORDINATOR
-from lap.samples import EventFactory
+from lap.samples import EventFactory, envelope
 from tests.support.api import get, key
 from tests.support.traffic import envelopes, new_tenant, send, wait_for
 
@@ -302,10 +303,22 @@ async def test_a_lost_archive_object_is_flagged_then_replayed_from_the_page(brow
 
 
 async def test_an_erasure_shows_in_its_hours_and_in_the_tombstones(browser, settings, console_data, db):
-    """A learner erased: the Erasures view lists the tombstone with the API's counts, and each hour that held the
-    learner's events says how many were erased, and is still complete."""
+    """A learner erased: the Erasures view lists the tombstone with the API's counts, each hour that held the
+    learner's events says how many were erased, and is still complete, and a refused request that named the
+    learner shows no payload."""
     reader, admin = console_data["reader"], console_data["admin"]
     learner = get(settings, reader, "/learners", limit=1).json()["learners"][0]["learner"]
+    broken = dict(console_data["events"][0], id=f"urn:uuid:{uuid.uuid4()}", actor={"id": learner, "type": "Person"},
+                  action="NotAnAction")
+    refused = httpx.post(f"{settings.api_url}/caliper", timeout=30,
+                         content=orjson.dumps(envelope([broken], sensor="https://example.edu/sensors/erased-learner")),
+                         headers={"Authorization": f"Bearer {console_data['sensor']}",
+                                  "Content-Type": "application/json"})
+    assert refused.status_code in (400, 422), refused.text
+    for _ in range(60):  # the quarantine's row is written a moment after the reply
+        if await db.fetchval("SELECT count(*) FROM quarantined WHERE request_id = $1", refused.json()["request_id"]):
+            break
+        await asyncio.sleep(0.5)
     reply = httpx.delete(f"{settings.api_url}/v1/learners/{quote(learner, safe='')}", timeout=60,
                          headers={"Authorization": f"Bearer {admin}"})
     assert reply.status_code == 202, reply.text
@@ -335,3 +348,11 @@ async def test_an_erasure_shows_in_its_hours_and_in_the_tombstones(browser, sett
     row.find_element(By.TAG_NAME, "button").click()
     said = wait(browser, lambda d: d.find_element(By.ID, "hour-erased").text)
     assert "erased" in said and "not missing" in said
+
+    open_view(browser, settings, "quarantine", "#refusals tbody tr")
+    mine = next(r for r in browser.find_elements(By.CSS_SELECTOR, "#refusals tbody tr") if "erased-learner" in r.text)
+    mine.find_element(By.TAG_NAME, "button").click()
+    note = wait(browser, lambda d: next((p.text for p in d.find_elements(By.CSS_SELECTOR, "tr.sample p.note")
+                                         if "no longer kept" in p.text), False))
+    assert "erased" in note and not browser.find_elements(By.CSS_SELECTOR, "tr.sample pre.payload")
+    assert learner not in browser.find_element(By.ID, "view").text

@@ -8,6 +8,7 @@ import gzip
 import os
 import signal
 import subprocess
+import uuid
 from contextlib import AsyncExitStack
 from datetime import datetime, timezone
 from urllib.parse import quote
@@ -17,6 +18,7 @@ import orjson
 
 from lap.audit.tombstones import learner_hash
 from lap.aws import open_client
+from lap.samples import envelope
 from lap.sinks.index import index_name, open_opensearch
 from tests.support.api import get, key
 from tests.support.sensors import Sensor
@@ -389,3 +391,47 @@ async def test_an_erased_learners_dead_letters_are_emptied_and_closed(lap_up, se
     assert not theirs & set((await receipts_of(settings, tenant, started)).event_id)
     report = await reconcile(settings, reader, started)
     assert report["complete"] is True and (report["erased"], report["dead_lettered"]) == (20, 0), report
+
+
+async def test_an_erased_learners_refused_requests_keep_no_payload(lap_up, settings, db):
+    """Refused requests kept in the quarantine that name the learner lose their payload (the refusal itself stays,
+    counted); another learner's refused request is kept whole."""
+    tenant, sensor = new_tenant(lap_up)
+    admin, reader = key(lap_up, tenant, "admin"), key(lap_up, tenant, "reader")
+    events = make_events(40, learners=4)
+    learner = learner_of(tenant, events[0])
+    other = next(learner_of(tenant, e) for e in events if learner_of(tenant, e) != learner)
+    send(settings, sensor, envelopes(events))
+    await wait_for(db, tenant, {"aggregated": 40})
+    refused = {}
+    apart = next(e for e in events if learner_of(tenant, e) == other and learner.encode() not in orjson.dumps(e))
+    for who, event in (("theirs", events[0]), ("other", apart)):
+        broken = dict(event, id=f"urn:uuid:{uuid.uuid4()}", action="NotAnAction")
+        reply = httpx.post(f"{settings.api_url}/caliper", content=orjson.dumps(envelope([broken])), timeout=30,
+                           headers={"Authorization": f"Bearer {sensor}", "Content-Type": "application/json"})
+        assert reply.status_code in (400, 422), reply.text
+        refused[who] = reply.json()["request_id"]
+    for _ in range(60):  # the quarantine's rows are written a moment after the replies
+        if await db.fetchval("SELECT count(*) FROM quarantined WHERE tenant = $1", tenant) == 2:
+            break
+        await asyncio.sleep(0.5)
+    before = get(settings, reader, f"/audit/quarantine/{refused['theirs']}").json()
+    assert learner in before["payload"] and before["payload_erased"] is False
+
+    reply = erase(settings, admin, learner)
+    assert reply.status_code == 202, reply.text
+    status = await erased(settings, admin, reply.json()["id"])
+    assert status["status"] == "done" and status["counts"]["quarantined"] == 1, status
+
+    theirs = get(settings, reader, f"/audit/quarantine/{refused['theirs']}")
+    assert theirs.status_code == 200 and learner not in theirs.text
+    kept = theirs.json()
+    assert (kept["payload"], kept["payload_erased"]) == ("", True)
+    assert (kept["status"], kept["title"]) == (before["status"], before["title"])  # the refusal itself stays
+    async with AsyncExitStack() as stack:
+        s3 = await open_client(stack, settings, "s3")
+        stored = await (await s3.get_object(Bucket=settings.archive.bucket, Key=kept["object_key"]))["Body"].read()
+    assert learner.encode() not in stored and orjson.dumps(learner)[1:-1] not in stored
+    whole = get(settings, reader, f"/audit/quarantine/{refused['other']}").json()
+    assert other in whole["payload"] and whole["payload_erased"] is False
+    assert await db.fetchval("SELECT count(*) FROM quarantined WHERE tenant = $1", tenant) == 2

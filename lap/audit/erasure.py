@@ -20,7 +20,9 @@ archive object at a time, each step safe to run again after a stop:
    learner's IRI.
 
 Events of the learner still in the stream, resent later, or in a dead letter are
-dropped by the writers that meet them, and counted erased.
+dropped by the writers that meet them, and counted erased. Refused requests kept
+in the quarantine that name the learner lose their payload; the refusal (when,
+which sensor, why) stays.
 """
 
 from __future__ import annotations
@@ -89,6 +91,57 @@ async def write_tombstone(conn, tenant: str, learner_hash: str | None, learner: 
     except asyncpg.exceptions.LockNotAvailableError:
         raise ErasureBusy(f"the pipeline's writers did not pause within {TOMBSTONE_WAIT_S} s (is OpenSearch "
                           "slow?); ask again") from None
+
+
+def learner_forms(learner: str) -> list[str]:
+    """How the learner's IRI can appear in a request's text: as is, and as JSON writes it (escaped quotes and
+    backslashes, and slashes escaped the way some encoders do)."""
+    escaped = orjson.dumps(learner).decode()[1:-1]
+    return list(dict.fromkeys([learner, escaped, escaped.replace("/", "\\/")]))
+
+
+def names_learner(text: str, learner: str) -> bool:
+    """The text (a kept payload, its problems) holds the learner's IRI, written in any JSON escaping when the
+    text parses as JSON."""
+    if any(form in text for form in learner_forms(learner)):
+        return True
+    try:
+        doc = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return False
+    stack = [doc]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, str):
+            if learner in value:
+                return True
+        elif isinstance(value, dict):
+            stack.extend(value.keys())
+            stack.extend(value.values())
+        elif isinstance(value, list):
+            stack.extend(value)
+    return False
+
+
+def kept_payload(kept: dict[str, Any]) -> str:
+    """A quarantined request's payload as text (a payload that was not UTF-8 is kept in base64)."""
+    payload = kept.get("payload") or ""
+    if kept.get("payload_encoding") == "base64":
+        return base64.b64decode(payload).decode("utf-8", errors="replace")
+    return payload
+
+
+def blank_learner(problems: list[dict[str, Any]], learner: str) -> list[dict[str, Any]]:
+    """The problems of a refusal with the learner's IRI taken out of their messages."""
+    out = []
+    for problem in problems:
+        message = problem.get("message")
+        if isinstance(message, str):
+            for form in learner_forms(learner):
+                message = message.replace(form, "[erased learner]")
+            problem = {**problem, "message": message}
+        out.append(problem)
+    return out
 
 
 def new_job_id() -> str:
@@ -173,6 +226,7 @@ class Eraser:
                 await self.erase_archive(job, counts)
                 counts["orphans_deleted"] += await self.erase_orphans(job)
                 counts["dead_lettered"] += await self.erase_dead_letters(job)
+                counts["quarantined"] = await self.erase_quarantine(job)
                 await self.erase_index(job)
                 await self.erase_aggregate_rows(job, counts)
                 counts["index_leftovers"] += await self.erase_index_leftovers(tenant, learner)
@@ -416,6 +470,48 @@ class Eraser:
                     letter["stream"], letter["shard_id"], letter["sequence_number"], len(gone), job["job_id"])
             erased += len(gone)
         return erased
+
+    async def erase_quarantine(self, job) -> int:
+        """Refused requests of the tenant whose kept payload or problems name the learner: the payload is dropped
+        from the kept object and the IRI blanked in the problems; the refusal itself stays, counted as before.
+        Returns how many this erasure emptied, whichever run did it."""
+        tenant, learner = job["tenant"], job["learner"]
+        marker = job["job_id"]
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch("SELECT request_id, object_key, problems FROM quarantined WHERE tenant = $1",
+                                    tenant)
+        gate = asyncio.Semaphore(READ_CONCURRENCY)
+        emptied = done = 0
+
+        async def one(row) -> None:
+            nonlocal emptied, done
+            async with gate:
+                try:
+                    reply = await self.s3.get_object(Bucket=self.settings.archive.bucket, Key=row["object_key"])
+                    async with reply["Body"] as body:
+                        kept = orjson.loads(await body.read())
+                except ClientError:  # its payload is gone already (the sweeper): the problems may still name them
+                    kept = None
+                already = kept is not None and kept.get("payload_erased_by") == marker  # an earlier run did it
+                in_payload = kept is not None and not already and names_learner(kept_payload(kept), learner)
+                in_problems = names_learner(row["problems"], learner)
+                if kept is not None and not already and (in_payload or in_problems):
+                    kept.update(payload="", payload_encoding="utf-8", payload_erased_by=marker,
+                                problems=blank_learner(kept.get("problems", []), learner))
+                    await self.s3.put_object(Bucket=self.settings.archive.bucket, Key=row["object_key"],
+                                             Body=orjson.dumps(kept), ContentType="application/json")
+                if in_problems:
+                    async with self.pool.acquire() as conn:
+                        await conn.execute("UPDATE quarantined SET problems = $2::jsonb WHERE request_id = $1",
+                                           row["request_id"],
+                                           orjson.dumps(blank_learner(orjson.loads(row["problems"]), learner)).decode())
+                emptied += already or in_payload or in_problems
+            done += 1
+            self.progress("quarantine", done, len(rows))
+
+        self.progress("quarantine", 0, len(rows))
+        await asyncio.gather(*(one(row) for row in rows))
+        return emptied
 
     # --- 2. the index, and the old objects ------------------------------------------------------
 

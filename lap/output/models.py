@@ -329,6 +329,8 @@ class QuarantinedRequest(QuarantineEntry):
     payload_truncated: bool = Field(description="only the first limits.quarantine_payload_bytes were kept")
     payload_encoding: Literal["utf-8", "base64"]
     payload: str
+    payload_erased: bool = Field(False, description="the payload named a learner who was erased since, and is no "
+                                                    "longer kept")
 
 
 class LearnerActivity(BaseModel):

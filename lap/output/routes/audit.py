@@ -257,7 +257,8 @@ async def quarantined_request(request_id: str, api: "OutputAPI" = REPLICA, calle
         request_id=row["request_id"], sensor=row["sensor"], received_at=row["received_at"], status=row["status"],
         title=row["title"], problems=orjson.loads(row["problems"]), payload_bytes=row["payload_bytes"],
         object_key=row["object_key"], payload_truncated=kept.get("payload_truncated", False),
-        payload_encoding=kept.get("payload_encoding", "utf-8"), payload=kept.get("payload", ""))
+        payload_encoding=kept.get("payload_encoding", "utf-8"), payload=kept.get("payload", ""),
+        payload_erased="payload_erased_by" in kept)
 
 
 @router.get("/audit/dead-letters", response_model=DeadLetterPage, responses=PROBLEMS,

@@ -603,9 +603,11 @@ async function showSample(button, group) {
     cell.replaceChildren(
       h("p", {}, `Request ${kept.request_id}, received ${localTime(kept.received_at)}: ${kept.status} ${kept.title}`),
       h("ul", { class: "problems" }, kept.problems.map((p) => h("li", {}, h("code", {}, p.path), ` ${p.message}`))),
-      h("p", { class: "note" }, `Payload: ${number(kept.payload_bytes)} bytes${kept.payload_truncated ? ", only the first part kept" : ""}`
-        + `${kept.payload_encoding === "base64" ? " (not UTF-8: shown in base64)" : ""}.`),
-      h("pre", { class: "payload" }, payload));
+      kept.payload_erased
+        ? h("p", { class: "note" }, `Payload: ${number(kept.payload_bytes)} bytes, no longer kept: it named a learner who was erased.`)
+        : h("p", { class: "note" }, `Payload: ${number(kept.payload_bytes)} bytes${kept.payload_truncated ? ", only the first part kept" : ""}`
+          + `${kept.payload_encoding === "base64" ? " (not UTF-8: shown in base64)" : ""}.`),
+      kept.payload_erased ? "" : h("pre", { class: "payload" }, payload));
   } catch (err) {
     cell.replaceChildren(failure(err));
   }
