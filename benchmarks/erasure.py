@@ -12,6 +12,9 @@ use:
 
 1. the erasure of the learner: finding its objects among the day's rows,
    rewriting them, the index, the aggregates;
+   and, within it, the tenant's --refusals kept refusals (quarantined
+   requests of about 3 KB, --refusals-naming of them naming the learner),
+   read only where their hashes may name the learner;
 2. the deletion of a tenant whose archive holds --tenant-objects objects (and
    as many receipt objects), from listing to the last row.
 
@@ -145,10 +148,56 @@ async def fill(settings, args) -> dict:
             print(f"\r  the leaving tenant's objects: {min(chunk + 256, len(keys)):,} of {len(keys):,}", end="",
                   file=sys.stderr, flush=True)
         print(file=sys.stderr)
+        refusals_s = await fill_refusals(settings, s3, args)
     return {"fill_s": round(time.monotonic() - started, 1), "manifest_objects": len(rows),
+            "refusals": args.refusals, "refusals_put_s": round(refusals_s, 1),
             "events_in_day": per_batch * len(rows), "learner_objects": len(theirs),
             "learner_object_bytes": round(sum(sizes) / len(sizes)), "learner_objects_put_s": round(put_s, 2),
             "tenant_objects": len(keys), "tenant_objects_put_s": round(time.monotonic() - t, 1)}
+
+
+async def fill_refusals(settings, s3, args) -> float:
+    """The tenant's kept refusals, as the ingest's quarantine writes them: a row and an object each, the payload an
+    envelope of three events that failed validation; --refusals-naming of them name the learner."""
+    from lap.ingest.quarantine import Quarantine, named_hashes
+    from lap.sinks.store import connect
+
+    t = time.monotonic()
+    naming = set(random.sample(range(args.refusals), min(args.refusals_naming, args.refusals)))
+    rows = []
+    for chunk in range(0, args.refusals, 256):
+        puts = []
+        for n in range(chunk, min(chunk + 256, args.refusals)):
+            received = DAY + timedelta(seconds=n * 86_400 // args.refusals)
+            actors = [LEARNER if n in naming and i == 0 else f"https://lms.example.edu/users/u{random.randrange(50_000)}"
+                      for i in range(3)]
+            items = [orjson.loads(line(TENANT, actor, i, received, "shard-0"))["item"] | {"action": "NotAnAction"}
+                     for i, actor in enumerate(actors)]
+            payload = orjson.dumps({"sensor": "https://lms.example.edu/sensors/lms", "data": items}).decode()
+            problems = [{"index": i, "path": f"$.data[{i}].action", "message": "unknown action NotAnAction"}
+                        for i in range(3)]
+            request_id = f"bench-{n:08d}"
+            key = Quarantine.object_key(settings.archive.quarantine_prefix, TENANT, received, request_id)
+            document = {"request_id": request_id, "tenant": TENANT, "sensor": "https://lms.example.edu/sensors/lms",
+                        "received_at": received.isoformat(), "status": 400, "title": "Bad Request",
+                        "problems": problems, "payload_bytes": len(payload), "payload_truncated": False,
+                        "payload_encoding": "utf-8", "payload": payload}
+            puts.append(s3.put_object(Bucket=settings.archive.bucket, Key=key, Body=orjson.dumps(document)))
+            rows.append((request_id, TENANT, "https://lms.example.edu/sensors/lms", received, 400, "Bad Request",
+                         orjson.dumps(problems).decode(), len(payload), key, named_hashes(payload.encode())))
+        await asyncio.gather(*puts)
+        print(f"\r  the tenant's kept refusals: {len(rows):,} of {args.refusals:,}", end="", file=sys.stderr,
+              flush=True)
+    print(file=sys.stderr)
+    conn = await connect(settings)
+    try:
+        await conn.executemany(
+            """INSERT INTO quarantined (request_id, tenant, sensor, received_at, status, title, problems, payload_bytes,
+                                        object_key, learners)
+               VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb, $8, $9, $10)""", rows)
+    finally:
+        await conn.close()
+    return time.monotonic() - t
 
 
 async def measure(settings) -> dict:
@@ -164,7 +213,11 @@ async def measure(settings) -> dict:
         s3 = await open_client(stack, settings, "s3")
         search = open_opensearch(settings)
         stack.push_async_callback(search.close)
+        steps: dict[str, list[float]] = {}  # step -> [first time it reported progress, last time, total]
+
         def progress(step: str, done: int, total: int) -> None:
+            now = time.monotonic()
+            steps.setdefault(step, [now, now, total])[1:] = [now, total]
             print(f"\r  {step}: {done:,} of {total:,}   ", end="", file=sys.stderr, flush=True)
 
         t = time.monotonic()
@@ -177,6 +230,8 @@ async def measure(settings) -> dict:
         row, _ = await request_erasure(pool, TENANT, LEARNER, "benchmark")
         counts = await Eraser(settings, pool, s3, search, progress).run(row["id"])
         erase_s = time.monotonic() - t
+        quarantine_s = steps["quarantine"][1] - steps["quarantine"][0]
+        quarantine_read = int(steps["quarantine"][2])
         print(file=sys.stderr)
         t = time.monotonic()
         row, _ = await request_tenant_deletion(pool, LEAVING, "benchmark")
@@ -197,9 +252,19 @@ async def measure(settings) -> dict:
 
         read_bytes = sum(await asyncio.gather(*(read(k) for k in keys)))
         read_s = time.monotonic() - t
-    return {"scan_s": round(scan_s, 2), "scan_found": found, "erase_s": round(erase_s, 2), "erase_counts": counts,
+        # baseline: reading every kept refusal, as an erasure would without the hashes
+        async with pool.acquire() as conn:
+            refusals = [r["object_key"] for r in await conn.fetch(
+                "SELECT object_key FROM quarantined WHERE tenant = $1", TENANT)]
+        t = time.monotonic()
+        await asyncio.gather(*(read(k) for k in refusals))
+        refusals_read_s = time.monotonic() - t
+    return {"scan_s": round(scan_s, 2), "scan_found": found, "erase_s": round(erase_s, 2),
+            "erase_quarantine_s": round(quarantine_s, 2), "erase_quarantine_read": quarantine_read,
+            "erase_counts": counts,
             "delete_tenant_s": round(delete_s, 2), "delete_counts": deleted,
-            "baseline_read_s": round(read_s, 2), "baseline_read_objects": len(keys), "baseline_read_bytes": read_bytes}
+            "baseline_read_s": round(read_s, 2), "baseline_read_objects": len(keys), "baseline_read_bytes": read_bytes,
+            "baseline_read_refusals_s": round(refusals_read_s, 2), "baseline_read_refusals": len(refusals)}
 
 
 def main() -> int:
@@ -212,8 +277,12 @@ def main() -> int:
     parser.add_argument("--learner-events", type=int, default=200, help="the erased learner's events in the day")
     parser.add_argument("--tenant-objects", type=int, default=14_400,
                         help="archive objects of the deleted tenant (and as many receipt objects)")
+    parser.add_argument("--refusals", type=int, default=10_000, help="the tenant's kept refusals (quarantine)")
+    parser.add_argument("--refusals-naming", type=int, default=10, help="of them, those naming the learner")
     parser.add_argument("--json", type=Path, default=Path("benchmarks/results/erasure.json"))
     args = parser.parse_args()
+    if not (1 <= args.refusals <= 1_000_000 and 0 <= args.refusals_naming <= args.refusals):
+        parser.error("--refusals 1..1,000,000 and --refusals-naming at most --refusals")
     if not (1 <= args.hours <= 48 and args.shards >= 1 and args.rate >= args.shards
             and 1 <= args.learner_events <= args.hours * 3600 * args.shards and args.learners_per_object >= 1):
         parser.error("--hours 1..48, --shards >= 1, --rate >= --shards, --learner-events at most one per object")
@@ -237,16 +306,21 @@ def main() -> int:
     counts = measured["erase_counts"]
     report = {"benchmark": "erasure", "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "machine": machine(), "config": vars(args) | {"json": str(args.json)}, "fill": filled, **measured}
-    per_object = measured["erase_s"] / max(1, counts.get("objects_rewritten", 0))
+    per_object = (measured["erase_s"] - measured["erase_quarantine_s"]) / max(1, counts.get("objects_rewritten", 0))
     rows = [
         ("events in the tenant's day", f"{filled['events_in_day']:,}", f"{filled['manifest_objects']:,} objects"),
         ("objects that may hold the learner (found by hash)", f"{measured['scan_found']:,}",
          f"in {measured['scan_s']} s"),
-        ("erasing the learner (s)", f"{measured['erase_s']}", f"{per_object * 1000:.0f} ms per object"),
+        ("erasing the learner (s)", f"{measured['erase_s']}", f"{per_object * 1000:.0f} ms per archive object"),
         ("  objects rewritten", f"{counts.get('objects_rewritten', 0):,}", ""),
         ("  events erased", f"{counts.get('events', 0):,}", f"{counts.get('receipts', 0):,} receipts"),
+        ("  of it, the kept refusals (s)", f"{measured['erase_quarantine_s']}",
+         f"{measured['erase_quarantine_read']:,} of {filled['refusals']:,} read by hash, "
+         f"{counts.get('quarantined', 0)} named the learner"),
         ("baseline: reading the rewritten objects (s)", f"{measured['baseline_read_s']}",
          f"{measured['baseline_read_objects']:,} objects, {measured['baseline_read_bytes'] / 1e6:.0f} MB"),
+        ("baseline: reading every kept refusal (s)", f"{measured['baseline_read_refusals_s']}",
+         f"{measured['baseline_read_refusals']:,} refusals"),
         ("deleting a tenant (s)", f"{measured['delete_tenant_s']}",
          f"{filled['tenant_objects']:,} objects"),
     ]

@@ -19,6 +19,7 @@ import orjson
 from lap.audit.tombstones import learner_hash
 from lap.aws import open_client
 from lap.samples import envelope
+from lap.sinks.archive import learner_hash32
 from lap.sinks.index import index_name, open_opensearch
 from tests.support.api import get, key
 from tests.support.sensors import Sensor
@@ -411,27 +412,36 @@ async def test_an_erased_learners_refused_requests_keep_no_payload(lap_up, setti
                            headers={"Authorization": f"Bearer {sensor}", "Content-Type": "application/json"})
         assert reply.status_code in (400, 422), reply.text
         refused[who] = reply.json()["request_id"]
+    cut = orjson.dumps(envelope([dict(events[0], id=f"urn:uuid:{uuid.uuid4()}")]))[:-40]  # not JSON: no hashes
+    reply = httpx.post(f"{settings.api_url}/caliper", content=cut, timeout=30,
+                       headers={"Authorization": f"Bearer {sensor}", "Content-Type": "application/json"})
+    assert reply.status_code == 400 and learner.encode() in cut, reply.text
+    refused["cut"] = reply.json()["request_id"]
     for _ in range(60):  # the quarantine's rows are written a moment after the replies
-        if await db.fetchval("SELECT count(*) FROM quarantined WHERE tenant = $1", tenant) == 2:
+        if await db.fetchval("SELECT count(*) FROM quarantined WHERE tenant = $1", tenant) == 3:
             break
         await asyncio.sleep(0.5)
+    named = dict(await db.fetch("SELECT request_id, learners FROM quarantined WHERE tenant = $1", tenant))
+    assert learner_hash32(learner) in named[refused["theirs"]] and learner_hash32(other) in named[refused["other"]]
+    assert learner_hash32(learner) not in named[refused["other"]] and named[refused["cut"]] is None
     before = get(settings, reader, f"/audit/quarantine/{refused['theirs']}").json()
     assert learner in before["payload"] and before["payload_erased"] is False
 
     reply = erase(settings, admin, learner)
     assert reply.status_code == 202, reply.text
     status = await erased(settings, admin, reply.json()["id"])
-    assert status["status"] == "done" and status["counts"]["quarantined"] == 1, status
+    assert status["status"] == "done" and status["counts"]["quarantined"] == 2, status
 
-    theirs = get(settings, reader, f"/audit/quarantine/{refused['theirs']}")
-    assert theirs.status_code == 200 and learner not in theirs.text
-    kept = theirs.json()
-    assert (kept["payload"], kept["payload_erased"]) == ("", True)
-    assert (kept["status"], kept["title"]) == (before["status"], before["title"])  # the refusal itself stays
-    async with AsyncExitStack() as stack:
-        s3 = await open_client(stack, settings, "s3")
-        stored = await (await s3.get_object(Bucket=settings.archive.bucket, Key=kept["object_key"]))["Body"].read()
-    assert learner.encode() not in stored and orjson.dumps(learner)[1:-1] not in stored
+    for which in ("theirs", "cut"):
+        theirs = get(settings, reader, f"/audit/quarantine/{refused[which]}")
+        assert theirs.status_code == 200 and learner not in theirs.text
+        kept = theirs.json()
+        assert (kept["payload"], kept["payload_erased"], kept["status"]) == ("", True, 400)  # the refusal stays
+        async with AsyncExitStack() as stack:
+            s3 = await open_client(stack, settings, "s3")
+            stored = await (await s3.get_object(Bucket=settings.archive.bucket, Key=kept["object_key"]))["Body"].read()
+        assert learner.encode() not in stored and orjson.dumps(learner)[1:-1] not in stored
+    assert before["title"] == get(settings, reader, f"/audit/quarantine/{refused['theirs']}").json()["title"]
     whole = get(settings, reader, f"/audit/quarantine/{refused['other']}").json()
     assert other in whole["payload"] and whole["payload_erased"] is False
-    assert await db.fetchval("SELECT count(*) FROM quarantined WHERE tenant = $1", tenant) == 2
+    assert await db.fetchval("SELECT count(*) FROM quarantined WHERE tenant = $1", tenant) == 3

@@ -474,12 +474,14 @@ class Eraser:
     async def erase_quarantine(self, job) -> int:
         """Refused requests of the tenant whose kept payload or problems name the learner: the payload is dropped
         from the kept object and the IRI blanked in the problems; the refusal itself stays, counted as before.
-        Returns how many this erasure emptied, whichever run did it."""
+        Only those whose `learners` hashes may hold the learner (or that have none) are read. Returns how many
+        this erasure emptied, whichever run did it."""
         tenant, learner = job["tenant"], job["learner"]
         marker = job["job_id"]
         async with self.pool.acquire() as conn:
-            rows = await conn.fetch("SELECT request_id, object_key, problems FROM quarantined WHERE tenant = $1",
-                                    tenant)
+            rows = await conn.fetch(  # those that may name the learner (a hash may be shared: read for nothing)
+                """SELECT request_id, object_key, problems FROM quarantined
+                    WHERE tenant = $1 AND (learners IS NULL OR $2 = ANY(learners))""", tenant, learner_hash32(learner))
         gate = asyncio.Semaphore(READ_CONCURRENCY)
         emptied = done = 0
 

@@ -18,6 +18,34 @@ import orjson
 
 log = logging.getLogger("lap.quarantine")
 
+MAX_NAMED = 4096  # a payload naming more IRIs than this is read whole by an erasure instead
+
+
+def named_hashes(payload: bytes) -> list[int] | None:
+    """The 32-bit hashes of every string of the payload that could be an IRI (it holds a ':'), for an erasure to
+    find the refusals that may name a learner; None when the payload is not whole JSON or names too many."""
+    from lap.sinks.archive import learner_hash32
+
+    try:
+        doc = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        return None
+    named: set[str] = set()
+    stack = [doc]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, str):
+            if ":" in value:
+                named.add(value)
+        elif isinstance(value, dict):
+            stack.extend(value.keys())
+            stack.extend(value.values())
+        elif isinstance(value, list):
+            stack.extend(value)
+        if len(named) > MAX_NAMED:
+            return None
+    return sorted({learner_hash32(iri) for iri in named})
+
 
 class Quarantine:
     def __init__(self, s3: Any, pool: asyncpg.Pool, bucket: str, prefix: str, payload_cap: int,
@@ -50,6 +78,7 @@ class Quarantine:
     async def _write(self, tenant: str, sensor: str, key_id: str, request_id: str, received_at: datetime,
                      status: int, title: str, problems: list[dict], body: bytes, headers: dict[str, str]) -> None:
         kept = body[: self.payload_cap]
+        learners = named_hashes(kept) if len(kept) == len(body) else None
         try:
             payload, encoding = kept.decode("utf-8"), "utf-8"
         except UnicodeDecodeError:
@@ -70,10 +99,10 @@ class Quarantine:
             async with self.pool.acquire() as conn, conn.transaction():
                 await conn.execute(
                     """INSERT INTO quarantined (request_id, tenant, sensor, received_at, status, title, problems,
-                                                payload_bytes, object_key)
-                       VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb, $8, $9) ON CONFLICT (request_id) DO NOTHING""",
+                                                payload_bytes, object_key, learners)
+                       VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb, $8, $9, $10) ON CONFLICT (request_id) DO NOTHING""",
                     request_id, tenant, sensor, received_at, status, title, orjson.dumps(problems).decode(),
-                    len(body), key)
+                    len(body), key, learners)
                 await conn.execute(
                     """INSERT INTO quarantine_counts (tenant, sensor, day, status, count, bytes)
                        VALUES ($1, $2, $3, $4, 1, $5)
