@@ -46,6 +46,7 @@ from lap.audit.receipts import StageTally, rewrite_receipts
 from lap.audit.replay import tenant_jobs_lock
 from lap.audit.tombstones import INDEX_LOCK, STORE_LOCK, learner_hash, signed64
 from lap.buckets import hour_of, parse_time
+from lap.ingest.quarantine import strings_in
 from lap.process.aggregate import aggregate_records
 from lap.process.batch import negated, write_aggregates
 from lap.process.dedup import fingerprint
@@ -109,18 +110,7 @@ def names_learner(text: str, learner: str) -> bool:
         doc = orjson.loads(text)
     except orjson.JSONDecodeError:
         return False
-    stack = [doc]
-    while stack:
-        value = stack.pop()
-        if isinstance(value, str):
-            if learner in value:
-                return True
-        elif isinstance(value, dict):
-            stack.extend(value.keys())
-            stack.extend(value.values())
-        elif isinstance(value, list):
-            stack.extend(value)
-    return False
+    return any(learner in value for value in strings_in(doc))
 
 
 def kept_payload(kept: dict[str, Any]) -> str:
@@ -492,8 +482,10 @@ class Eraser:
                     reply = await self.s3.get_object(Bucket=self.settings.archive.bucket, Key=row["object_key"])
                     async with reply["Body"] as body:
                         kept = orjson.loads(await body.read())
-                except ClientError:  # its payload is gone already (the sweeper): the problems may still name them
-                    kept = None
+                except ClientError as exc:
+                    if exc.response.get("Error", {}).get("Code") not in ("NoSuchKey", "404"):
+                        raise  # S3 away: the job stops here and is resumed
+                    kept = None  # its payload is gone already (the sweeper): the problems may still name them
                 already = kept is not None and kept.get("payload_erased_by") == marker  # an earlier run did it
                 in_payload = kept is not None and not already and names_learner(kept_payload(kept), learner)
                 in_problems = names_learner(row["problems"], learner)

@@ -10,40 +10,47 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+from collections.abc import Iterator
 from datetime import datetime
 from typing import Any
 
 import asyncpg
 import orjson
 
+from lap.sinks.archive import learner_hash32
+
 log = logging.getLogger("lap.quarantine")
 
 MAX_NAMED = 4096  # a payload naming more IRIs than this is read whole by an erasure instead
 
 
-def named_hashes(payload: bytes) -> list[int] | None:
-    """The 32-bit hashes of every string of the payload that could be an IRI (it holds a ':'), for an erasure to
-    find the refusals that may name a learner; None when the payload is not whole JSON or names too many."""
-    from lap.sinks.archive import learner_hash32
-
-    try:
-        doc = orjson.loads(payload)
-    except orjson.JSONDecodeError:
-        return None
-    named: set[str] = set()
+def strings_in(doc: Any) -> Iterator[str]:
+    """Every string of a parsed JSON document, keys too."""
     stack = [doc]
     while stack:
         value = stack.pop()
         if isinstance(value, str):
-            if ":" in value:
-                named.add(value)
+            yield value
         elif isinstance(value, dict):
             stack.extend(value.keys())
             stack.extend(value.values())
         elif isinstance(value, list):
             stack.extend(value)
-        if len(named) > MAX_NAMED:
-            return None
+
+
+def named_hashes(payload: bytes) -> list[int] | None:
+    """The 32-bit hashes of every string of the payload that could be an IRI (it holds a ':'), for an erasure to
+    find the refusals that may name a learner; None when the payload is not whole JSON or names too many."""
+    try:
+        doc = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        return None
+    named: set[str] = set()
+    for value in strings_in(doc):
+        if ":" in value:
+            named.add(value)
+            if len(named) > MAX_NAMED:
+                return None
     return sorted({learner_hash32(iri) for iri in named})
 
 
