@@ -5,14 +5,18 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a private LAP is made as the tests make theirs
 from tests.support.stack import run_lap, write_config  # noqa: E402
 
-__all__ = ["lap", "machine", "start_lap", "write_config", "write_report"]
+__all__ = ["lap", "machine", "own_lap", "start_lap", "write_config", "write_report"]
 
 
 def lap(*args: str, config: Path, timeout: float = 400) -> subprocess.CompletedProcess:
@@ -31,6 +35,25 @@ def start_lap(config: Path) -> bool:
     if up.returncode != 0:
         print(up.stdout, up.stderr, file=sys.stderr)
     return up.returncode == 0
+
+
+@contextmanager
+def own_lap(name: str, **sections) -> Iterator[tuple[Path, object]]:
+    """A LAP of the benchmark's own, with these settings sections: `lap up --detach` on free ports in a temporary
+    folder, stopped and removed at the end; (its config file, its settings). Exits 1 when it does not start."""
+    from lap.settings import load_settings
+
+    folder = Path(tempfile.mkdtemp(prefix=f"lap-bench-{name}-"))
+    try:
+        config = write_config(folder, **sections)
+        if not start_lap(config):
+            raise SystemExit(1)
+        try:
+            yield config, load_settings(config)
+        finally:
+            lap("down", config=config)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def write_report(path: Path, report: dict) -> None:

@@ -29,9 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import random
-import shutil
 import sys
-import tempfile
 import time
 from contextlib import AsyncExitStack
 from datetime import datetime, timedelta, timezone
@@ -42,7 +40,7 @@ import orjson
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import lap, machine, start_lap, write_config, write_report  # noqa: E402
+from common import machine, own_lap, write_report  # noqa: E402
 
 TENANT = "bench-erase"
 LEAVING = "bench-leaving"
@@ -287,21 +285,11 @@ def main() -> int:
             and 1 <= args.learner_events <= args.hours * 3600 * args.shards and args.learners_per_object >= 1):
         parser.error("--hours 1..48, --shards >= 1, --rate >= --shards, --learner-events at most one per object")
 
-    from lap.settings import load_settings
-
-    folder = Path(tempfile.mkdtemp(prefix="lap-bench-erasure-"))
-    config = write_config(folder, process={"index_enabled": False})
-    settings = load_settings(config)
-    if not start_lap(config):
-        return 1
-    try:
+    with own_lap("erasure", process={"index_enabled": False}) as (config, settings):
         print(f"writing a day's manifest at {args.rate:,} events/s...", file=sys.stderr, flush=True)
         filled = asyncio.run(fill(settings, args))
         print("erasing...", file=sys.stderr, flush=True)
         measured = asyncio.run(measure(settings))
-    finally:
-        lap("down", config=config)
-        shutil.rmtree(folder, ignore_errors=True)
 
     counts = measured["erase_counts"]
     report = {"benchmark": "erasure", "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

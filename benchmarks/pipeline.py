@@ -31,9 +31,7 @@ import asyncio
 import json
 import multiprocessing
 import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -42,7 +40,7 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import lap, machine, start_lap, write_config, write_report  # noqa: E402
+from common import lap, machine, own_lap, write_report  # noqa: E402
 from ingest import load_process, pct  # noqa: E402
 
 TARGETS = {"processed_per_s": 5_000, "drain_s": 15, "consumer_cpu_us": 50, "postgres_cpu_us": 20,
@@ -227,15 +225,8 @@ def main() -> int:
     if args.rate <= 0 or args.seconds <= 0 or args.rate * args.seconds > 2_000_000:
         parser.error("--rate and --seconds must be positive, and offer at most 2,000,000 events")
 
-    from lap.settings import load_settings
-
-    folder = Path(tempfile.mkdtemp(prefix="lap-bench-pipeline-"))
-    config = write_config(folder, process={"index_enabled": False})
-    settings = load_settings(config)
-    if not start_lap(config):
-        return 1
     samples: list[dict] = []
-    try:
+    with own_lap("pipeline", process={"index_enabled": False}) as (config, settings):
         token = lap("keys", "create", "--tenant", "bench", "--role", "sensor", config=config).stdout.strip()
         course_token = lap("keys", "create", "--tenant", "course", "--role", "sensor", config=config).stdout.strip()
         dense_token = lap("keys", "create", "--tenant", "dense", "--role", "sensor", config=config).stdout.strip()
@@ -253,9 +244,6 @@ def main() -> int:
         dense = database_phase(settings, dense_token, args.course_events, learners=max(1, args.course_events // 50),
                                courses=1, days=1)
         index = index_phase(settings, state["ray_address"], args.index_seconds)
-    finally:
-        lap("down", config=config)
-        shutil.rmtree(folder, ignore_errors=True)
 
     load_result = run["load"]
     ok = load_result["statuses"].get(200, 0)

@@ -28,9 +28,7 @@ import argparse
 import asyncio
 import gzip
 import os
-import shutil
 import sys
-import tempfile
 import time
 from contextlib import AsyncExitStack
 from datetime import datetime, timedelta, timezone
@@ -41,7 +39,7 @@ import orjson
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import lap, machine, start_lap, write_config, write_report  # noqa: E402
+from common import machine, own_lap, write_report  # noqa: E402
 
 TENANT = "bench"
 TARGETS = {"counts_s": 1.0, "ids_s": 120.0}
@@ -183,21 +181,11 @@ def main() -> int:
     if not (1 <= args.minutes <= 60 and args.shards >= 1 and args.rate >= args.shards):
         parser.error("--minutes 1..60, --shards >= 1 and --rate >= --shards")
 
-    from lap.settings import load_settings
-
-    folder = Path(tempfile.mkdtemp(prefix="lap-bench-reconcile-"))
-    config = write_config(folder, process={"index_enabled": False})
-    settings = load_settings(config)
-    if not start_lap(config):
-        return 1
-    try:
+    with own_lap("reconcile", process={"index_enabled": False}) as (config, settings):
         print(f"writing an hour of audit data at {args.rate:,} events/s...", file=sys.stderr, flush=True)
         filled = asyncio.run(fill(settings, args.rate, args.shards, args.minutes))
         print("reconciling...", file=sys.stderr, flush=True)
         measured = asyncio.run(measure(settings, args.minutes))
-    finally:
-        lap("down", config=config)
-        shutil.rmtree(folder, ignore_errors=True)
 
     events = filled["events"]
     report = {"benchmark": "reconcile", "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
