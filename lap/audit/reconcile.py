@@ -388,6 +388,9 @@ class Reconciler:
             empty = np.zeros(0, dtype=bool)
             return Trail(receipts, np.zeros(0, np.int64), 0, empty, empty, np.zeros(0, np.int64), empty,
                          np.zeros(0, np.int64), np.empty(0, dtype=object), empty, empty, 0, empty)
+        # the checkpoints before the batches: a batch committing in between is then seen as in flight or as
+        # stored, never as neither (missing, and stored again by a replay)
+        read_ahead = await self._read_ahead(receipts)
         chosen, id_array = _first_copies(receipts)
         chosen_ids = id_array[chosen]
         batch_of = await self._covering_batches(receipts, chosen)
@@ -410,7 +413,6 @@ class Reconciler:
             for k in np.flatnonzero(~stored) if open_letters else ():
                 i = chosen[k]
                 dead[k] = (receipts.shard(i), receipts.seq(i)) in open_letters
-        read_ahead = await self._read_ahead(receipts)
         in_flight = read_ahead[chosen] & ~stored & ~dead
         erased = await self._erased(window, chosen_ids)
         if erased.any():
